@@ -1,0 +1,73 @@
+"""Metrics to the console (a progress bar), to `metrics.csv` and to TensorBoard, from rank 0 only."""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True):
+        self.enabled = enabled
+        self.bar = None
+        self.tb = None
+        self._csv_file = None
+        self._csv = None
+        if not enabled:
+            return
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
+                        file=sys.stdout, disable=None)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+            except ImportError:
+                print("[metrics] tensorboard is not installed; logging to metrics.csv only")
+
+    def log(self, step: int, values: Dict[str, float], kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        # long format (one row per value) so a resumed run appends to the same file whatever it logs
+        new = self._csv is None and not (self.out_dir / "metrics.csv").exists()
+        if self._csv is None:
+            self._csv_file = open(self.out_dir / "metrics.csv", "a", newline="")
+            self._csv = csv.writer(self._csv_file)
+        if new:
+            self._csv.writerow(["step", "kind", "name", "value"])
+        for k, v in values.items():
+            self._csv.writerow([step, kind, k, f"{float(v):.6g}"])
+        self._csv_file.flush()
+        if self.tb:
+            for k, v in values.items():
+                self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+        if kind == "train" and self.bar is not None:
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "img_s", "lam")},
+                                 refresh=False)
+        elif self.bar is not None:
+            self.bar.write(f"[{kind}] step {step}: " + json.dumps({k: round(float(v), 4) for k, v in values.items()}))
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def print(self, msg: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb:
+            self.tb.close()
+        if self._csv_file:
+            self._csv_file.close()
