@@ -6,6 +6,7 @@ a typo in a recipe must never silently fall back to a default on a multi-day run
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,27 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe or an override is wrong; the message is one line."""
+
+
+class _Loader(yaml.SafeLoader):
+    """yaml.safe_load (no object construction) with YAML 1.2 booleans, so `compile: off` stays the string 'off'."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+# YAML 1.2 floats too: PyYAML reads `1e-5` (no dot) as a string, and recipes are full of such numbers
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 @dataclass
@@ -232,7 +254,7 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
     path, raw = text.split("=", 1)
     sec, key = path.strip().split(".", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return sec, key, value
@@ -247,7 +269,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
         try:
-            data = yaml.safe_load(p.read_text())
+            data = _yaml(p.read_text())
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark else ""

@@ -184,7 +184,7 @@ def main(argv=None) -> int:
         if not (args.train and args.val):
             raise ConfigError(f"{args.task} needs --train and --val")
         for p in (args.train, args.val):
-            if p != "builtin" and not Path(p).exists():
+            if not p.startswith("builtin") and not Path(p).exists():
                 raise ConfigError(f"{p}: dataset not found")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone = backbone.to(device).to(memory_format=torch.channels_last)

@@ -15,6 +15,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -56,15 +57,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_generator(seed: int, step: int, rank: int, device: torch.device) -> torch.Generator:
-    """Partner and boxes depend only on (seed, step, rank): a resumed run draws the same ones."""
-    g = torch.Generator(device=device)
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Partner and boxes depend only on (seed, step, rank), so a resumed run draws the same ones. The
+    generator is on the host: N indices and boxes are drawn and validated there without a GPU sync, then
+    copied asynchronously."""
+    g = torch.Generator(device="cpu")
     g.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
     return g
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+    # numpy's state as a tensor: checkpoints load with weights_only=True, which refuses numpy arrays
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
              "numpy_pos": int(np.random.get_state()[2]), "python": json.dumps(random.getstate())}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -73,7 +77,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].astype(np.uint32), state["numpy_pos"], 0, 0.0))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"], 0, 0.0))
     py = json.loads(state["python"])
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
@@ -85,9 +89,9 @@ def check_config(cfg: Config, world: int, path: str) -> None:
     if rem or per_rank < 2:
         raise ConfigError(f"{path}: data.batch_size={cfg.data.batch_size} must be a multiple of world size "
                           f"{world} x train.accum_steps {cfg.train.accum_steps} with at least 2 images per rank")
-    if cfg.data.train != "builtin" and not Path(cfg.data.train).exists():
+    if not cfg.data.train.startswith("builtin") and not Path(cfg.data.train).exists():
         raise ConfigError(f"{path}: data.train = {cfg.data.train!r} does not exist")
-    if cfg.data.val and cfg.data.val != "builtin" and not Path(cfg.data.val).exists():
+    if cfg.data.val and not cfg.data.val.startswith("builtin") and not Path(cfg.data.val).exists():
         raise ConfigError(f"{path}: data.val = {cfg.data.val!r} does not exist")
 
 
@@ -100,13 +104,15 @@ def make_views(a_u8, b_u8, cfg: Config, gen: torch.Generator, dtype: torch.dtype
         plain_a, _ = mix.cutmix_normalize(a_u8, None, None, mean, std, dtype)
         plain_b, _ = mix.cutmix_normalize(b_u8, None, None, mean, std, dtype)
         return dict(plain_a=plain_a, plain_b=plain_b)
-    partner = mix.derangement(n, generator=gen, device=a_u8.device)
-    boxes_a, lam_a = mix.sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen, device=a_u8.device)
-    boxes_b, lam_b = mix.sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen, device=a_u8.device)
+    partner = mix.derangement(n, generator=gen)
+    boxes_a, lam_a = mix.sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
+    boxes_b, lam_b = mix.sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
     plain_a, mixed_a = mix.cutmix_normalize(a_u8, partner, boxes_a, mean, std, dtype)
     plain_b, mixed_b = mix.cutmix_normalize(b_u8, partner, boxes_b, mean, std, dtype)
-    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner,
-                lam_a=lam_a, lam_b=lam_b)
+    device = a_u8.device
+    move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
+    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=move(partner),
+                lam_a=move(lam_a), lam_b=move(lam_b))
 
 
 def all_ranks_true(flag: torch.Tensor) -> bool:
@@ -191,8 +197,12 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
                 module.compile()
     model = method
     if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        with warnings.catch_warnings():
+            # newer torch deprecates broadcast_buffers but says to keep it for rank-local buffers, which the
+            # MoCo queue is (every rank enqueues the same gathered keys; broadcasting 64 MB a step is waste)
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+            model = torch.nn.parallel.DistributedDataParallel(
+                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
     logger = MetricsLogger(out_dir, is_main, total_steps, start_step=step, tensorboard=cfg.train.tensorboard)
     preempt = Preemption()
@@ -217,11 +227,14 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
     t_last, images_since = time.perf_counter(), 0
     stop_reason = None
     knn_results = {}
+    last_loss = float("nan")
     while epoch < cfg.train.epochs and step < max_steps and stop_reason is None:
         micro = 0
         for a_u8, b_u8, _labels in loader.epoch(epoch, start_batch=batch_in_epoch * accum):
-            gen = step_generator(cfg.train.seed, step * accum + micro, rank, device)
+            gen = step_generator(cfg.train.seed, step * accum + micro, rank)
             views = make_views(a_u8, b_u8, cfg, gen, view_dtype)
+            # a skipped step must leave no trace: its forward already wrote BN statistics (and MoCo's queue)
+            buffers = [b.detach().clone() for b in method.buffers()] if cfg.train.nan_policy == "skip" else None
             sync_ctx = model.no_sync() if (world > 1 and micro + 1 < accum) else nullcontext()
             with sync_ctx:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
@@ -230,6 +243,9 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
                 finite = torch.isfinite(loss)
                 if cfg.train.nan_policy == "skip" and not all_ranks_true(finite):
                     optimizer.zero_grad(set_to_none=True)   # drop this step's gradients entirely
+                    with torch.no_grad():
+                        for b, saved in zip(method.buffers(), buffers):
+                            b.copy_(saved)
                     micro = 0
                     logger.print(f"[nan] step {step}: non-finite loss, step skipped (train.nan_policy=skip)")
                     continue
@@ -268,6 +284,7 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
                 if device.type == "cuda":
                     values["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
                 t_last, images_since = now, 0
+                last_loss = values["loss"]
                 logger.log(step, values)
             if due_ckpt:
                 checkpoint()
@@ -293,7 +310,7 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
             export_backbone(method.backbone, cfg, out_dir / "backbone.pt")
     logger.print(stop_reason or f"[done] step {step}, epoch {epoch}; outputs in {out_dir}")
     logger.close()
-    result = {"step": step, "epoch": epoch, **knn_results}
+    result = {"step": step, "epoch": epoch, "loss": last_loss, **knn_results}
     if is_main and stop_reason is None:
         atomic_write_bytes(out_dir / "final.json", json.dumps(result, indent=1).encode())
     return result

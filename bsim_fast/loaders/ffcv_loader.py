@@ -1,0 +1,256 @@
+"""FFCV loaders: one JPEG decode, two random resized crops (issue #9), photometric on the device.
+
+ffcv 1.0.2 cannot feed one field to two pipelines, and decoding twice costs the JPEG decode (the bulk of
+the CPU time) twice. `TwoViewCropDecoder` decodes each image once into a scratch buffer and writes both
+views from it: uint8 (2, S, S, 3) per sample, compiled by numba like ffcv's own decoders.
+
+Reproducibility. ffcv hands compiled code only the batch's sample indices (numba freezes anything closed
+over at compile time), and its decoders draw crops from numba's per-thread np.random, whose state depends
+on which worker thread got which sample. Here the crops come from a counter-based hash instead:
+splitmix64(seed, epoch, sample index, view, draw number), so a sample's two crops and flips depend on
+(seed, epoch, index) only, whatever the thread count, batch composition or start_batch. The epoch reaches
+the compiled code in the high bits of each index (`_EPOCH_SHIFT`); the labels are therefore not decoded by
+ffcv (its IntDecoder would read the salted index) but gathered from the .beton's metadata in Python.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from . import (augment_views, eval_crop_ratio, eval_shard, per_rank_batch, photometric_generator,
+               rank_order, resolve_path)
+from ..augment import policy_for
+
+from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, SimpleRGBImageDecoder
+from ffcv.libffcv import imdecode, resize_crop
+from ffcv.loader import Loader, OrderOption
+from ffcv.loader.epoch_iterator import EpochIterator
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
+from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+_EPOCH_SHIFT = np.uint64(40)                       # up to 2^40 samples, 2^24 distinct epoch salts
+_INDEX_MASK = np.uint64((1 << 40) - 1)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(x):
+    z = x + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def _splitmix64_int(x: int) -> int:
+    """_splitmix64 on Python ints (no numpy overflow warnings), for keys computed outside numba."""
+    m = (1 << 64) - 1
+    z = (x + 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def _make_uniform(splitmix):
+    def uniform(key, counter):
+        """The counter-th uniform in [0, 1) of the stream named by key (53 random bits)."""
+        return np.float64(splitmix(key + np.uint64(counter) * _GOLDEN) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+    return uniform
+
+
+def _make_view_params(uniform):
+    """Crop box and flip of one view, torchvision's RandomResizedCrop.get_params algorithm (10 tries, then
+    the centre crop clamped to the ratio range) with uniforms from a counter-based hash of `key`."""
+    def view_params(key, height, width, scale, log_ratio, flip_p):
+        area = np.float64(height) * np.float64(width)
+        flip = uniform(key, 40) < flip_p
+        for attempt in range(10):
+            target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 4 * attempt))
+            aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 4 * attempt + 1))
+            w = int(np.round(np.sqrt(target_area * aspect)))
+            h = int(np.round(np.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                i = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
+                j = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
+                return i, j, h, w, flip
+        in_ratio = np.float64(width) / np.float64(height)
+        lo, hi = np.exp(log_ratio[0]), np.exp(log_ratio[1])
+        if in_ratio < lo:
+            w = int(width)
+            h = int(np.round(w / lo))
+        elif in_ratio > hi:
+            h = int(height)
+            w = int(np.round(h * hi))
+        else:
+            w = int(width)
+            h = int(height)
+        return (int(height) - h) // 2, (int(width) - w) // 2, h, w, flip
+
+    return view_params
+
+
+def _flip_rows(view):
+    """Mirror an (S, S, 3) view in place."""
+    side_w = view.shape[1]
+    for r in range(view.shape[0]):
+        for c in range(side_w // 2):
+            for ch in range(3):
+                tmp = view[r, c, ch]
+                view[r, c, ch] = view[r, side_w - 1 - c, ch]
+                view[r, side_w - 1 - c, ch] = tmp
+
+
+class TwoViewCropDecoder(SimpleRGBImageDecoder):
+    """RGBImageField -> uint8 (2, S, S, 3): one decode, two random resized crops with horizontal flips.
+
+    Subclasses SimpleRGBImageDecoder so that ffcv accepts it as the field's decoder. Modelled on ffcv's
+    ResizedCropRGBImageDecoder: the full image is decoded into a per-sample scratch buffer (sized for the
+    largest image of the file), then each view is cut and resized from it by libffcv's resize_crop."""
+
+    def __init__(self, output_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
+                 seed: int = 0):
+        super().__init__()
+        self.output_size = int(output_size)
+        self.scale = np.array(scale, dtype=np.float64)
+        self.log_ratio = np.log(np.array(ratio, dtype=np.float64))
+        self.flip_p = float(flip_p)
+        self.seed_key = np.uint64(_splitmix64_int(seed))
+
+    def declare_state_and_memory(self, previous_state):
+        max_width = np.uint64(self.metadata["width"].max())
+        max_height = np.uint64(self.metadata["height"].max())
+        shape = (2, self.output_size, self.output_size, 3)
+        u8 = np.dtype("<u1")
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+                (AllocationQuery(shape, u8), AllocationQuery((max_height * max_width * np.uint64(3),), u8)))
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        imdecode_c = Compiler.compile(imdecode)
+        resize_crop_c = Compiler.compile(resize_crop)
+        splitmix = Compiler.compile(_splitmix64)
+        view_params = Compiler.compile(_make_view_params(Compiler.compile(_make_uniform(splitmix))))
+        flip_rows = Compiler.compile(_flip_rows)
+        jpg = IMAGE_MODES["jpg"]
+        scale, log_ratio, flip_p, seed_key = self.scale, self.log_ratio, self.flip_p, self.seed_key
+        index_mask = _INDEX_MASK
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, scratch = my_storage
+            for dst_ix in my_range(len(batch_indices)):
+                entry = np.uint64(batch_indices[dst_ix])          # (epoch salt << 40) | sample index
+                field = metadata[entry & index_mask]
+                image_data = mem_read(field["data_ptr"], storage_state)
+                height = np.uint32(field["height"])
+                width = np.uint32(field["width"])
+                if field["mode"] == jpg:
+                    image = scratch[dst_ix]
+                    imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
+                    image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                else:
+                    image = image_data.reshape(height, width, 3)
+                sample_key = splitmix(seed_key ^ entry)
+                for v in range(2):
+                    i, j, h, w, flip = view_params(splitmix(sample_key + np.uint64(v)), height, width,
+                                                   scale, log_ratio, flip_p)
+                    view = destination[dst_ix, v]
+                    resize_crop_c(image, i, i + h, j, j + w, view)
+                    if flip:
+                        flip_rows(view)
+            return destination[:len(batch_indices)]
+
+        decode.is_parallel = True
+        return decode
+
+
+def _to_device(device: torch.device) -> list:
+    """ToDevice for an accelerator (pinned buffers, async copy); on CPU it would only add a copy."""
+    return [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
+
+
+def _open_checked(path: str) -> None:
+    from .. import sources
+    sources.check_beton(path)      # names the file if it is truncated, instead of ffcv's garbage pointers
+
+
+def _field_index(loader: Loader, name: str, path: str) -> int:
+    names = list(loader.reader.handlers)
+    if name not in names:
+        raise ValueError(f"{path}: .beton has fields {names}, expected '{name}' "
+                         f"(write it with data_prep/write_ffcv.py)")
+    return names.index(name)
+
+
+class FfcvTrainLoader:
+    """Two augmented views per image from a .beton; see the module docstring for what is reproducible."""
+
+    def __init__(self, cfg, rank: int, world_size: int, device):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.path = resolve_path("ffcv", cfg.data.train)
+        _open_checked(self.path)
+        self.batch_size = per_rank_batch(cfg, world_size)
+        self.seed = cfg.train.seed
+        self.policies = policy_for(cfg)
+        decoder = TwoViewCropDecoder(cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio,
+                                     cfg.aug.flip_p, seed=self.seed)
+        # The order given to ffcv here is never used: epoch() hands EpochIterator its own (rank_order).
+        self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, cfg.data.workers),
+                              order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=True, seed=self.seed,
+                              pipelines={"image": [decoder, ToTensor()] + _to_device(self.device), "label": None})
+        label_ix = _field_index(self._loader, "label", self.path)
+        _field_index(self._loader, "image", self.path)
+        self.labels = np.ascontiguousarray(self._loader.reader.metadata[f"f{label_ix}"]).astype(np.int64)
+        self.num_samples = len(self.labels)
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.world_size) // self.batch_size       # as rank_order cuts it
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        order = rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size,
+                           start_batch)
+        if len(order) == 0:
+            return
+        salted = order.astype(np.uint64) | (np.uint64(epoch & 0xFFFFFF) << _EPOCH_SHIFT)
+        batches = EpochIterator(self._loader, salted)
+        try:
+            for b, (views_u8,) in enumerate(batches):
+                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+                labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
+                g = photometric_generator(self.seed, epoch, start_batch + b, self.rank, self.device)
+                a_u8, b_u8 = augment_views(views_u8, self.policies, g)
+                yield a_u8, b_u8, labels
+        finally:
+            batches.close()
+
+
+class FfcvEvalLoader:
+    """One centre-cropped view per sample, in file order, each sample exactly once over the ranks."""
+
+    def __init__(self, cfg, path: str, rank: int, world_size: int, device):
+        self.device = torch.device(device)
+        self.path = resolve_path("ffcv", path)
+        _open_checked(self.path)
+        size = cfg.data.image_size
+        batch_size = per_rank_batch(cfg, world_size)
+        from .. import sources
+        num_samples = sources.check_beton(self.path)
+        self.indices = eval_shard(num_samples, rank, world_size)
+        self._loader = Loader(
+            self.path, batch_size=batch_size, num_workers=max(1, cfg.data.workers), order=OrderOption.SEQUENTIAL,
+            os_cache=True, drop_last=False, indices=self.indices,
+            pipelines={"image": [CenterCropRGBImageDecoder((size, size), eval_crop_ratio(size)), ToTensor()]
+                       + _to_device(self.device),
+                       "label": [IntDecoder(), ToTensor()] + _to_device(self.device) + [Squeeze()]})
+        _field_index(self._loader, "label", self.path)
+
+    def __len__(self) -> int:
+        return len(self._loader)
+
+    def __iter__(self):
+        # ffcv reuses its output buffers a few batches later: hand out tensors the caller may keep
+        for x_u8, labels in self._loader:
+            yield x_u8.clone(), labels.reshape(-1).long().clone()

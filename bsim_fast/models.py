@@ -1,0 +1,51 @@
+"""Backbones (torchvision ResNets without the classifier) and the MLP heads the methods put on them."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch.nn as nn
+import torchvision
+
+
+def build_backbone(arch: str, cifar_stem: bool) -> Tuple[nn.Module, int]:
+    """A randomly initialised torchvision ResNet returning pooled features, and their width.
+
+    cifar_stem: a 3x3 stride-1 first conv and no max-pool, so 32x32 inputs keep their resolution.
+    """
+    builder = getattr(torchvision.models, arch, None) if "resnet" in arch else None
+    if builder is None:
+        raise ValueError(f"model.arch: {arch!r} is not a torchvision ResNet (e.g. resnet18, resnet50, "
+                         f"wide_resnet50_2)")
+    net = builder(weights=None)
+    feat_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    return net, feat_dim
+
+
+def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int = 2, last_bn: bool = False,
+        last_bn_affine: bool = True, hidden_bn: bool = True) -> nn.Sequential:
+    """Linear-BN-ReLU x (num_layers - 1), then Linear (+ BN if last_bn).
+
+    A Linear followed by BN has no bias (BN's shift makes it redundant). hidden_bn=False gives the
+    MoCo v2 head (Linear-ReLU-Linear).
+    """
+    if num_layers < 1:
+        raise ValueError(f"mlp: num_layers must be >= 1, found {num_layers}")
+    dims = [in_dim] + [hidden] * (num_layers - 1) + [out_dim]
+    layers = []
+    for i in range(num_layers):
+        last = i == num_layers - 1
+        bn = last_bn if last else hidden_bn
+        layers.append(nn.Linear(dims[i], dims[i + 1], bias=not bn))
+        if bn:
+            layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_bn_affine if last else True))
+        if not last:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+__all__ = ["build_backbone", "mlp"]

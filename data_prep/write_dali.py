@@ -1,0 +1,162 @@
+"""Write tar shards in webdataset layout, with the index files DALI's fn.readers.webdataset takes.
+
+    python data_prep/write_dali.py                          # built-in train -> data_out/cifar10_mini_train_dali/
+    python data_prep/write_dali.py --source DIR --output out_dir --shard-size 10000
+
+Output folder:
+    shard-000000.tar ...   members <key>.jpg (RGB baseline JPEG) and <key>.cls (label, ASCII decimal);
+                           key = the sample's zero-padded position in the output, never a name from the data
+    shard-000000.idx ...   one index per shard, DALI's wds2idx format (pass as index_paths=)
+    meta.json              num_samples, classes, shards (with sizes, so a truncated shard is detected)
+
+Same sources, options, progress, bad-input policy and atomic output as write_ffcv.py (bsim_fast/sources.py).
+A JPEG that is already RGB, baseline, upright and within --max-resolution is stored byte for byte;
+everything else is decoded and re-encoded at --jpeg-quality.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bsim_fast import sources  # noqa: E402
+from bsim_fast.sources import ConversionError  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SHARD_SIZE = 10_000  # ~1 GB of ImageNet-sized JPEGs per shard
+KEY_DIGITS = 9
+INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = sources.build_arg_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--shard-size", type=sources._int_at_least(1), default=DEFAULT_SHARD_SIZE,
+                        metavar="N", help="samples per tar shard")
+    parser.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
+                        help="sample order in the shards: shuffled (fixed seed; default) or as in the source")
+    return parser
+
+
+def default_output(source: sources.Source, subset: int | None) -> Path:
+    name = source.name + (f"_subset{subset}" if subset else "")
+    return REPO_ROOT / "data_out" / f"{name}_dali"
+
+
+class ShardWriter:
+    """Appends samples to numbered tar shards and writes each shard's DALI index as it closes."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder = folder
+        self.shard_size = shard_size
+        self.count = 0
+        self.shards: list[dict] = []
+        self._tar: tarfile.TarFile | None = None
+        self._index_lines: list[str] = []
+
+    def add(self, jpeg: bytes, label: int) -> None:
+        if self._tar is None or len(self._index_lines) == self.shard_size:
+            self._close_shard()
+            self._open_shard()
+        key = f"{self.count:0{KEY_DIGITS}d}"
+        components = [self._add_member(f"{key}.{ext}", data)
+                      for ext, data in (("jpg", jpeg), ("cls", str(label).encode("ascii")))]
+        self._index_lines.append(" ".join(components))
+        self.count += 1
+
+    def close(self) -> None:
+        self._close_shard()
+
+    def _open_shard(self) -> None:
+        number = len(self.shards)
+        self.shards.append({"tar": f"shard-{number:06d}.tar", "index": f"shard-{number:06d}.idx"})
+        # USTAR: every member header is exactly one 512-byte block (our names are short ASCII).
+        self._tar = tarfile.open(self.folder / self.shards[-1]["tar"], "w", format=tarfile.USTAR_FORMAT)
+
+    def _add_member(self, name: str, data: bytes) -> str:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        info.mtime = 0  # reproducible shards
+        header_at = self._tar.offset
+        self._tar.addfile(info, io.BytesIO(data))
+        data_at = header_at + tarfile.BLOCKSIZE
+        padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+        assert self._tar.offset == data_at + padded, "unexpected tar header size"
+        return f"{name.rsplit('.', 1)[1]} {data_at} {len(data)} {name}"
+
+    def _close_shard(self) -> None:
+        if self._tar is None:
+            return
+        self._tar.close()
+        shard = self.shards[-1]
+        index_text = f"{INDEX_VERSION} {len(self._index_lines)}\n" + "\n".join(self._index_lines) + "\n"
+        (self.folder / shard["index"]).write_text(index_text, encoding="ascii")
+        shard["num_samples"] = len(self._index_lines)
+        shard["bytes"] = (self.folder / shard["tar"]).stat().st_size
+        self._tar = None
+        self._index_lines = []
+
+
+def _prepare_jpeg(max_resolution: int, quality: int, source: sources.Source, i: int):
+    return source.load_jpeg(i, max_resolution, quality)
+
+
+def convert(args: argparse.Namespace) -> dict:
+    source = sources.source_from_args(args)
+    output = Path(args.output) if args.output else default_output(source, args.subset)
+    indices = sources.subset_indices(len(source), args.subset)
+    if args.order == "shuffled":
+        # DALI reads a shard sequentially through a bounded shuffle buffer: shards in class order would give
+        # batches of a few classes (bad for BatchNorm, SimCLR's negatives and BSIM's partners)
+        indices = np.random.default_rng(0).permutation(indices)
+    prepare = functools.partial(_prepare_jpeg, args.max_resolution, args.jpeg_quality)
+
+    run = sources.Conversion(source, output, len(indices), args.strict, desc="converting")
+    passed_through = 0
+    try:
+        with sources.atomic_output(output, directory=True) as tmp:
+            shards = ShardWriter(tmp, args.shard_size)
+            with contextlib.closing(sources.map_samples(source, indices, prepare, args.workers)) as results:
+                for i, payload, reason in results:
+                    run.progress.update(1)
+                    if reason is not None:
+                        run.skip(i, reason)
+                        continue
+                    jpeg, untouched = payload
+                    shards.add(jpeg, source.label(i))
+                    passed_through += untouched
+            shards.close()
+            if shards.count == 0:
+                raise ConversionError(f"no usable images in {args.source} ({len(run.skipped)} skipped)")
+            meta = {
+                "format": "webdataset", "num_samples": shards.count, "classes": source.classes,
+                "image_member": "jpg", "label_member": "cls", "label_encoding": "ascii-decimal",
+                "index_format": f"DALI wds2idx {INDEX_VERSION}", "max_resolution": args.max_resolution,
+                "jpeg_quality": args.jpeg_quality, "shards": shards.shards,
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+            sources.check_shards(tmp)
+    finally:
+        run.close()
+    run.written = shards.count
+    return run.finish(sources.disk_bytes(output), format="dali-webdataset", shards=len(shards.shards),
+                      jpeg_passed_through=passed_through, jpeg_reencoded=shards.count - passed_through)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return sources.run_cli(convert, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Recipes load and validate; every mistake is one line naming the file and the key."""
+import glob
+import subprocess
+import sys
+
+import pytest
+
+from bsim_fast.config import ConfigError, from_dict, load_config, to_dict
+
+RECIPES = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+NAMES = {f"{m}{'' if mode == 'sim' else '_' + mode}" for m in ("byol", "simclr", "moco", "simsiam")
+         for mode in ("sim", "bsim", "wbsim")}
+
+
+def test_twelve_recipes_and_twelve_small_variants():
+    top = {p.split("/")[-1][:-5] for p in RECIPES if p.count("/") == 1}
+    small = {p.split("/")[-1][:-5] for p in RECIPES if "/small/" in p}
+    assert top == NAMES and small == NAMES
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_recipe_loads_and_names_itself(path):
+    cfg = load_config(path)
+    assert cfg.recipe == path.split("/")[-1][:-5]
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+def test_paper_defaults_are_in_the_recipes():
+    byol = load_config("configs/byol_bsim.yaml")
+    assert (byol.model.arch, byol.optim.name, byol.optim.lr, byol.model.tau_base) == ("resnet50", "lars", 0.2, 0.996)
+    assert byol.aug.blur_p == (1.0, 0.1) and byol.aug.solarize_p == (0.0, 0.2)
+    moco = load_config("configs/moco_wbsim.yaml")
+    assert (moco.optim.name, moco.optim.lr, moco.model.queue_size, moco.model.temperature) == ("sgd", 0.03, 65536, 0.2)
+    assert moco.method.mode == "wbsim" and moco.bsim.weight == 1.0
+
+
+def write(tmp_path, text):
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def error_of(fn):
+    with pytest.raises(ConfigError) as e:
+        fn()
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    p = write(tmp_path, "optim:\n  lr: 0.1\n  lrr: 0.2\n")
+    msg = error_of(lambda: load_config(p))
+    assert str(p) in msg and "optim.lrr" in msg
+
+
+def test_unknown_section(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, "optimizer: {lr: 1}\n")))
+    assert "optimizer" in msg
+
+
+def test_wrong_type_names_expected_and_found(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, "data: {batch_size: big}\n")))
+    assert "data.batch_size" in msg and "expected int" in msg and "'big'" in msg
+    msg = error_of(lambda: load_config(write(tmp_path, "aug: {crop_scale: 0.5}\n")))
+    assert "aug.crop_scale" in msg and "list of 2" in msg
+
+
+def test_yaml_12_scalars(tmp_path):
+    # `1e-5` is a float and `off` a string (YAML 1.1 would read them the other way round)
+    cfg = load_config(write(tmp_path, "optim: {weight_decay: 1e-5}\ntrain: {compile: off}\nmodel: {sync_bn: false}\n"))
+    assert cfg.optim.weight_decay == 1e-5 and cfg.train.compile == "off" and cfg.model.sync_bn is False
+    assert load_config(None, ["optim.lr=2E-3"]).optim.lr == 2e-3
+
+
+def test_int_accepted_for_float_and_bool_is_not_int(tmp_path):
+    assert load_config(write(tmp_path, "optim: {lr: 1}\n")).optim.lr == 1.0
+    assert "data.workers" in error_of(lambda: load_config(write(tmp_path, "data: {workers: true}\n")))
+
+
+@pytest.mark.parametrize("override,key", [("data.batch_size=0", "data.batch_size"), ("data.image_size=-3", "data.image_size"),
+                                          ("method.mode=bsmi", "method.mode"), ("optim.lr=-1", "optim.lr"),
+                                          ("aug.crop_scale=[0.9,0.1]", "aug.crop_scale"), ("bsim.alpha=0", "bsim.alpha")])
+def test_bad_values(override, key):
+    assert key in error_of(lambda: load_config("configs/byol_bsim.yaml", [override]))
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config("configs/simclr.yaml", ["optim.lr=0.5", "aug.crop_scale=[0.2, 1.0]", "train.compile=off",
+                                               "data.train=some/path.beton"])
+    assert cfg.optim.lr == 0.5 and cfg.aug.crop_scale == (0.2, 1.0) and cfg.train.compile == "off"
+    assert cfg.data.train == "some/path.beton"
+    assert "section.key=value" in error_of(lambda: load_config(None, ["lr=3"]))
+    assert "train.nope" in error_of(lambda: load_config(None, ["train.nope=3"]))
+
+
+def test_missing_and_invalid_yaml(tmp_path):
+    assert "not found" in error_of(lambda: load_config(tmp_path / "none.yaml"))
+    assert "invalid YAML" in error_of(lambda: load_config(write(tmp_path, "data: [unclosed\n")))
+
+
+def test_cli_reports_one_line_and_exit_2(tmp_path):
+    p = write(tmp_path, "train: {epochz: 3}\n")
+    r = subprocess.run([sys.executable, "-m", "bsim_fast.train", "--config", str(p)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "train.epochz" in r.stderr and "Traceback" not in r.stderr
