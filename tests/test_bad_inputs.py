@@ -205,7 +205,7 @@ def test_dali_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp
     root, good, bad = messy_tree
     out = tmp_path / "messy_shards"
     assert write_dali.main(["--source", str(root), "--output", str(out), "--workers", "1",
-                            "--shard-size", "7"]) == 0
+                            "--shard-size", "7", "--order", "source"]) == 0
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
     assert "empty class folder 'd_empty' keeps its index 3" in captured.err

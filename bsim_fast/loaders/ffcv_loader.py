@@ -14,6 +14,9 @@ ffcv (its IntDecoder would read the salted index) but gathered from the .beton's
 """
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from dataclasses import replace
 
 import numpy as np
@@ -31,6 +34,26 @@ from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+def _quiet_numba_finalizer_keyerror() -> None:
+    """Drop one known-harmless message. ffcv compiles a numba dispatcher per Loader; when a discarded Loader's
+    reference cycle is collected, the collector clears the dispatcher's `overloads` dict before numba's
+    weakref finalizer iterates it, which then raises KeyError. That finalizer only releases compiled-code
+    references of an object already being freed, so nothing is lost. Every other unraisable error passes."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        exc, tb = unraisable.exc_value, unraisable.exc_traceback
+        frames = traceback.extract_tb(tb) if tb is not None else []
+        if isinstance(exc, KeyError) and frames and frames[-1].filename.endswith(
+                os.path.join("numba", "core", "dispatcher.py")) and frames[-1].name == "finalizer":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+_quiet_numba_finalizer_keyerror()
 
 _EPOCH_SHIFT = np.uint64(40)                       # up to 2^40 samples, 2^24 distinct epoch salts
 _INDEX_MASK = np.uint64((1 << 40) - 1)

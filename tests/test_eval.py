@@ -1,0 +1,74 @@
+"""Evaluation: exact k-NN votes on tiny features, a linear probe that separates separable data, the CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bsim_fast.eval import knn_classify, linear_probe
+from bsim_fast.config import load_config
+from bsim_fast.train import train
+from helpers import TINY, tiny_folder
+
+
+def test_knn_weighted_vote_by_hand():
+    train_f = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]]), dim=1)
+    train_y = torch.tensor([0, 0, 1, 1])
+    test_f = F.normalize(torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.6, 0.4]]), dim=1)
+    test_y = torch.tensor([0, 1, 1])
+    out = knn_classify(train_f, train_y, test_f, test_y, k=4, t=0.07)
+    # third query: class 0 neighbours are closer, so it votes 0 and is wrong; top-5 (both classes) is right
+    assert out == {"knn_top1": pytest.approx(200 / 3), "knn_top5": 100.0}
+    sims = test_f[2] @ train_f.T
+    votes0, votes1 = (sims[:2] / 0.07).exp().sum(), (sims[2:] / 0.07).exp().sum()
+    assert votes0 > votes1
+    assert knn_classify(train_f, train_y, test_f, test_y, k=1)["knn_top1"] == pytest.approx(200 / 3)
+
+
+def test_linear_probe_separates_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 16, generator=g) * 4
+    y = torch.arange(5).repeat_interleave(40)
+    x = centres[y] + torch.randn(200, 16, generator=g)
+    out = linear_probe(x[::2], y[::2], x[1::2], y[1::2], epochs=30, batch=32)
+    assert out["linear_top1"] > 95 and out["linear_top5"] == 100.0
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    tr, va = tiny_folder(root / "train", "train", per_class=4), tiny_folder(root / "val", "test", per_class=2)
+    cfg = load_config("configs/small/simclr_bsim.yaml",
+                      TINY + [f"data.train={tr}", "data.val=", "train.max_steps=1", f"train.out_dir={root / 'run'}"])
+    train(cfg, resume="none")
+    return root, tr, va
+
+
+@pytest.mark.parametrize("task", ["knn", "linear"])
+@pytest.mark.parametrize("which", ["backbone.pt", "ckpt_00000001.pt"])
+def test_cli_from_export_and_from_checkpoint(run_dir, task, which):
+    root, tr, va = run_dir
+    r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", task, "--checkpoint", str(root / "run" / which),
+                        "--train", str(tr), "--val", str(va), "--workers", "0", "--epochs", "2", "--k", "5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["train_images"] == 16 and result["val_images"] == 8
+    assert 0 <= result[f"{task}_top1"] <= 100
+
+
+def test_cli_export_and_bad_paths(run_dir, tmp_path):
+    root, tr, va = run_dir
+    r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "export", "--checkpoint",
+                        str(root / "run" / "ckpt_00000001.pt"), "--output", str(tmp_path / "b.pt")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    exported = torch.load(tmp_path / "b.pt", weights_only=True)
+    original = torch.load(root / "run" / "backbone.pt", weights_only=True)
+    assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in exported)
+    for args in (["--checkpoint", str(tmp_path / "missing.pt"), "--train", str(tr), "--val", str(va)],
+                 ["--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tmp_path / "nope"), "--val", str(va)]):
+        r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "knn", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
