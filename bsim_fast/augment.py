@@ -30,20 +30,16 @@ SOLARIZE_THRESHOLD = 128                 # uint8 units: v >= 128 -> 255 - v
 
 @dataclass(frozen=True)
 class ViewPolicy:
-    """The photometric distribution of one view (t' or t'')."""
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_p: float = 1.0
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.0
-
-
-# DESIGN.md calls the per-view policy `AugPolicy`; one name, two spellings.
-AugPolicy = ViewPolicy
+    """The photometric distribution of one view (t' or t''); the numbers come from `cfg.aug` (policy_for)."""
+    jitter_p: float
+    brightness: float
+    contrast: float
+    saturation: float
+    hue: float
+    gray_p: float
+    blur_p: float
+    blur_sigma: Tuple[float, float]
+    solarize_p: float
 
 
 def policy_for(cfg) -> Tuple[ViewPolicy, ViewPolicy]:

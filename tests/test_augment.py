@@ -1,11 +1,19 @@
 """augment.py against per-image torchvision references (CPU tensors)."""
+from dataclasses import replace
+
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from bsim_fast import augment
-from bsim_fast.augment import ViewPolicy, photometric, policy_for
+from bsim_fast.augment import photometric, policy_for
 from bsim_fast.config import Config
+
+
+def view_policy(**changes):
+    """View 1 of the default recipe (BYOL's t'), with `changes`."""
+    return replace(policy_for(Config())[0], **changes)
+
 
 N, H, W = 6, 20, 24
 
@@ -107,8 +115,8 @@ def reference_photometric(x_u8, policy, seed):
 
 
 @pytest.mark.parametrize("policy", [
-    ViewPolicy(jitter_p=1.0, gray_p=0.3, blur_p=0.5, solarize_p=0.5),
-    ViewPolicy(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, blur_p=1.0,
+    view_policy(jitter_p=1.0, gray_p=0.3, blur_p=0.5, solarize_p=0.5),
+    view_policy(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, blur_p=1.0,
                solarize_p=0.0),
 ])
 def test_photometric_matches_per_image_reference(policy):
@@ -122,9 +130,9 @@ def test_photometric_matches_per_image_reference(policy):
 
 
 def test_photometric_identity_deterministic_and_varied(batch_u8):
-    off = ViewPolicy(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
+    off = view_policy(jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
     assert torch.equal(photometric(batch_u8, off, torch.Generator().manual_seed(0)), batch_u8)
-    on = ViewPolicy()
+    on = view_policy()
     a = photometric(batch_u8, on, torch.Generator().manual_seed(3))
     b = photometric(batch_u8, on, torch.Generator().manual_seed(3))
     c = photometric(batch_u8, on, torch.Generator().manual_seed(4))
@@ -136,13 +144,13 @@ def test_photometric_identity_deterministic_and_varied(batch_u8):
 
 def test_photometric_rejects_bad_input():
     with pytest.raises(ValueError, match="uint8"):
-        photometric(torch.zeros(2, 8, 8, 3), ViewPolicy(), torch.Generator())
+        photometric(torch.zeros(2, 8, 8, 3), view_policy(), torch.Generator())
 
 
 def test_accelerator_path_matches_cpu_path(monkeypatch):
     """The GPU code path (whole batch + select, no host sync) equals the CPU one (per-op subsets)."""
     x = torch.randint(0, 256, (16, 24, 24, 3), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    policy = ViewPolicy(jitter_p=0.9, gray_p=0.2, blur_p=0.5, solarize_p=0.3)
+    policy = view_policy(jitter_p=0.9, gray_p=0.2, blur_p=0.5, solarize_p=0.3)
     cpu = photometric(x, policy, torch.Generator().manual_seed(5))
     monkeypatch.setattr(augment, "_gather_subsets", lambda device: False)
     dense = photometric(x, policy, torch.Generator().manual_seed(5))
