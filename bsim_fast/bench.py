@@ -110,7 +110,7 @@ def bench_model(methods, modes, archs, compiles, batch_for, device, warmup, iter
                     rows.append({"kind": "model", "method": method, "mode": mode, "arch": arch, "size": size,
                                  "batch": batch, "compile": compile_on, "images_s": ips, "peak_mem_gb": peak_mem_gb(device)})
                     print(f"  model {arch}@{size} {method}/{mode} compile={compile_on}: {ips:,.0f} images/s", flush=True)
-                    del step
+                    step = None   # free this model before the next one is built
     return rows
 
 

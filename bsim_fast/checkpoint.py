@@ -6,15 +6,15 @@ flushed and renamed, the hash last: a file without a matching hash is incomplete
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
-import os
 import re
 from pathlib import Path
 from typing import Callable, Optional, Tuple
 
 import torch
+
+from .sources import ConversionError, atomic_output
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
 
@@ -24,29 +24,14 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to `<path>.tmp-<pid>`, fsync, rename. On failure the temporary is removed and whatever was at
-    `path` before is untouched."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """Write to a temporary beside `path`, fsync, rename (the converters' `atomic_output`). On failure the
+    temporary is removed and whatever was at `path` before is untouched."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise CheckpointError(f"{path}: no space left on device; previous checkpoints kept") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        with atomic_output(Path(path)) as tmp:
+            with open(tmp, "wb") as f:
+                f.write(data)
+    except ConversionError:   # what atomic_output makes of a full disk
+        raise CheckpointError(f"{path}: no space left on device; previous checkpoints kept") from None
 
 
 def atomic_torch_save(obj, path: Path) -> str:

@@ -5,7 +5,7 @@ import csv
 import json
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 
 class MetricsLogger:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import signal
@@ -24,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from . import mix
-from .checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, latest_valid, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, atomic_write_bytes, latest_valid, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, load_config, to_dict
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr

@@ -27,7 +27,6 @@ from typing import Sequence
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
 
 from bsim_fast import sources  # noqa: E402
 from bsim_fast.sources import ConversionError  # noqa: E402
