@@ -21,8 +21,10 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
+        self.total_steps = total_steps
+        # a bar on a terminal; in a log file (no TTY) one plain line per logging step instead
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        file=sys.stdout, disable=None)
+                        file=sys.stdout) if sys.stdout.isatty() else None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -46,11 +48,13 @@ class MetricsLogger:
         if self.tb:
             for k, v in values.items():
                 self.tb.add_scalar(f"{kind}/{k}", float(v), step)
+        shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "img_s", "lam", "mem_gb")}
         if kind == "train" and self.bar is not None:
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "img_s", "lam")},
-                                 refresh=False)
-        elif self.bar is not None:
-            self.bar.write(f"[{kind}] step {step}: " + json.dumps({k: round(float(v), 4) for k, v in values.items()}))
+            self.bar.set_postfix(shown, refresh=False)
+        elif kind == "train":
+            print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        else:
+            self.print(f"[{kind}] step {step}: " + json.dumps({k: round(float(v), 4) for k, v in values.items()}))
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
