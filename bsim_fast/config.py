@@ -65,6 +65,7 @@ class ModelCfg:
     moco_momentum: float = 0.999
     queue_size: int = 65536
     temperature: float = 0.2      # MoCo v2 / SimCLR
+    shuffle_bn: bool = True       # MoCo: shuffle the key encoder's batch across ranks (off in one process)
 
 
 @dataclass

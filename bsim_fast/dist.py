@@ -53,9 +53,18 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks (same shape on each) along dim 0, without gradient."""
     if world() == 1:
         return x
+    x = x.contiguous()       # before empty_like, so the receive buffers have the layout that is sent
     parts = [torch.empty_like(x) for _ in range(world())]
-    dist.all_gather(parts, x.contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
-__all__ = ["is_dist", "rank", "world", "gather_with_grad", "concat_all_gather"]
+@torch.no_grad()
+def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite `x` on every rank with rank `src`'s `x` (in place; `x` must be contiguous); returns `x`."""
+    if world() > 1:
+        dist.broadcast(x, src)
+    return x
+
+
+__all__ = ["is_dist", "rank", "world", "gather_with_grad", "concat_all_gather", "broadcast_"]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bsim_fast import losses
 from bsim_fast.config import Config
-from bsim_fast.dist import concat_all_gather, gather_with_grad, world
+from bsim_fast.dist import broadcast_, concat_all_gather, gather_with_grad, rank, world
 from bsim_fast.models import build_backbone, mlp
 
 
@@ -145,6 +145,7 @@ class MoCo(Method):
         self.key_encoder = _frozen_copy(nn.Sequential(self.backbone, self.head))
         self.momentum = m.moco_momentum
         self.tau = m.temperature
+        self.shuffle_bn = m.shuffle_bn
         self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, m.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
@@ -154,9 +155,47 @@ class MoCo(Method):
 
     def targets(self, plain_a, plain_b, projections):
         with torch.no_grad():
-            keys = F.normalize(self.key_encoder(torch.cat([plain_a, plain_b])).float(), dim=1)
+            # a and b in one batch: one shuffle, one pair of collectives, one key forward
+            keys = F.normalize(self.encode_keys(torch.cat([plain_a, plain_b])).float(), dim=1)
         self._queue_now = self.queue.clone()    # the queue is updated in place before backward
         return keys.chunk(2)
+
+    def _shuffles(self) -> bool:
+        """ShuffleBN matters only where the key encoder normalises with its own rank's batch statistics:
+        not in one process, not in eval mode (running statistics), not under SyncBN (global statistics,
+        which a permutation leaves unchanged, so the gathers would be pure cost)."""
+        if not (self.shuffle_bn and world() > 1 and self.key_encoder.training):
+            return False
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                   for m in self.key_encoder.modules())
+
+    @torch.no_grad()
+    def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key encoder on this rank's batch `x`, with MoCo v2's ShuffleBN across ranks.
+
+        Without it the keys' BN statistics come from the very images whose queries they must be told
+        apart from, a batch-level leak the model can use to lower the loss instead of learning. So the
+        global batch is permuted, each rank encodes one slice of it, and the outputs go back to the ranks
+        that own the images. In one process there is nothing to shuffle with: that is MoCo's single-GPU
+        path, and the leak stays (a known limitation of it).
+
+        The permutation is drawn on rank 0 from torch's default RNG on x's device and broadcast: the method
+        has no step counter to seed a generator from, and the trainer checkpoints every rank's RNG state,
+        so a resumed run draws the same permutations. One process draws nothing.
+        """
+        if not self._shuffles():
+            return self.key_encoder(x)
+        n, r = x.shape[0], rank()
+        x_all = concat_all_gather(x)
+        perm = (torch.randperm(x_all.shape[0], device=x.device) if r == 0
+                else torch.empty(x_all.shape[0], dtype=torch.long, device=x.device))
+        broadcast_(perm)
+        # the gather is in plain layout; give the encoder the layout it was handed (channels_last or not)
+        layout = (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                  else torch.contiguous_format)
+        y = self.key_encoder(x_all[perm[r * n:(r + 1) * n]].contiguous(memory_format=layout))
+        # row j of the gathered outputs encodes image perm[j]; argsort(perm) puts them back in image order
+        return concat_all_gather(y)[torch.argsort(perm)[r * n:(r + 1) * n]]
 
     def pair_loss(self, out, target, partner, lam):
         return losses.moco_loss(out, target, self._queue_now, partner, lam, self.tau)
