@@ -1,4 +1,4 @@
-"""Loaders: one protocol, three back ends (DESIGN.md `bsim_fast/loaders/`).
+"""Loaders: one protocol, four back ends: ffcv, dali, torch, and gpu_resident for small sets (DESIGN.md).
 
     loader = build_train_loader(cfg, rank, world_size, device)
     len(loader)                                                   # batches per epoch on this rank
@@ -114,6 +114,9 @@ def resolve_path(kind: str, path: str) -> str:
 def build_train_loader(cfg, rank: int, world_size: int, device):
     kind = cfg.data.loader
     device = torch.device(device)
+    if cfg.data.gpu_resident:   # reads the .beton or the folder that data.loader names
+        from .gpu_resident import GpuResidentTrainLoader
+        return GpuResidentTrainLoader(cfg, rank, world_size, device)
     if kind == "ffcv":
         from .ffcv_loader import FfcvTrainLoader
         return FfcvTrainLoader(cfg, rank, world_size, device)
@@ -129,6 +132,9 @@ def build_train_loader(cfg, rank: int, world_size: int, device):
 def build_eval_loader(cfg, path: str, rank: int, world_size: int, device):
     kind = cfg.data.loader
     device = torch.device(device)
+    if cfg.data.gpu_resident:
+        from .gpu_resident import GpuResidentEvalLoader
+        return GpuResidentEvalLoader(cfg, path, rank, world_size, device)
     if kind == "ffcv":
         from .ffcv_loader import FfcvEvalLoader
         return FfcvEvalLoader(cfg, path, rank, world_size, device)
