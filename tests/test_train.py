@@ -99,3 +99,24 @@ def test_sim_mode_logs_lambda_one(data, tmp_path):
     run(data, tmp_path, "method.mode=sim", "train.max_steps=1", resume="none")
     lam = [float(r["value"]) for r in csv.DictReader(open(tmp_path / "metrics.csv")) if r["name"] == "lam"]
     assert lam == [1.0]
+
+
+@pytest.fixture(scope="module")
+def converted(data, tmp_path_factory):
+    """The tiny train folder through both converters (folder → .beton and → DALI shards)."""
+    from data_prep import write_dali, write_ffcv
+    out = tmp_path_factory.mktemp("converted")
+    assert write_ffcv.main(["--source", str(data[0]), "--output", str(out / "t.beton"), "--workers", "1"]) == 0
+    assert write_dali.main(["--source", str(data[0]), "--output", str(out / "shards"), "--workers", "1"]) == 0
+    return {"ffcv": out / "t.beton", "dali": out / "shards", "torch": data[0]}
+
+
+@pytest.mark.parametrize("loader,extra", [("ffcv", []), ("dali", []), ("ffcv", ["data.gpu_resident=true"]),
+                                          ("torch", ["train.accum_steps=2"])])
+def test_training_runs_through_every_loader(converted, tmp_path, loader, extra):
+    cfg = load_config("configs/small/byol_bsim.yaml",
+                      TINY + [f"data.loader={loader}", f"data.train={converted[loader]}", "data.val=",
+                              "train.max_steps=2", f"train.out_dir={tmp_path}", *extra])
+    out = train(cfg, resume="none")
+    assert out["step"] == 2 and math.isfinite(out["loss"])
+    assert latest_valid(tmp_path)[1]["step"] == 2
