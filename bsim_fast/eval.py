@@ -43,7 +43,10 @@ def extract_features(backbone: nn.Module, loader, mean, std, dtype=torch.float32
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
-    for x_u8, y in loader:
+    from tqdm import tqdm
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    # minutes on ImageNet-sized banks: show it (the bar switches itself off when stdout is not a terminal)
+    for x_u8, y in tqdm(loader, desc="features", unit="batch", leave=False, disable=None if main else True):
         x = (x_u8.permute(0, 3, 1, 2).float() - x_u8.new_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) \
             / x_u8.new_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         x = x.to(dtype).contiguous(memory_format=torch.channels_last)
