@@ -56,14 +56,12 @@ class Step:
     """One optimiser step of the real training code on a batch of uint8 views already on the device."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        from .methods import build_method
+        from .methods import build_method, compile_networks
         from .train import DTYPES
         self.cfg, self.device = cfg, device
         self.method = build_method(cfg).to(device).to(memory_format=torch.channels_last)
         if cfg.train.compile == "on":
-            for module in self.method.children():
-                if any(True for _ in module.parameters()):
-                    module.compile()
+            compile_networks(self.method)
         self.opt = build_optimizer(self.method, cfg, device)
         self.amp = DTYPES[cfg.train.precision]
         self.use_amp = device.type == "cuda" and self.amp != torch.float32

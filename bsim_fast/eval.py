@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .mix import cutmix_normalize
 from .checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint
 from .config import Config, ConfigError, from_dict
 
@@ -47,9 +48,7 @@ def extract_features(backbone: nn.Module, loader, mean, std, dtype=torch.float32
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     # minutes on ImageNet-sized banks: show it (the bar switches itself off when stdout is not a terminal)
     for x_u8, y in tqdm(loader, desc="features", unit="batch", leave=False, disable=None if main else True):
-        x = (x_u8.permute(0, 3, 1, 2).float() - x_u8.new_tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)) \
-            / x_u8.new_tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-        x = x.to(dtype).contiguous(memory_format=torch.channels_last)
+        x, _ = cutmix_normalize(x_u8.contiguous(), None, None, mean, std, dtype)   # the training path's normalise
         with torch.autocast(x.device.type, dtype=dtype, enabled=x.device.type == "cuda" and dtype != torch.float32):
             f = backbone(x)
         feats.append(F.normalize(f.float(), dim=1))

@@ -253,6 +253,14 @@ class SimCLR(Method):
 METHODS = {"byol": BYOL, "simsiam": SimSiam, "moco": MoCo, "simclr": SimCLR}
 
 
+def compile_networks(method: nn.Module) -> None:
+    """torch.compile each network of a method in place (state_dict keys unchanged). The loss stays eager:
+    gathers and queue updates would otherwise break the graphs."""
+    for module in method.children():
+        if any(True for _ in module.parameters()):
+            module.compile()
+
+
 def build_method(cfg: Config) -> Method:
     name = cfg.method.name
     if name not in METHODS:

@@ -145,7 +145,7 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
     rank, world, _, device = setup_distributed()
     check_config(cfg, world, config_path)
     from .loaders import build_eval_loader, build_train_loader
-    from .methods import build_method
+    from .methods import build_method, compile_networks
     from .eval import export_backbone, knn_monitor
 
     seed_everything(cfg.train.seed)
@@ -190,10 +190,7 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dic
 
     compile_on = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
     if compile_on:
-        # compile the networks, not the loss: gathers and queue updates stay eager, so no graph breaks
-        for module in method.children():
-            if any(True for _ in module.parameters()):
-                module.compile()
+        compile_networks(method)
     model = method
     if world > 1:
         with warnings.catch_warnings():
