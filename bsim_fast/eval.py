@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mix import cutmix_normalize
-from .checkpoint import CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint
+from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint, torch_load
 from .config import Config, ConfigError, from_dict
+
+
+def is_labeled(loader) -> bool:
+    """Loaders say whether their set has labels (an unlabeled set stores -1 for every sample)."""
+    return getattr(loader, "labeled", True)
 
 
 # ----------------------------------------------------------------------------------------- features
@@ -104,11 +109,16 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs: int = 100, lr: float 
 
 
 def knn_monitor(backbone: nn.Module, cfg: Config, build_eval_loader: Callable, rank: int, world: int,
-                device: torch.device, dtype=torch.float32) -> dict:
+                device: torch.device, dtype=torch.float32, log: Callable[[str], None] = print) -> Optional[dict]:
     """k-NN top-1/top-5 of the current backbone: training split (no augmentation) as the bank, data.val as
-    queries."""
+    queries. None, after one line through `log`, when either set is unlabeled (nothing is extracted)."""
     bank = build_eval_loader(cfg, cfg.data.train, rank, world, device)
     queries = build_eval_loader(cfg, cfg.data.val, rank, world, device)
+    for key, loader in (("data.train", bank), ("data.val", queries)):
+        if not is_labeled(loader):
+            log(f"[knn] {key} = {getattr(cfg.data, key[5:])!r} is unlabeled: the k-NN monitor needs labelled "
+                f"data and is skipped")
+            return None
     train_f, train_y = extract_features(backbone, bank, cfg.data.mean, cfg.data.std, dtype)
     test_f, test_y = extract_features(backbone, queries, cfg.data.mean, cfg.data.std, dtype)
     return knn_classify(train_f, train_y, test_f, test_y, cfg.train.knn_k, cfg.train.knn_t)
@@ -131,27 +141,40 @@ def export_backbone(backbone: nn.Module, cfg: Config, path: Path) -> Path:
     return path
 
 
-def load_backbone(path: Path) -> Tuple[nn.Module, Config]:
-    """A backbone from an exported `backbone.pt` (+ .json) or from a training checkpoint."""
+def load_backbone(path: Path, log: Callable[[str], None] = print) -> Tuple[nn.Module, Config]:
+    """A backbone from an exported `backbone.pt` (with the `backbone.json` written beside it) or from a training
+    checkpoint (verified by its .sha256 when it has one; without, loaded after a one-line warning)."""
     from .models import build_backbone
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    if path.with_suffix(".json").is_file() and not path.name.startswith("ckpt_"):
-        meta = json.loads(path.with_suffix(".json").read_text())
-        cfg = Config()
-        cfg.model.arch, cfg.model.cifar_stem = meta["arch"], meta["cifar_stem"]
-        cfg.data.image_size = meta["image_size"]
-        cfg.data.mean, cfg.data.std = tuple(meta["mean"]), tuple(meta["std"])
-        backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
-        backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return backbone, cfg
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"], source=str(path))
-    from .methods import build_method
-    method = build_method(cfg)
-    method.load_state_dict(state["model"])
-    return method.backbone, cfg
+    meta_path = path.with_suffix(".json")
+    if CKPT_RE.match(path.name) or not meta_path.is_file():
+        state = load_checkpoint(path, require_hash=False, log=log)
+        if not (isinstance(state, dict) and "model" in state and "config" in state):
+            raise CheckpointError(f"{path}: an exported backbone needs the {meta_path.name} written beside it "
+                                  f"(architecture and stem); copy it along")
+        cfg = from_dict(state["config"], source=str(path))
+        from .methods import build_method
+        method = build_method(cfg)
+        _load_state(method, state["model"], path)
+        return method.backbone, cfg
+    meta = json.loads(meta_path.read_text())
+    cfg = Config()
+    cfg.model.arch, cfg.model.cifar_stem = meta["arch"], meta["cifar_stem"]
+    cfg.data.image_size = meta["image_size"]
+    cfg.data.mean, cfg.data.std = tuple(meta["mean"]), tuple(meta["std"])
+    backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
+    _load_state(backbone, torch_load(path), path)
+    return backbone, cfg
+
+
+def _load_state(module: nn.Module, state: dict, path: Path) -> None:
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:   # torch lists every key: one line instead
+        raise CheckpointError(f"{path}: its tensors do not fit the model it names "
+                              f"({str(e).splitlines()[0].rstrip(':.')})") from None
 
 
 def _loader_kind(path: str) -> str:
@@ -167,40 +190,58 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["knn", "linear", "export"])
     parser.add_argument("--checkpoint", required=True, help="backbone.pt (exported) or ckpt_*.pt (training)")
-    parser.add_argument("--train", help="training split: .beton, DALI shard folder or ImageFolder")
-    parser.add_argument("--val", help="evaluation split, same kinds")
+    parser.add_argument("--train", help="knn/linear: the labelled training split (.beton, DALI shard folder or "
+                                         "ImageFolder), the k-NN bank or the probe's training set")
+    parser.add_argument("--val", help="knn/linear: the labelled evaluation split, same kinds")
     parser.add_argument("--output", help="export: where to write the backbone state_dict")
-    parser.add_argument("--k", type=int, default=200)
-    parser.add_argument("--t", type=float, default=0.07)
-    parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs over cached features")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--k", type=int, default=200, help="k-NN neighbours (default: 200)")
+    parser.add_argument("--t", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
+    parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs over cached features "
+                                                                "(default: 100)")
+    parser.add_argument("--batch-size", type=int, default=256, help="images per feature batch (default: 256)")
+    parser.add_argument("--workers", type=int, default=4, help="loader workers (default: 4)")
     args = parser.parse_args(argv)
     try:
-        backbone, cfg = load_backbone(Path(args.checkpoint))
+        for name, low in (("k", 1), ("epochs", 1), ("batch_size", 1), ("workers", 0)):
+            if getattr(args, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= {low}")
+        if not args.t > 0:
+            raise ConfigError(f"--t = {args.t} must be > 0")
+        if args.task != "export":   # before loading anything
+            if not (args.train and args.val):
+                raise ConfigError(f"{args.task} needs --train and --val")
+            for p in (args.train, args.val):
+                if not p.startswith("builtin") and not Path(p).exists():
+                    raise ConfigError(f"{p}: dataset not found")
+        backbone, cfg = load_backbone(Path(args.checkpoint), log=lambda m: print(m, file=sys.stderr))
         if args.task == "export":
             if not args.output:
                 raise ConfigError("export needs --output PATH")
             print(export_backbone(backbone, cfg, Path(args.output)))
             return 0
-        if not (args.train and args.val):
-            raise ConfigError(f"{args.task} needs --train and --val")
-        for p in (args.train, args.val):
-            if not p.startswith("builtin") and not Path(p).exists():
-                raise ConfigError(f"{p}: dataset not found")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone = backbone.to(device).to(memory_format=torch.channels_last)
-        cfg.data.loader = _loader_kind(args.train)
         cfg.data.batch_size, cfg.data.workers = args.batch_size, args.workers
         from .loaders import build_eval_loader
+        loaders = []
+        for flag, path in (("--train", args.train), ("--val", args.val)):
+            cfg.data.loader = _loader_kind(path)
+            loader = build_eval_loader(cfg, path, 0, 1, device)
+            if not is_labeled(loader):   # before minutes of feature extraction
+                raise ConfigError(f"{flag} {path}: unlabeled dataset; {args.task} needs labelled --train and --val "
+                                  f"(the backbone itself may come from unlabeled pretraining)")
+            loaders.append(loader)
+        if device.type == "cpu":   # after every check, so that a refusal stays one line
+            from .dist import set_cpu_threads
+            set_cpu_threads(1, log=lambda m: print(m, file=sys.stderr))
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tr_f, tr_y = extract_features(backbone, build_eval_loader(cfg, args.train, 0, 1, device), cfg.data.mean, cfg.data.std, dtype)
-        cfg.data.loader = _loader_kind(args.val)
-        te_f, te_y = extract_features(backbone, build_eval_loader(cfg, args.val, 0, 1, device), cfg.data.mean, cfg.data.std, dtype)
+        tr_f, tr_y = extract_features(backbone, loaders[0], cfg.data.mean, cfg.data.std, dtype)
+        te_f, te_y = extract_features(backbone, loaders[1], cfg.data.mean, cfg.data.std, dtype)
         if args.task == "knn":
             result = knn_classify(tr_f, tr_y, te_f, te_y, args.k, args.t)
         else:
             result = linear_probe(tr_f, tr_y, te_f, te_y, epochs=args.epochs)
+        result = {k: round(v, 2) for k, v in result.items()}   # percentages: more digits are noise
         result.update(train_images=tr_f.shape[0], val_images=te_f.shape[0])
         print(json.dumps(result))
     except (ConfigError, CheckpointError) as e:

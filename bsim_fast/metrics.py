@@ -1,14 +1,51 @@
-"""Metrics to the console (a progress bar), to `metrics.csv` and to TensorBoard, from rank 0 only."""
+"""Metrics to the console (a progress bar), to `metrics.csv` and to TensorBoard, from rank 0 only.
+
+A resumed run starts where its checkpoint was written, so what the interrupted run logged after that step is
+removed first (metrics.csv rewritten atomically, TensorBoard events purged): every step is in the files once.
+"""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from pathlib import Path
 from typing import Dict
 
+from .checkpoint import atomic_write_bytes
+
+
+def cut_metrics(path: Path, step: int) -> int:
+    """Drop the rows of metrics.csv logged after `step`'s checkpoint: later steps, and k-NN rows at `step`
+    itself (the k-NN runs after the checkpoint and is run again). Returns how many rows were dropped."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return 0
+    header, body = rows[0], rows[1:]
+
+    def kept(row) -> bool:
+        try:
+            s = int(row[0])
+        except (ValueError, IndexError):   # a row the killed run left half-written
+            return False
+        return s < step or (s == step and row[1] == "train")
+
+    keep = [r for r in body if kept(r)]
+    if len(keep) < len(body):
+        out = io.StringIO()
+        csv.writer(out).writerows([header] + keep)
+        atomic_write_bytes(path, out.getvalue().encode())
+    return len(body) - len(keep)
+
 
 class MetricsLogger:
+    """total_steps: the steps this run will reach (what the progress line shows after the slash);
+    start_step: the step it resumes from (0 for a new run): later rows are removed (`cut_metrics`)."""
+
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
                  tensorboard: bool = True):
         self.enabled = enabled
@@ -22,13 +59,16 @@ class MetricsLogger:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
         self.total_steps = total_steps
+        cut_metrics(self.out_dir / "metrics.csv", start_step)
         # a bar on a terminal; in a log file (no TTY) one plain line per logging step instead
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         file=sys.stdout) if sys.stdout.isatty() else None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(self.out_dir / "tb"))
+                # purge_step: TensorBoard hides the events a killed run wrote after the resumed step
+                tb_dir = self.out_dir / "tb"
+                self.tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if tb_dir.exists() else None)
             except ImportError:
                 print("[metrics] tensorboard is not installed; logging to metrics.csv only")
 

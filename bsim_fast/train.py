@@ -4,11 +4,15 @@
     torchrun --nproc_per_node 8 -m bsim_fast.train --config ...      (scripts/train_8gpu.sh does this)
 
 The step: loader -> views (uint8, device) -> cutmix_normalize -> method (networks + loss) -> optimiser.
+Read top-down: setup (`build`, `resume_run`, `start`), the loop (`train`, `train_one_epoch`, `step`), what
+happens between steps (`after_step`: log, checkpoint, callback, preemption) and at the end (`finish`), the CLI.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -16,19 +20,33 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import mix
-from .checkpoint import CheckpointError, atomic_write_bytes, latest_valid, load_checkpoint, save_checkpoint
+from .checkpoint import (CheckpointError, atomic_write_bytes, latest_valid, list_checkpoints, load_checkpoint,
+                         save_checkpoint)
 from .config import Config, ConfigError, load_config, to_dict
+from .dist import set_cpu_threads
 from .metrics import MetricsLogger
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Keys a resumed run may change: they say where and how often to log, save and monitor, how many workers read
+# the data and when to stop, not what is computed. `compile` changes float rounding, not the schedule;
+# `nan_policy=skip` is how a run stopped by a NaN is continued. Any other difference needs `--resume force`.
+RESUMABLE_CHANGES = {"train.out_dir", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
+                     "train.keep_checkpoints", "train.tensorboard", "train.knn_every_epochs", "train.knn_k",
+                     "train.knn_t", "train.nan_policy", "train.compile", "data.workers", "data.val",
+                     "data.dali_hw_decoder_load"}
+# What a new run with --resume none moves aside (into out_dir/previous_N/) rather than mixing with its own
+RUN_FILES = ("metrics.csv", "tb", "final.json", "backbone.pt", "backbone.json", "config.json")
 
 
 class TrainError(RuntimeError):
@@ -94,6 +112,222 @@ def check_config(cfg: Config, world: int, path: str) -> None:
         raise ConfigError(f"{path}: data.val = {cfg.data.val!r} does not exist")
 
 
+def check_resume_flag(resume: str) -> None:
+    if resume not in ("auto", "force", "none") and not Path(resume).is_file():
+        raise CheckpointError(f"--resume {resume}: not auto, force, none or an existing checkpoint file")
+
+
+@dataclass
+class TrainState:
+    """Where a run is. Checkpoints save it and `resume_run` restores it, so a resumed run reads exactly the
+    batches the uninterrupted one reads next, those of skipped (non-finite) steps included."""
+    step: int = 0           # optimiser steps taken
+    epoch: int = 0
+    batches_read: int = 0   # loader batches consumed in `epoch`, skipped ones included
+    micro: int = 0          # micro-batches accumulated towards the next step (0 at every checkpoint)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, accum_steps: int) -> "TrainState":
+        if "batches_read" in ckpt:
+            return cls(**{f.name: int(ckpt[f.name]) for f in dataclasses.fields(cls)})
+        # checkpoints from before TrainState counted optimiser steps in the epoch (exact without skipped steps)
+        return cls(ckpt["step"], ckpt["epoch"], ckpt["batch_in_epoch"] * accum_steps, 0)
+
+
+@dataclass
+class Run:
+    """What `build` sets up and the loop reads, and the running totals between two log lines."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    loader: Any
+    method: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype
+    view_dtype: torch.dtype
+    total_steps: int
+    warmup_steps: int
+    base_lr: float
+    max_steps: int
+    knn: bool                       # the k-NN monitor runs (data.val is set and the data has labels)
+    model: torch.nn.Module = None   # `method`, wrapped in DDP when world > 1 (set by `start`)
+    logger: MetricsLogger = None
+    preempt: "Preemption" = None
+    sums: torch.Tensor = None       # loss, lam, non-finite count, micro-batches since the last log line
+    images_since: int = 0
+    t_last: float = 0.0
+    lr: float = 0.0
+    last_loss: float = math.nan
+    last_log_step: int = -1
+    last_ckpt_step: int = -1        # the step checkpoints count from (the resumed one at the start)
+    saved_step: int = -1            # the step this process last wrote a checkpoint for
+    knn_step: int = -1
+    knn_results: dict = field(default_factory=dict)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.cfg.train.out_dir)
+
+    @property
+    def use_amp(self) -> bool:
+        return self.device.type == "cuda" and self.amp_dtype != torch.float32
+
+    def print(self, msg: str) -> None:
+        if self.is_main:
+            (self.logger.print if self.logger else print)(msg)
+
+
+def build(cfg: Config, config_path: str = "config") -> Run:
+    """Process group, seeds, loader, model, optimiser and schedule. Nothing in train.out_dir is touched."""
+    rank, world, _, device = setup_distributed()
+    check_config(cfg, world, config_path)
+    if device.type == "cpu":
+        set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), print if rank == 0 else None)
+    from .loaders import build_train_loader
+    from .methods import build_method
+
+    seed_everything(cfg.train.seed)
+    loader = build_train_loader(cfg, rank, world, device)
+    steps_per_epoch = len(loader) // cfg.train.accum_steps
+    if steps_per_epoch == 0:
+        raise TrainError(f"data.train = {cfg.data.train!r}: fewer images than one batch of {cfg.data.batch_size}")
+    total_steps = cfg.train.epochs * steps_per_epoch
+    knn = bool(cfg.data.val)
+    if knn and not getattr(loader, "labeled", True):
+        knn = False
+        if rank == 0:
+            print(f"[knn] data.train = {cfg.data.train!r} is unlabeled: the k-NN monitor needs labelled data "
+                  f"and is skipped", flush=True)
+
+    method = build_method(cfg).to(device)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)
+    if world > 1 and cfg.model.sync_bn and device.type == "cuda":   # SyncBN has no CPU kernel
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    amp_dtype = DTYPES[cfg.train.precision]
+    use_fp16_scaler = device.type == "cuda" and amp_dtype == torch.float16
+    return Run(cfg=cfg, rank=rank, world=world, device=device, loader=loader, method=method,
+               optimizer=build_optimizer(method, cfg, device),
+               scaler=torch.amp.GradScaler("cuda", enabled=use_fp16_scaler), amp_dtype=amp_dtype,
+               view_dtype=amp_dtype if device.type == "cuda" else torch.float32, total_steps=total_steps,
+               warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), base_lr=scaled_lr(cfg),
+               max_steps=min(cfg.train.max_steps or total_steps, total_steps), knn=knn)
+
+
+def config_differences(saved: dict, cfg: Config) -> list:
+    """'section.key old -> new' for every key whose value differs from the checkpoint's config, except those
+    in RESUMABLE_CHANGES. A key the checkpoint does not have (added since) counts if it is not the default."""
+    now, default = to_dict(cfg), to_dict(Config())
+    diffs = []
+    for sec, values in now.items():
+        for key, value in values.items():
+            name = f"{sec}.{key}"
+            old = saved.get(sec, {}).get(key, default[sec][key])
+            if name not in RESUMABLE_CHANGES and old != value:
+                diffs.append(f"{name} {old!r} -> {value!r}")
+    return diffs
+
+
+def load_into(run: Run, ckpt: dict, path: Path) -> None:
+    """Model, optimiser and scaler from `ckpt`, refused in one line when its tensors do not fit this model."""
+    own, theirs = run.method.state_dict(), ckpt["model"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    reshaped = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
+    if missing or unexpected or reshaped:
+        first = (missing + unexpected + reshaped)[0]
+        raise CheckpointError(f"{path}: its tensors do not fit this model ({len(missing)} missing, "
+                              f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {first!r}); "
+                              f"it was written by another recipe or model")
+    run.method.load_state_dict(theirs)
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: its optimiser state does not fit this optimiser ({e})") from None
+    run.scaler.load_state_dict(ckpt["scaler"])
+
+
+def set_aside_previous_run(out_dir: Path) -> Optional[Path]:
+    """Move an earlier run's checkpoints, metrics and exports into out_dir/previous_N/, so that a run started
+    over (--resume none) neither mixes its files with them nor deletes them."""
+    ckpts = list_checkpoints(out_dir)
+    found = ckpts + [c.with_name(c.name + ".sha256") for c in ckpts] + [out_dir / name for name in RUN_FILES]
+    found = [p for p in found if p.exists()]
+    if not any(p.name.startswith("ckpt_") or p.name == "metrics.csv" for p in found):
+        return None
+    n = 1
+    while (out_dir / f"previous_{n}").exists():
+        n += 1
+    aside = out_dir / f"previous_{n}"
+    aside.mkdir()
+    for p in found:
+        os.replace(p, aside / p.name)
+    return aside
+
+
+def resume_run(run: Run, how: str = "auto") -> TrainState:
+    """The state to start from, with model, optimiser, scaler and RNG restored from a checkpoint.
+
+    how: `auto`, the newest valid checkpoint in train.out_dir (refused in one line if it was written by a
+    different config, or if every checkpoint there is damaged); `force`, the same accepting a different
+    config; `none`, start over (an earlier run's files are moved to out_dir/previous_N/); or a file."""
+    if how == "none":
+        if run.is_main and (aside := set_aside_previous_run(run.out_dir)) is not None:
+            print(f"[resume] --resume none: starting over; the earlier run's files moved to {aside}", flush=True)
+        return TrainState()
+    log = print if run.is_main else (lambda m: None)
+    if how in ("auto", "force"):
+        path, ckpt = latest_valid(run.out_dir, log=log)
+        if ckpt is None:
+            return TrainState()
+    else:
+        path, ckpt = Path(how), load_checkpoint(how, require_hash=False, log=log)
+    diffs = config_differences(ckpt["config"], run.cfg)
+    if ckpt.get("world", run.world) != run.world:   # the per-rank order depends on it
+        diffs.append(f"world size {ckpt['world']} -> {run.world}")
+    if diffs and how != "force":
+        raise CheckpointError(f"{path} was written by a different config: {'; '.join(diffs)}. Resume with the "
+                              f"same values, use another train.out_dir, or --resume force to continue anyway")
+    if diffs:
+        log(f"[resume] --resume force: continuing {path} despite {'; '.join(diffs)}")
+    load_into(run, ckpt, path)
+    state = TrainState.from_checkpoint(ckpt, run.cfg.train.accum_steps)
+    set_rng_state(ckpt["rng"][run.rank] if run.rank < len(ckpt["rng"]) else ckpt["rng"][0])
+    log(f"[resume] {path}: step {state.step}, epoch {state.epoch}, batch {state.batches_read}")
+    return state
+
+
+def start(run: Run, state: TrainState) -> None:
+    """What comes after the state is known: config.json, compile, DDP, metrics cut back to the resumed step."""
+    cfg = run.cfg
+    if run.is_main:
+        run.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run.out_dir / "config.json", json.dumps(to_dict(cfg), indent=1).encode())
+    if cfg.train.compile == "on" or (cfg.train.compile == "auto" and run.device.type == "cuda"):
+        from .methods import compile_networks
+        compile_networks(run.method)
+    run.model = run.method
+    if run.world > 1:
+        with warnings.catch_warnings():
+            # newer torch deprecates broadcast_buffers but says to keep it for rank-local buffers, which the
+            # MoCo queue is (every rank enqueues the same gathered keys; broadcasting 64 MB a step is waste)
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
+            run.model = torch.nn.parallel.DistributedDataParallel(
+                run.method, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                broadcast_buffers=False)
+    run.logger = MetricsLogger(run.out_dir, run.is_main, run.max_steps, start_step=state.step,
+                               tensorboard=cfg.train.tensorboard)
+    run.preempt = Preemption()
+    run.sums = torch.zeros(4, device=run.device)
+    run.t_last, run.last_ckpt_step, run.last_log_step = time.perf_counter(), state.step, state.step
+
+
 # ---------------------------------------------------------------------------------------------- step
 def make_views(a_u8, b_u8, cfg: Config, gen: torch.Generator, dtype: torch.dtype):
     """Plain (and, in BSIM/WBSIM, mixed) normalised views; boxes are drawn per sample and per view set."""
@@ -140,194 +374,226 @@ class Preemption:
         return bool(flag.item())
 
 
-# ---------------------------------------------------------------------------------------------- main
-def train(cfg: Config, resume: str = "auto", config_path: str = "config") -> dict:
-    rank, world, _, device = setup_distributed()
-    check_config(cfg, world, config_path)
-    from .loaders import build_eval_loader, build_train_loader
-    from .methods import build_method, compile_networks
-    from .eval import export_backbone, knn_monitor
+def step(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) -> bool:
+    """One micro-batch: views, forward, backward; the last of `train.accum_steps` also steps the optimiser
+    (returns True). Under train.nan_policy=skip a non-finite loss drops the whole step and leaves no trace."""
+    cfg, method, accum = run.cfg, run.method, run.cfg.train.accum_steps
+    skip = cfg.train.nan_policy == "skip"
+    views = make_views(a_u8, b_u8, cfg, step_generator(cfg.train.seed, state.step * accum + state.micro, run.rank),
+                       run.view_dtype)
+    # a skipped step must leave no trace: its forward already wrote BN statistics (and MoCo's queue)
+    saved = [b.detach().clone() for b in method.buffers()] if skip else None
+    accumulating = run.world > 1 and state.micro + 1 < accum
+    with run.model.no_sync() if accumulating else nullcontext():
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
+            loss = run.model(**views)["loss"].float()
+        finite = torch.isfinite(loss)
+        if skip and not all_ranks_true(finite):   # a host sync per micro-batch, under this policy only
+            run.optimizer.zero_grad(set_to_none=True)   # drop this step's gradients entirely
+            with torch.no_grad():
+                for b, before in zip(method.buffers(), saved):
+                    b.copy_(before)
+            state.micro = 0
+            run.print(f"[nan] step {state.step}: non-finite loss, step skipped (train.nan_policy=skip)")
+            return False
+        run.scaler.scale(loss / accum).backward()
+    run.sums += torch.stack([loss.detach().nan_to_num(0.0), views.get("lam_a", loss.new_ones(1)).mean(),
+                             (~finite).float(), loss.new_ones(())])
+    run.images_since += a_u8.shape[0] * run.world
+    state.micro += 1
+    if state.micro < accum:
+        return False
+    state.micro = 0
+    run.lr = lr_at(state.step, run.total_steps, run.warmup_steps, run.base_lr, cfg.optim.min_lr_ratio)
+    set_lr(run.optimizer, run.lr, run.base_lr)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    method.momentum_update((state.step + 1) / run.total_steps)
+    state.step += 1
+    run.logger.advance()
+    return True
 
-    seed_everything(cfg.train.seed)
-    out_dir = Path(cfg.train.out_dir)
-    is_main = rank == 0
-    if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out_dir / "config.json", json.dumps(to_dict(cfg), indent=1).encode())
 
-    loader = build_train_loader(cfg, rank, world, device)
-    accum = cfg.train.accum_steps
-    steps_per_epoch = len(loader) // accum
-    if steps_per_epoch == 0:
-        raise TrainError(f"data.train = {cfg.data.train!r}: fewer images than one batch of {cfg.data.batch_size}")
-    total_steps = cfg.train.epochs * steps_per_epoch
-    warmup_steps = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    base_lr = scaled_lr(cfg)
+def train_one_epoch(run: Run, state: TrainState, callback: Optional[Callable] = None) -> Optional[str]:
+    """Steps over the rest of epoch `state.epoch` until it ends or train.max_steps; returns a stop reason
+    (preemption, the callback's) or None."""
+    if state.batches_read >= len(run.loader):   # resumed at the very end of the epoch
+        return None
+    for a_u8, b_u8, _labels in run.loader.epoch(state.epoch, start_batch=state.batches_read):
+        state.batches_read += 1
+        if step(run, state, a_u8, b_u8):
+            stop = after_step(run, state, callback)
+            if stop or state.step >= run.max_steps:
+                return stop
+    if state.micro:   # a partial accumulation at the epoch's end: its gradients must not leak into the next
+        run.optimizer.zero_grad(set_to_none=True)
+        state.micro = 0
+    return None
 
-    method = build_method(cfg).to(device)
-    if cfg.train.channels_last:
-        method = method.to(memory_format=torch.channels_last)
-    if world > 1 and cfg.model.sync_bn and device.type == "cuda":   # SyncBN has no CPU kernel
-        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-    optimizer = build_optimizer(method, cfg, device)
-    amp_dtype = DTYPES[cfg.train.precision]
-    use_amp = device.type == "cuda" and amp_dtype != torch.float32
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
-    view_dtype = amp_dtype if device.type == "cuda" else torch.float32
 
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resume != "none":
-        path, state = (latest_valid(out_dir, log=print if is_main else (lambda m: None)) if resume == "auto"
-                       else (Path(resume), load_checkpoint(resume)))
-        if state is not None:
-            method.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-            if is_main:
-                print(f"[resume] {path}: step {step}, epoch {epoch}, batch {batch_in_epoch}", flush=True)
+# -------------------------------------------------------------------------------------- between steps
+def log_metrics(run: Run, state: TrainState) -> None:
+    """Averages since the last log line to the console, metrics.csv and TensorBoard (a host sync)."""
+    if run.world > 1:
+        dist.all_reduce(run.sums)
+    loss_sum, lam_sum, nonfinite, count = run.sums.tolist()
+    run.sums.zero_()
+    if nonfinite > 0:
+        # checked before any checkpoint is written, so a poisoned state is never saved
+        raise TrainError(f"non-finite loss at or before step {state.step} (lr {run.lr:.3g}); last good "
+                         f"checkpoint is step {run.last_ckpt_step}; set train.nan_policy=skip to skip such steps")
+    now = time.perf_counter()
+    values = {"loss": loss_sum / max(count, 1), "lam": lam_sum / max(count, 1), "lr": run.lr,
+              "img_s": run.images_since / max(now - run.t_last, 1e-9), "epoch": state.epoch}
+    if run.device.type == "cuda":
+        values["mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
+    run.t_last, run.images_since, run.last_loss, run.last_log_step = now, 0, values["loss"], state.step
+    run.logger.log(state.step, values)
 
-    compile_on = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    if compile_on:
-        compile_networks(method)
-    model = method
-    if world > 1:
-        with warnings.catch_warnings():
-            # newer torch deprecates broadcast_buffers but says to keep it for rank-local buffers, which the
-            # MoCo queue is (every rank enqueues the same gathered keys; broadcasting 64 MB a step is waste)
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
-            model = torch.nn.parallel.DistributedDataParallel(
-                method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
-    logger = MetricsLogger(out_dir, is_main, total_steps, start_step=step, tensorboard=cfg.train.tensorboard)
-    preempt = Preemption()
-    max_steps = cfg.train.max_steps or total_steps
-    last_ckpt_step = step
+def checkpoint(run: Run, state: TrainState) -> None:
+    """Model, optimiser, scaler, TrainState, every rank's RNG, world size and config (checkpoint.py)."""
+    rngs = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    else:
+        rngs = [rng_state()]
+    if run.is_main:
+        ckpt = {"model": run.method.state_dict(), "optimizer": run.optimizer.state_dict(),
+                "scaler": run.scaler.state_dict(), **dataclasses.asdict(state), "rng": rngs, "world": run.world,
+                "config": to_dict(run.cfg)}
+        save_checkpoint(ckpt, run.out_dir, state.step, run.cfg.train.keep_checkpoints)
+    run.last_ckpt_step = run.saved_step = state.step
 
-    def checkpoint() -> None:
-        nonlocal last_ckpt_step
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if is_main:
-            state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch,
-                     "batch_in_epoch": batch_in_epoch, "rng": rngs, "config": to_dict(cfg)}
-            save_checkpoint(state, out_dir, step, cfg.train.keep_checkpoints)
-        last_ckpt_step = step
 
-    sums = torch.zeros(4, device=device)   # loss, lam, non-finite count, micro-batches (no per-step sync)
-    t_last, images_since = time.perf_counter(), 0
-    stop_reason = None
-    knn_results = {}
-    last_loss = float("nan")
-    while epoch < cfg.train.epochs and step < max_steps and stop_reason is None:
-        micro = 0
-        for a_u8, b_u8, _labels in loader.epoch(epoch, start_batch=batch_in_epoch * accum):
-            gen = step_generator(cfg.train.seed, step * accum + micro, rank)
-            views = make_views(a_u8, b_u8, cfg, gen, view_dtype)
-            # a skipped step must leave no trace: its forward already wrote BN statistics (and MoCo's queue)
-            buffers = [b.detach().clone() for b in method.buffers()] if cfg.train.nan_policy == "skip" else None
-            sync_ctx = model.no_sync() if (world > 1 and micro + 1 < accum) else nullcontext()
-            with sync_ctx:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    out = model(**views)
-                loss = out["loss"].float()
-                finite = torch.isfinite(loss)
-                if cfg.train.nan_policy == "skip" and not all_ranks_true(finite):
-                    optimizer.zero_grad(set_to_none=True)   # drop this step's gradients entirely
-                    with torch.no_grad():
-                        for b, saved in zip(method.buffers(), buffers):
-                            b.copy_(saved)
-                    micro = 0
-                    logger.print(f"[nan] step {step}: non-finite loss, step skipped (train.nan_policy=skip)")
-                    continue
-                scaler.scale(loss / accum).backward()
-            sums += torch.stack([loss.detach().nan_to_num(0.0), views.get("lam_a", loss.new_ones(1)).mean(),
-                                 (~finite).float(), loss.new_ones(())])
-            images_since += a_u8.shape[0] * world
-            micro += 1
-            if micro < accum:
-                continue
-            micro = 0
-            lr = lr_at(step, total_steps, warmup_steps, base_lr, cfg.optim.min_lr_ratio)
-            set_lr(optimizer, lr, base_lr)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            method.momentum_update((step + 1) / total_steps)
-            step += 1
-            batch_in_epoch += 1
-            logger.advance()
+def after_step(run: Run, state: TrainState, callback: Optional[Callable] = None) -> Optional[str]:
+    """At a step boundary: the callback, preemption, logging and checkpoints; returns a stop reason or None."""
+    cfg = run.cfg.train
+    stop = None
+    if callback is not None:
+        t0 = time.perf_counter()
+        stop = callback(state, run.method)
+        run.t_last += time.perf_counter() - t0   # the callback's time is not training time (img_s)
+    due_log = state.step % cfg.log_every == 0
+    due_ckpt = state.step - run.last_ckpt_step >= cfg.ckpt_every_steps
+    if (due_log or due_ckpt) and run.preempt.agreed(run.device):   # a collective: at these steps only
+        stop = stop or "preempted (SIGTERM): checkpoint written"
+    if due_log or due_ckpt or stop or state.step >= run.max_steps:
+        log_metrics(run, state)
+    if due_ckpt or stop:
+        checkpoint(run, state)
+    return stop
 
-            due_log = step % cfg.train.log_every == 0
-            due_ckpt = step - last_ckpt_step >= cfg.train.ckpt_every_steps
-            if due_log or due_ckpt or step >= max_steps:
-                if world > 1:
-                    dist.all_reduce(sums)
-                loss_sum, lam_sum, nonfinite, count = sums.tolist()
-                sums.zero_()
-                if nonfinite > 0:
-                    # checked before any checkpoint is written, so a poisoned state is never saved
-                    raise TrainError(f"non-finite loss at or before step {step} (lr {lr:.3g}); last good "
-                                     f"checkpoint is step {last_ckpt_step}; set train.nan_policy=skip to skip such steps")
-                now = time.perf_counter()
-                values = {"loss": loss_sum / max(count, 1), "lam": lam_sum / max(count, 1), "lr": lr,
-                          "img_s": images_since / (now - t_last), "epoch": epoch}
-                if device.type == "cuda":
-                    values["mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                t_last, images_since = now, 0
-                last_loss = values["loss"]
-                logger.log(step, values)
-            if due_ckpt:
-                checkpoint()
-            if (due_log or due_ckpt) and preempt.agreed(device):
-                checkpoint()
-                stop_reason = "preempted (SIGTERM): checkpoint written"
-                break
-            if step >= max_steps:
-                break
-        else:
-            epoch += 1
-            batch_in_epoch = 0
-            if cfg.data.val and cfg.train.knn_every_epochs and epoch % cfg.train.knn_every_epochs == 0:
-                knn_results = knn_monitor(method.backbone, cfg, build_eval_loader, rank, world, device, view_dtype)
-                logger.log(step, knn_results, kind="knn")
 
-    if stop_reason is None:
-        checkpoint()
-        if cfg.data.val and not knn_results:
-            knn_results = knn_monitor(method.backbone, cfg, build_eval_loader, rank, world, device, view_dtype)
-            logger.log(step, knn_results, kind="knn")
-        if is_main:
-            export_backbone(method.backbone, cfg, out_dir / "backbone.pt")
-    logger.print(stop_reason or f"[done] step {step}, epoch {epoch}; outputs in {out_dir}")
-    logger.close()
-    result = {"step": step, "epoch": epoch, "loss": last_loss, **knn_results}
-    if is_main and stop_reason is None:
-        atomic_write_bytes(out_dir / "final.json", json.dumps(result, indent=1).encode())
+def monitor_knn(run: Run, state: TrainState) -> None:
+    from .eval import knn_monitor
+    from .loaders import build_eval_loader
+    results = knn_monitor(run.method.backbone, run.cfg, build_eval_loader, run.rank, run.world, run.device,
+                          run.view_dtype, log=run.print)
+    if results is None:   # unlabeled data: said once, not tried again
+        run.knn = False
+        return
+    run.knn_results, run.knn_step = results, state.step
+    run.logger.log(state.step, results, kind="knn")
+
+
+def end_epoch(run: Run, state: TrainState) -> None:
+    state.epoch += 1
+    state.batches_read = 0
+    every = run.cfg.train.knn_every_epochs
+    if run.knn and every and state.epoch % every == 0:
+        monitor_knn(run, state)
+
+
+def finish(run: Run, state: TrainState, stop: Optional[str]) -> dict:
+    """A finished run writes its last checkpoint, k-NN, backbone.pt and final.json; a stopped one (its
+    checkpoint already written) only says why."""
+    if stop is None:
+        if run.last_log_step != state.step:
+            log_metrics(run, state)   # also the non-finite check before the last checkpoint
+        if run.saved_step != state.step:
+            checkpoint(run, state)
+        if run.knn and run.knn_step != state.step:
+            monitor_knn(run, state)
+        if run.is_main:
+            from .eval import export_backbone
+            export_backbone(run.method.backbone, run.cfg, run.out_dir / "backbone.pt")
+    run.logger.print(stop or f"[done] step {state.step}, epoch {state.epoch}; outputs in {run.out_dir}")
+    run.logger.close()
+    result = {"step": state.step, "epoch": state.epoch, "loss": run.last_loss, **run.knn_results}
+    if stop is not None:
+        result["stopped"] = stop
+    elif run.is_main:
+        atomic_write_bytes(run.out_dir / "final.json", json.dumps(result, indent=1).encode())
     return result
+
+
+# ---------------------------------------------------------------------------------------------- main
+def train(cfg: Config, resume: str = "auto", config_path: str = "config",
+          callback: Optional[Callable[[TrainState, torch.nn.Module], Optional[str]]] = None) -> dict:
+    """Train `cfg` to its end (or train.max_steps); returns {"step", "epoch", "loss", knn_top1/5 if data.val}.
+
+    resume: auto | force | none | a checkpoint path (see `resume_run`).
+    callback(state, method) -> Optional[str], for runners that watch a run without editing this loop (e.g.
+    k-NN at wall-clock intervals for a time-to-accuracy curve):
+      - called on every rank after every optimiser step, before that step's log line and checkpoint;
+        `state` is the live TrainState (read it, do not change it), `method` the unwrapped Method
+        (`method.backbone` for features; `eval.extract_features` puts it in eval mode and back);
+      - return None to go on, or a reason: the run then writes a checkpoint, prints the reason and returns
+        with "stopped": reason (no backbone.pt, no final.json); a rerun with resume="auto" continues it;
+      - in a multi-process run it must return the same on every rank (decide from `state`, or broadcast
+        rank 0's decision): the stop is a collective checkpoint;
+      - its time is left out of the logged img_s; whatever it draws from the global RNGs changes the run
+        (the torch eval loader draws one number per pass), so it belongs in the time-to-accuracy runs, not
+        in runs compared bitwise.
+    """
+    run = build(cfg, config_path)
+    state = resume_run(run, resume)
+    start(run, state)
+    stop = None
+    while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
+        stop = train_one_epoch(run, state, callback)
+        if stop is None and state.batches_read >= len(run.loader):
+            end_epoch(run, state)
+    return finish(run, state, stop)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a recipe, e.g. configs/byol_bsim.yaml")
-    parser.add_argument("--resume", default="auto", help="auto (newest valid checkpoint in out_dir), none, or a path")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (the default): the newest valid checkpoint in train.out_dir, refused if written "
+                             "by a different config; force: the same, accepting a different config; none: start "
+                             "over (an earlier run's files move to out_dir/previous_N/); or a checkpoint file")
+    parser.add_argument("--check-only", action="store_true",
+                        help="check the config, dataset paths and --resume, then exit (WORLD_SIZE processes)")
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_resume_flag(args.resume)
+        if args.check_only:
+            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.config)
+            return 0
         train(cfg, args.resume, args.config)
     except (ConfigError, TrainError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        report_error(f"error: {e}")
         return 2
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0
+
+
+def report_error(line: str) -> None:
+    """One line on stderr; under scripts/train_8gpu.sh each rank hands it to the launcher instead, which
+    prints each distinct line once (eight ranks refusing the same checkpoint say it once)."""
+    folder = os.environ.get("BSIM_ERROR_DIR")
+    if folder and Path(folder).is_dir():
+        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(line + "\n")
+    else:
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Train a recipe on every local GPU (8 by default, fewer if fewer are found) with torchrun.
-#   bash scripts/train_8gpu.sh byol_bsim [section.key=value ...]
+#   bash scripts/train_8gpu.sh byol_bsim [section.key=value ...] [--resume auto|force|none|PATH]
 #   bash scripts/train_8gpu.sh small/simclr_wbsim train.epochs=100
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node; they go to torchrun's
 # c10d rendezvous. Without GPUs the same entry point runs on CPU with gloo (NPROC processes, default 1).
+# The config, dataset paths and --resume are checked before torchrun starts; a user error is one line and exit 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 recipe=${1:-}
@@ -13,22 +14,42 @@ if [ -z "$recipe" ] || [ ! -f "configs/${recipe%.yaml}.yaml" ]; then
   exit 2
 fi
 shift
+for var in NPROC NNODES NODE_RANK MASTER_PORT; do
+  value=${!var:-}
+  if [ -n "$value" ] && ! [[ "$value" =~ ^[0-9]+$ ]]; then
+    echo "error: ${var}=${value} is not a whole number" >&2
+    exit 2
+  fi
+done
+NNODES=${NNODES:-1}
+if [ "${NPROC:-1}" -lt 1 ] || [ "$NNODES" -lt 1 ]; then
+  echo "error: NPROC and NNODES must be at least 1" >&2
+  exit 2
+fi
+if [ "$NNODES" -gt 1 ] && { [ -z "${MASTER_ADDR:-}" ] || [ -z "${NODE_RANK:-}" ]; }; then
+  echo "error: NNODES=${NNODES} needs MASTER_ADDR and NODE_RANK set on every node" >&2
+  exit 2
+fi
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 gpus=$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+cores=$(nproc)
 if [ "$gpus" -gt 0 ]; then
   nproc=${NPROC:-$(( gpus < 8 ? gpus : 8 ))}
+  threads=$(( cores / nproc > 0 ? cores / nproc : 1 ))
 else
   nproc=${NPROC:-1}
-  echo "[train_8gpu] no GPU found: running ${nproc} CPU process(es) with gloo"
+  threads=$(( cores / (2 * nproc) > 0 ? cores / (2 * nproc) : 1 ))   # bsim_fast.dist.cpu_threads: why half
+  echo "[train_8gpu] no GPU found: running ${nproc} CPU process(es) with gloo, ${threads} thread(s) each"
 fi
-NNODES=${NNODES:-1}
+config="configs/${recipe%.yaml}.yaml"
+# the config, dataset paths and --resume, before any process starts (seconds instead of a torchrun report)
+WORLD_SIZE=$(( nproc * NNODES )) "$PY" -m bsim_fast.train --check-only --config "$config" "$@"
 if [ "$NNODES" -gt 1 ]; then
-  : "${MASTER_ADDR:?set MASTER_ADDR for a multi-node run}" "${NODE_RANK:?set NODE_RANK for a multi-node run}"
   rdzv=(--nnodes "$NNODES" --node_rank "$NODE_RANK" --rdzv_backend c10d
         --rdzv_endpoint "${MASTER_ADDR}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-bsim_${recipe//\//_}}")
 else
   rdzv=(--standalone --nnodes 1)
 fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / nproc > 0 ? $(nproc) / nproc : 1 ))}
-exec "$PY" -m torch.distributed.run "${rdzv[@]}" --nproc_per_node "$nproc" \
-  -m bsim_fast.train --config "configs/${recipe%.yaml}.yaml" "$@"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
+# bsim_fast.dist: torchrun, with a child's one-line error (exit 2) instead of torchrun's failure report
+exec "$PY" -m bsim_fast.dist "${rdzv[@]}" --nproc_per_node "$nproc" -m bsim_fast.train --config "$config" "$@"

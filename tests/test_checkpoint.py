@@ -77,3 +77,35 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
     assert lr_at(32, 100, 10, 2.0, 0.0) == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 22 / 90)))
+
+
+def test_missing_hash_says_what_is_true_and_can_be_loaded_on_request(tmp_path):
+    path = ck.save_checkpoint(state(1), tmp_path, 1, keep=2)
+    path.with_name(path.name + ".sha256").unlink()
+    with pytest.raises(ck.CheckpointError, match="no .sha256 beside it") as e:
+        ck.load_checkpoint(path)
+    assert "incomplete" not in str(e.value) and "copied without it" in str(e.value)
+    lines = []
+    assert ck.load_checkpoint(path, require_hash=False, log=lines.append)["step"] == 1
+    assert len(lines) == 1 and "unverified" in lines[0]
+
+
+def test_pickled_code_is_refused_in_our_words(tmp_path):
+    import argparse
+    ck.save_checkpoint({"step": 1, "payload": argparse.Namespace(x=1)}, tmp_path, 1, keep=2)
+    with pytest.raises(ck.CheckpointError) as e:
+        ck.load_checkpoint(tmp_path / "ckpt_00000001.pt")
+    assert "refused for safety" in str(e.value) and "weights_only" not in str(e.value)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(ck.CheckpointError, match="not a readable PyTorch checkpoint"):
+        ck.torch_load(tmp_path / "junk.pt")
+
+
+def test_every_checkpoint_damaged_is_an_error_not_a_fresh_start(tmp_path):
+    for s in (1, 2):
+        ck.save_checkpoint(state(s), tmp_path, s, keep=3)
+        (tmp_path / f"ckpt_0000000{s}.pt").write_bytes(b"damaged")
+    lines = []
+    with pytest.raises(ck.CheckpointError, match="none of its 2 checkpoint") as e:
+        ck.latest_valid(tmp_path, log=lines.append)
+    assert len(lines) == 2 and "\n" not in str(e.value) and "--resume none" in str(e.value)

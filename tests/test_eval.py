@@ -1,7 +1,10 @@
 """Evaluation: exact k-NN votes on tiny features, a linear probe that separates separable data, the CLI."""
+import argparse
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +75,63 @@ def test_cli_export_and_bad_paths(run_dir, tmp_path):
                  ["--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tmp_path / "nope"), "--val", str(va)]):
         r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "knn", *args], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def run_eval(*args):
+    return subprocess.run([sys.executable, "-m", "bsim_fast.eval", *args], capture_output=True, text=True)
+
+
+def test_checkpoint_copied_without_its_hash_loads_with_a_warning(run_dir, tmp_path):
+    root, tr, va = run_dir
+    copy = tmp_path / "ckpt_00000001.pt"
+    shutil.copy(root / "run" / "ckpt_00000001.pt", copy)
+    r = run_eval("knn", "--checkpoint", str(copy), "--train", str(tr), "--val", str(va), "--workers", "0", "--k", "5")
+    assert r.returncode == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "no .sha256" in warnings[0] and "incomplete" not in r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert all(len(str(v).split(".")[-1]) <= 2 for k, v in result.items() if k.startswith("knn"))   # rounded
+
+
+def test_bad_eval_flags_and_code_checkpoints_are_one_line(run_dir, tmp_path):
+    root, tr, va = run_dir
+    (tmp_path / "code.pt").write_bytes(b"")
+    torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "code.pt")
+    for args, needle in ((["--k", "0"], "--k"), (["--t", "0"], "--t"),
+                         (["--checkpoint", str(tmp_path / "code.pt")], "refused for safety")):
+        full = ["knn", "--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tr), "--val", str(va), *args]
+        r = run_eval(*full)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
+
+
+def test_eval_refuses_unlabeled_sets_before_extracting(run_dir, monkeypatch, capsys):
+    root, tr, va = run_dir
+    import bsim_fast.eval as ev
+    import bsim_fast.loaders as loaders
+    real = loaders.build_eval_loader
+
+    def unlabeled_val(cfg, path, *a):   # what a set converted without labels reports (loader.labeled)
+        loader = real(cfg, path, *a)
+        loader.labeled = path != str(va)
+        return loader
+
+    monkeypatch.setattr(loaders, "build_eval_loader", unlabeled_val)
+    monkeypatch.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("features extracted"))
+    code = ev.main(["linear", "--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tr),
+                    "--val", str(va), "--workers", "0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "--val" in err and "unlabeled" in err
+
+
+def test_readme_export_snippet_loads_the_cifar_stem_backbone(run_dir, tmp_path, monkeypatch):
+    root, _, _ = run_dir
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("exported `backbone.pt`", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "runs/byol_bsim/" in snippet
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(root / "run", tmp_path / "runs" / "byol_bsim")
+    scope = {}
+    exec(snippet, scope)   # the recipe here is CIFAR-stem ResNet-18: conv1 3x3, no max-pool
+    m = scope["m"]
+    assert isinstance(m.maxpool, torch.nn.Identity) and m.conv1.kernel_size == (3, 3)
+    assert m(torch.zeros(2, 3, 16, 16)).shape == (2, 512)

@@ -1,4 +1,8 @@
-"""Faults survived and bad flags refused: SIGKILL + resume, SIGTERM, NaN, bad configs (docs/RELIABILITY.md)."""
+"""Faults survived and bad flags refused: SIGKILL + resume, SIGTERM, NaN, damaged checkpoints, bad configs,
+the 8-GPU script's checks (docs/RELIABILITY.md)."""
+import argparse
+import csv
+import hashlib
 import os
 import random
 import signal
@@ -9,7 +13,8 @@ import time
 import pytest
 import torch
 
-from bsim_fast.checkpoint import latest_valid, list_checkpoints
+from bsim_fast.checkpoint import CheckpointError, latest_valid, list_checkpoints
+from bsim_fast.dist import cpu_threads, set_cpu_threads
 from helpers import TINY, tiny_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -41,7 +46,10 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(train_dir, t
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def reached():   # the run prunes old checkpoints while we look, so a look can find none
-        state = latest_valid(tmp_path / "cut", log=lambda m: None)[1]
+        try:
+            state = latest_valid(tmp_path / "cut", log=lambda m: None)[1]
+        except CheckpointError:
+            return False
         return state is not None and state["step"] >= kill_after
 
     wait_for(reached, proc)
@@ -55,6 +63,11 @@ def test_sigkill_at_a_random_step_then_resume_matches_uninterrupted(train_dir, t
     for k in full["model"]:
         assert torch.equal(full["model"][k], cut["model"][k]), k
     assert not list((tmp_path / "cut").glob("*.tmp-*"))
+    # metrics cut back to the resumed step: every step once, the same losses as the uninterrupted run
+    losses = [{r["step"]: r["value"] for r in csv.DictReader(open(tmp_path / name / "metrics.csv"))
+               if r["name"] == "loss"} for name in ("full", "cut")]
+    rows = [r["step"] for r in csv.DictReader(open(tmp_path / "cut" / "metrics.csv")) if r["name"] == "loss"]
+    assert len(rows) == len(set(rows)) == 6 and losses[0] == losses[1]
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(train_dir, tmp_path):
@@ -106,3 +119,76 @@ def test_unknown_recipe_for_the_8gpu_script():
     r = subprocess.run(["bash", "scripts/train_8gpu.sh", "byol_bsmi"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "byol_bsmi" in r.stderr and "byol_bsim" in r.stderr
+
+
+def one_line_error(r, *needles):
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_every_checkpoint_damaged_refuses_unless_resume_none(train_dir, tmp_path):
+    subprocess.run(cmd(train_dir, tmp_path, "train.max_steps=2", "train.ckpt_every_steps=1"), env=ENV, check=True,
+                   capture_output=True)
+    for ckpt in list_checkpoints(tmp_path):
+        ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    r = subprocess.run(cmd(train_dir, tmp_path, "train.max_steps=2"), env=ENV, capture_output=True, text=True)
+    one_line_error(r, "none of its 2 checkpoint(s) can be resumed", "sha256 mismatch", "--resume none")
+    r = subprocess.run(cmd(train_dir, tmp_path, "train.max_steps=1", "--resume", "none"), env=ENV,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "previous_1" in r.stdout and latest_valid(tmp_path)[1]["step"] == 1
+    assert len(list_checkpoints(tmp_path / "previous_1")) == 2   # kept, not deleted
+
+
+def test_checkpoint_holding_code_is_refused_in_our_words(train_dir, tmp_path):
+    torch.save({"step": 1, "payload": argparse.Namespace(x=1)}, tmp_path / "ckpt_00000001.pt")
+    data = (tmp_path / "ckpt_00000001.pt").read_bytes()
+    (tmp_path / "ckpt_00000001.pt.sha256").write_text(hashlib.sha256(data).hexdigest() + "\n")
+    r = subprocess.run(cmd(train_dir, tmp_path, "train.max_steps=2"), env=ENV, capture_output=True, text=True)
+    one_line_error(r, "pickled code", "refused for safety")
+    assert "weights_only" not in r.stdout + r.stderr and list_checkpoints(tmp_path) == [tmp_path / "ckpt_00000001.pt"]
+
+
+def test_cpu_thread_count_leaves_room_and_says_so(monkeypatch):
+    assert [cpu_threads(2, 1), cpu_threads(16, 1), cpu_threads(16, 8), cpu_threads(1, 1)] == [1, 8, 1, 1]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    lines = []
+    try:
+        n = set_cpu_threads(1, lines.append)
+        assert torch.get_num_threads() == n and len(lines) == 1 and "OMP_NUM_THREADS" in lines[0]
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert set_cpu_threads(1, lines.append) == torch.get_num_threads() and len(lines) == 1   # the user's choice
+    finally:
+        torch.set_num_threads(before)
+
+
+def script(*args, env=None):
+    return subprocess.run(["bash", "scripts/train_8gpu.sh", *args], env={**ENV, "PYTHON": sys.executable, **(env or {})},
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("args,env,needle", [
+    (["small/byol_bsim", "data.bogus=1"], {}, "data.bogus"),
+    (["small/byol_bsim", "data.train=does/not/exist"], {}, "does/not/exist"),
+    (["small/byol_bsim", "data.batch_size=6"], {"NPROC": "4"}, "world size 4"),
+    (["small/byol_bsim", "--resume", "nowhere.pt"], {}, "nowhere.pt"),
+    (["small/byol_bsim"], {"NPROC": "abc"}, "NPROC=abc"),
+    (["small/byol_bsim"], {"NNODES": "2"}, "MASTER_ADDR"),
+])
+def test_8gpu_script_checks_before_torchrun(args, env, needle):
+    t0 = time.time()
+    r = script(*args, env=env)
+    one_line_error(r, needle)
+    assert time.time() - t0 < 120
+
+
+def test_8gpu_script_child_error_is_one_line_exit_2(train_dir, tmp_path):
+    # passes the checks, then every rank refuses the checkpoint (another batch size): said once, exit 2
+    base = [*TINY, f"data.train={train_dir}", "data.val=", f"train.out_dir={tmp_path}"]
+    subprocess.run(cmd(train_dir, tmp_path, "train.max_steps=1"), env=ENV, check=True, capture_output=True)
+    r = script("small/byol_bsim", *base, "data.batch_size=4", env={"NPROC": "2"})
+    one_line_error(r, "data.batch_size 8 -> 4", "world size 1 -> 2")

@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import socket
 
 import pytest
@@ -10,9 +11,11 @@ import torch
 import torch.multiprocessing as mp
 import torchvision
 
+from bsim_fast import train as tr
 from bsim_fast.config import load_config
-from bsim_fast.checkpoint import latest_valid
-from bsim_fast.train import train
+from bsim_fast.checkpoint import CheckpointError, latest_valid
+from bsim_fast.eval import knn_monitor
+from bsim_fast.train import make_views as real_make_views, train
 from helpers import TINY, tiny_folder
 
 RECIPES = [f"{m}{'' if mode == 'sim' else '_' + mode}" for m in ("byol", "simclr", "moco", "simsiam")
@@ -54,11 +57,11 @@ def test_every_recipe_runs_in_two_gloo_processes(data, tmp_path):
         assert latest_valid(tmp_path / recipe)[1]["step"] == 2
 
 
-def run(data, out, *extra, resume="auto"):
+def run(data, out, *extra, resume="auto", callback=None):
     cfg = load_config("configs/small/byol_bsim.yaml",
                       TINY + [f"data.train={data[0]}", "data.val=", "train.epochs=2", "train.ckpt_every_steps=2",
                               f"train.out_dir={out}", *extra])
-    return train(cfg, resume=resume)
+    return train(cfg, resume=resume, callback=callback)
 
 
 @pytest.mark.parametrize("recipe_extra", [[], ["method.name=moco", "method.mode=wbsim"]])
@@ -120,3 +123,135 @@ def test_training_runs_through_every_loader(converted, tmp_path, loader, extra):
     out = train(cfg, resume="none")
     assert out["step"] == 2 and math.isfinite(out["loss"])
     assert latest_valid(tmp_path)[1]["step"] == 2
+
+
+# ---- TrainState: exact resume with skipped steps; the callback --------------------------------------------
+def poison(monkeypatch, step, accum=1, seed=0):
+    """NaN views for the first batch of optimiser step `step` (rank 0), once: the next batch is fine."""
+    target = tr.step_generator(seed, step * accum, 0).initial_seed()
+    hit = []
+
+    def poisoned(a_u8, b_u8, cfg, gen, dtype):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+        if gen.initial_seed() == target and not hit:
+            hit.append(step)
+            views["plain_a"] = views["plain_a"] * float("nan")
+        return views
+
+    monkeypatch.setattr(tr, "make_views", poisoned)
+    return hit
+
+
+@pytest.mark.parametrize("stop_by,accum", [("max_steps", 1), ("callback", 2)])
+def test_nan_skipped_step_then_stop_and_resume_ends_bitwise_equal(data, tmp_path, monkeypatch, capsys, stop_by, accum):
+    # 24 images / batch 4 = 6 batches an epoch. NaN in step 2's first batch: skipped, so the epoch's batches
+    # run one ahead of the steps; the stopped run's checkpoint must say where the loader was, not the step.
+    extra = ["data.batch_size=4" if accum == 1 else "data.batch_size=8", f"train.accum_steps={accum}",
+             "train.nan_policy=skip", "train.ckpt_every_steps=100"]
+    stop_at = 4 if accum == 1 else 2
+    hit = poison(monkeypatch, 2 if accum == 1 else 1, accum)
+    full = run(data, tmp_path / "full", *extra, resume="none")
+    assert hit and "step skipped" in capsys.readouterr().out
+
+    hit = poison(monkeypatch, 2 if accum == 1 else 1, accum)
+    seen = []
+
+    def stop_here(state, method):
+        seen.append((state.step, state.micro))
+        return "enough for now" if state.step == stop_at else None
+
+    if stop_by == "callback":
+        cut = run(data, tmp_path / "cut", *extra, resume="none", callback=stop_here)
+        assert cut["stopped"] == "enough for now" and seen == [(s, 0) for s in range(1, stop_at + 1)]
+        assert not (tmp_path / "cut" / "final.json").exists()
+    else:
+        cut = run(data, tmp_path / "cut", *extra, f"train.max_steps={stop_at}", resume="none")
+    assert hit
+    stopped = latest_valid(tmp_path / "cut")[1]
+    assert (stopped["step"], stopped["batches_read"], stopped["micro"]) == (stop_at, stop_at * accum + 1, 0)
+    cut = run(data, tmp_path / "cut", *extra, resume="auto")
+    assert (cut["step"], cut["epoch"]) == (full["step"], full["epoch"])
+    a, b = latest_valid(tmp_path / "full")[1], latest_valid(tmp_path / "cut")[1]
+    assert [a[k] for k in ("step", "epoch", "batches_read")] == [b[k] for k in ("step", "epoch", "batches_read")]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_metrics_and_tensorboard_cut_back_to_the_resumed_step(data, tmp_path):
+    # a kill after step 3 was logged but before its checkpoint: the resumed run logs step 3 again
+    run(data, tmp_path, "train.max_steps=3", "train.tensorboard=true", resume="none")
+    (tmp_path / "ckpt_00000003.pt").unlink()
+    (tmp_path / "ckpt_00000003.pt.sha256").unlink()
+    run(data, tmp_path, "train.max_steps=4", "train.tensorboard=true", resume="auto")
+    rows = [(r["step"], r["kind"], r["name"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))]
+    assert len(rows) == len(set(rows)) and {s for s, _, _ in rows} == {"1", "2", "3", "4"}
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("train/loss")
+    assert [e.step for e in events] == [1, 2, 3, 4]
+
+
+def test_progress_line_counts_to_max_steps(data, tmp_path, capsys):
+    run(data, tmp_path, "train.max_steps=2", resume="none")
+    assert "step 2/2 " in capsys.readouterr().out   # not 2/6 (the epochs' total)
+
+
+# ---- resuming into an out_dir: same config only, explicit overrides ----------------------------------------
+@pytest.fixture(scope="module")
+def one_step_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one_step")
+    run(data, out, "train.max_steps=1", resume="none")
+    return out
+
+
+def copy_run(src, dest):
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.mark.parametrize("extra,named", [(["data.batch_size=4"], "data.batch_size 8 -> 4"),
+                                         (["method.name=moco"], "method.name 'byol' -> 'moco'"),
+                                         (["optim.lr=0.5", "train.epochs=3"], "train.epochs 2 -> 3")])
+def test_resume_with_a_different_config_is_refused_naming_the_keys(data, one_step_run, tmp_path, extra, named):
+    out = copy_run(one_step_run, tmp_path / "run")
+    with pytest.raises(CheckpointError) as e:
+        run(data, out, *extra, resume="auto")
+    msg = str(e.value)
+    assert "\n" not in msg and named in msg and "--resume force" in msg
+    assert json.loads((out / "config.json").read_text())["data"]["batch_size"] == 8   # nothing rewritten
+
+
+def test_resume_allows_bookkeeping_changes_and_force(data, one_step_run, tmp_path, capsys):
+    out = copy_run(one_step_run, tmp_path / "run")
+    result = run(data, out, "train.max_steps=2", "train.log_every=2", "train.keep_checkpoints=3",
+                 "train.nan_policy=skip", resume="auto")
+    assert result["step"] == 2
+    out = copy_run(one_step_run, tmp_path / "forced")
+    result = run(data, out, "train.max_steps=2", "optim.lr=0.1", resume="force")
+    assert result["step"] == 2 and "--resume force: continuing" in capsys.readouterr().out
+    out = copy_run(one_step_run, tmp_path / "other_recipe")
+    with pytest.raises(CheckpointError, match="do not fit this model"):   # one line, not torch's key dump
+        run(data, out, "method.name=simclr", "train.max_steps=2", resume="force")
+
+
+def test_resume_none_moves_the_earlier_run_aside(data, one_step_run, tmp_path, capsys):
+    out = copy_run(one_step_run, tmp_path / "run")
+    before = sorted(p.name for p in out.iterdir())
+    run(data, out, "train.max_steps=1", resume="none")
+    assert "moved to" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "previous_1").iterdir()) == before
+    assert latest_valid(out)[1]["step"] == 1 and (out / "metrics.csv").is_file()
+
+
+def test_knn_monitor_skips_unlabeled_data_in_one_line(data, tmp_path):
+    class Unlabeled:   # what the loaders expose for a set converted without labels
+        labeled = False
+
+        def __iter__(self):
+            raise AssertionError("features must not be extracted")
+
+    cfg = load_config("configs/small/byol_bsim.yaml", TINY + [f"data.train={data[0]}", f"data.val={data[1]}"])
+    lines = []
+    result = knn_monitor(torch.nn.Identity(), cfg, lambda *a: Unlabeled(), 0, 1, torch.device("cpu"), log=lines.append)
+    assert result is None and len(lines) == 1 and "unlabeled" in lines[0] and "data.train" in lines[0]
