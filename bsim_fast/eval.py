@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--train", help="knn/linear: the labelled training split (.beton, DALI shard folder or "
                                          "ImageFolder), the k-NN bank or the probe's training set")
     parser.add_argument("--val", help="knn/linear: the labelled evaluation split, same kinds")
-    parser.add_argument("--output", help="export: where to write the backbone state_dict")
+    parser.add_argument("--output", help="export: where to write the backbone state_dict (and its .json)")
+    parser.add_argument("--overwrite", action="store_true", help="export: replace an existing --output")
     parser.add_argument("--k", type=int, default=200, help="k-NN neighbours (default: 200)")
     parser.add_argument("--t", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
     parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs over cached features "
@@ -207,6 +208,8 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= {low}")
         if not args.t > 0:
             raise ConfigError(f"--t = {args.t} must be > 0")
+        if args.task == "export" and args.output and Path(args.output).exists() and not args.overwrite:
+            raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
         if args.task != "export":   # before loading anything
             if not (args.train and args.val):
                 raise ConfigError(f"{args.task} needs --train and --val")

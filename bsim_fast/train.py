@@ -580,6 +580,10 @@ def main(argv=None) -> int:
     except (ConfigError, TrainError, CheckpointError) as e:
         report_error(f"error: {e}")
         return 2
+    except KeyboardInterrupt:   # Ctrl-C: the run is resumable, a traceback would only hide that
+        if os.environ.get("RANK", "0") == "0":
+            print("interrupted; the same command resumes from the newest checkpoint", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

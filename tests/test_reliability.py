@@ -83,6 +83,15 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(train_dir, tmp_path):
     assert state is not None and 1 <= state["step"] < 50 * 3
 
 
+def test_ctrl_c_is_one_line_not_a_traceback(train_dir, tmp_path):
+    proc = subprocess.Popen(cmd(train_dir, tmp_path, "train.epochs=50", "train.ckpt_every_steps=1"), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: list_checkpoints(tmp_path), proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and err.strip().count("\n") == 0 and "resumes" in err and "Traceback" not in err
+
+
 def test_nan_loss_stops_with_one_line_and_no_checkpoint(train_dir, tmp_path):
     # a vanishing std turns the inputs into inf, so the very first loss is NaN
     r = subprocess.run(cmd(train_dir, tmp_path, "train.ckpt_every_steps=1", "data.std=[1e-38,1e-38,1e-38]"),

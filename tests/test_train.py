@@ -192,9 +192,19 @@ def test_metrics_and_tensorboard_cut_back_to_the_resumed_step(data, tmp_path):
     assert [e.step for e in events] == [1, 2, 3, 4]
 
 
-def test_progress_line_counts_to_max_steps(data, tmp_path, capsys):
-    run(data, tmp_path, "train.max_steps=2", resume="none")
+def test_progress_line_counts_to_max_steps_and_a_callback_can_run_knn(data, tmp_path, capsys):
+    from bsim_fast.loaders import build_eval_loader
+    seen = {}
+
+    def knn_at_step_1(state, method):   # what a time-to-accuracy runner does at its wall-clock marks
+        if state.step == 1:
+            seen.update(knn_monitor(method.backbone, cfg, build_eval_loader, 0, 1, torch.device("cpu")))
+            seen["training"] = method.backbone.training
+
+    cfg = load_config("configs/small/byol_bsim.yaml", TINY + [f"data.train={data[0]}", f"data.val={data[1]}"])
+    result = run(data, tmp_path, "train.max_steps=2", resume="none", callback=knn_at_step_1)
     assert "step 2/2 " in capsys.readouterr().out   # not 2/6 (the epochs' total)
+    assert result["step"] == 2 and 0 <= seen["knn_top1"] <= 100 and seen["training"] is True
 
 
 # ---- resuming into an out_dir: same config only, explicit overrides ----------------------------------------
