@@ -208,7 +208,9 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= {low}")
         if not args.t > 0:
             raise ConfigError(f"--t = {args.t} must be > 0")
-        if args.task == "export" and args.output and Path(args.output).exists() and not args.overwrite:
+        if args.task == "export" and not args.output:
+            raise ConfigError("export needs --output PATH")
+        if args.task == "export" and Path(args.output).exists() and not args.overwrite:
             raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
         if args.task != "export":   # before loading anything
             if not (args.train and args.val):
@@ -218,8 +220,6 @@ def main(argv=None) -> int:
                     raise ConfigError(f"{p}: dataset not found")
         backbone, cfg = load_backbone(Path(args.checkpoint), log=lambda m: print(m, file=sys.stderr))
         if args.task == "export":
-            if not args.output:
-                raise ConfigError("export needs --output PATH")
             print(export_backbone(backbone, cfg, Path(args.output)))
             return 0
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
