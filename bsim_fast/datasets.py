@@ -37,6 +37,8 @@ MAX_IMAGE_PIXELS = 150_000_000
 # torchvision's ImageFolder extensions; other files in a class folder (README, .DS_Store) are ignored.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
+# The label of every sample of an unlabeled set (FFCV IntField -1, DALI `.cls` "-1").
+UNLABELED = -1
 
 
 class SourceError(Exception):
@@ -147,16 +149,30 @@ class FolderSource(Source):
         return encode_jpeg_for_storage(read_file(self.paths[i]), max_resolution, quality)
 
 
-def scan_image_folder(root: Path) -> FolderSource:
+def class_folders(root: Path) -> list[str]:
+    """The class folders of an ImageFolder tree: its sub-folders, sorted, hidden ones excluded."""
+    return sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e.path))
+
+
+def scan_image_folder(root: Path, labeled: bool = True) -> FolderSource:
     """Lists an ImageFolder tree without opening any image.
 
     Symlinked folders are followed once each (a symlink loop is cut, not followed forever); symlinked
     files are listed and a broken one is later skipped as bad input. Hidden entries are ignored.
+    labeled=False lists every image under `root` (sub-folders included, not taken as classes) with the
+    label UNLABELED.
     """
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"source not found or not a folder: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e.path))
+    if not labeled:
+        paths, ignored = _list_class_files(root)
+        if not paths:
+            raise SourceError(f"no image files in {root}")
+        return FolderSource(name=root.resolve().name or "dataset", classes=[],
+                            labels=np.full(len(paths), UNLABELED, np.int64), ignored=ignored,
+                            root=root, paths=paths)
+    classes = class_folders(root)
     if not classes:
         raise SourceError(f"no class folders in {root} (expected {root}/<class>/<image>)")
     paths: list[str] = []
