@@ -169,7 +169,7 @@ def load_list_source(path: Path, labeled: bool = True) -> FolderSource:
     base = path.resolve().parent
     try:
         # surrogateescape: a file name that is not UTF-8 still reaches the file system as its own bytes
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        text = path.read_text(encoding="utf-8-sig", errors="surrogateescape")  # a BOM: saved by a spreadsheet
     except OSError as exc:
         raise SourceError(f"{path}: cannot read the list ({exc.strerror or exc})") from None
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)

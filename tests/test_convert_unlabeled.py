@@ -204,6 +204,8 @@ def test_list_file_integer_labels_unlabeled_lists_and_no_labels(tmp_path):
     assert "1" in source.empty_classes and "3" not in source.empty_classes
     ignored = common.resolve_source(tmp_path / "ints.txt", labeled=False)
     assert not ignored.labeled and ignored.labels.tolist() == [-1] * 4
+    (tmp_path / "excel.csv").write_bytes(b"\xef\xbb\xbfpath,label\r\n0.jpg,b\r\n1.jpg,a\r\n")  # BOM, CRLF
+    assert common.resolve_source(tmp_path / "excel.csv").labels.tolist() == [1, 0]
     (tmp_path / "plain.lst").write_text("0.jpg\n1.jpg\n")  # no labels at all: an unlabeled set
     out = tmp_path / "plain.beton"
     assert write_ffcv.main(["--source", str(tmp_path / "plain.lst"), "--workers", "1", "--output", str(out)]) == 0
