@@ -197,6 +197,9 @@ def write_beton(path: Path, dataset: ValidatedSamples, fields: dict, workers: in
         progress.close()
         for process in processes:
             _stop(process)
+        # After a failure the queue's feeder thread may still hold chunks no worker will read; without this,
+        # Python would wait for it at exit and the converter would hang after printing its error.
+        todo.cancel_join_thread()
         shared = getattr(writer, "metadata_sm", None)
         if shared is not None and not isinstance(shared, int):
             with contextlib.suppress(Exception):
@@ -212,8 +215,9 @@ def _raise_if_a_worker_failed(processes: list, failures, final_name: Path) -> No
             raise atomic.DiskFullError(final_name)
         raise ConversionError(f"writing {final_name} failed in an FFCV worker: {text}")
     if dead:
-        how = f"killed by signal {-dead[0]}" if dead[0] < 0 else f"exit code {dead[0]}"
-        raise ConversionError(f"writing {final_name} failed: an FFCV writer process died ({how}; out of memory?)")
+        how = f"exit code {dead[0]}" if dead[0] > 0 else f"killed by signal {-dead[0]}"
+        hint = "; out of memory?" if dead[0] == -signal.SIGKILL else ""
+        raise ConversionError(f"writing {final_name} failed: an FFCV writer process died ({how}{hint})")
 
 
 def _stop(process) -> None:

@@ -9,6 +9,8 @@ import json
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +23,7 @@ from bsim_fast import atomic
 from convert_helpers import read_beton, tmp_leftovers
 from data_prep import common, write_dali, write_ffcv
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 CONVERTERS = [(write_ffcv.main, "out.beton"), (write_dali.main, "out_dali")]
 
@@ -291,3 +294,38 @@ def test_killed_writer_process_is_one_line_not_a_hang(tmp_path, monkeypatch, cap
     assert one_error_line(capsys).endswith(f"writing {out} failed: an FFCV writer process died (killed by "
                                            f"signal 9; out of memory?)")
     assert multiprocessing.active_children() == [] and tmp_leftovers(tmp_path) == []
+
+
+FAILING_WRITE = """
+import errno, sys
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from data_prep import write_ffcv
+
+class Failing:  # 50,000 samples: ~500 chunks queued, more than a pipe holds
+    def __len__(self):
+        return 50_000
+    def __getitem__(self, k):
+        if k == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return np.zeros((2, 2, 3), np.uint8), 0
+
+fields = {"image": RGBImageField(write_mode="raw"), "label": IntField()}
+try:
+    write_ffcv.write_beton(sys.argv[1], Failing(), fields, 1, 2 << 20, sys.argv[1])
+except Exception as exc:
+    print("raised", type(exc).__name__, flush=True)
+"""
+
+
+def test_failed_write_of_a_large_set_does_not_hang_at_exit(tmp_path):
+    """The chunks no worker will read must not keep the converter from exiting after its error line."""
+    child = subprocess.Popen([sys.executable, "-c", FAILING_WRITE, str(tmp_path / "big.beton")], cwd=REPO_ROOT,
+                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout.readline().strip() == "raised DiskFullError"  # after the (slow) ffcv import
+        assert child.wait(timeout=60) == 0  # it hung here, joining the queue's feeder thread
+    finally:
+        child.kill()
+        child.wait()
