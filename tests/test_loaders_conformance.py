@@ -31,7 +31,7 @@ from bsim_fast.loaders.base import (CROP_ATTEMPTS, DatasetError, EvalLoader, Tra
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from data_prep import common, write_dali, write_ffcv  # noqa: E402
+from data_prep import write_dali, write_ffcv  # noqa: E402
 
 N, BATCH, SIZE = 40, 8, 16
 NO_PHOTOMETRIC = {"jitter_p": 0.0, "gray_p": 0.0, "blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.0)}
