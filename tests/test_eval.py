@@ -139,3 +139,27 @@ def test_readme_export_snippet_loads_the_cifar_stem_backbone(run_dir, tmp_path, 
     m = scope["m"]
     assert isinstance(m.maxpool, torch.nn.Identity) and m.conv1.kernel_size == (3, 3)
     assert m(torch.zeros(2, 3, 16, 16)).shape == (2, 512)
+
+
+def test_unlabeled_pretraining_then_eval_on_a_labelled_pair(run_dir, tmp_path, capsys):
+    """A flat folder (no class sub-folders) is an unlabeled set: training skips its k-NN monitor in one line,
+    eval refuses it as --train in one line, and the backbone it gave is evaluated on a labelled pair."""
+    import bsim_fast.eval as ev
+    root, tr, va = run_dir
+    flat = tmp_path / "photos"
+    flat.mkdir()
+    for f in sorted(tr.rglob("*.jpg")):
+        shutil.copy(f, flat / f"{f.parent.name}_{f.name}")
+    cfg = load_config("configs/small/simclr_bsim.yaml",
+                      TINY + [f"data.train={flat}", f"data.val={va}", "train.max_steps=1",
+                              f"train.out_dir={tmp_path / 'run'}"])
+    result = train(cfg, resume="none")
+    out = capsys.readouterr().out
+    assert "knn_top1" not in result and sum("[knn]" in line and "unlabeled" in line for line in out.splitlines()) == 1
+    backbone = str(tmp_path / "run" / "backbone.pt")
+    assert ev.main(["knn", "--checkpoint", backbone, "--train", str(flat), "--val", str(va), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--train {flat}: unlabeled" in err
+    assert ev.main(["knn", "--checkpoint", backbone, "--train", str(tr), "--val", str(va), "--workers", "0",
+                    "--k", "5"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] <= 100
