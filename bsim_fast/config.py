@@ -261,6 +261,42 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
     return sec, key, value
 
 
+def _read_yaml(path: Path, where: str) -> Any:
+    try:
+        return _yaml(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+
+
+def _recipe_layers(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[dict, str]]:
+    """A recipe as (mapping, file) layers, its bases first: `base: FILE` or `base: [FILE, ...]`, each path
+    relative to the file that names it. Later layers override earlier ones key by key, so a recipe holds only
+    its differences from its bases."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved):], resolved))
+        raise ConfigError(f"{path}: base files form a cycle: {cycle}")
+    data = _read_yaml(path, str(path))
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, found {type(data).__name__}")
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base must be a file name or a list of file names, found {bases!r}")
+    layers = []
+    for name in bases:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path}: base {name!r} not found ({base})")
+        layers += _recipe_layers(base, (*chain, resolved))
+    return layers + [(data, str(path))]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
     cfg = Config()
     source = "defaults"
@@ -269,13 +305,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]
         source = str(p)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        try:
-            data = _yaml(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
-        _apply(cfg, data, source)
+        for data, where in _recipe_layers(p):
+            _apply(cfg, data, where)
     for text in overrides or []:
         sec, key, value = parse_override(text)
         _apply(cfg, {sec: {key: value}}, f"override {text!r}")

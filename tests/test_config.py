@@ -1,13 +1,17 @@
 """Recipes load and validate; every mistake is one line naming the file and the key."""
 import glob
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bsim_fast.config import ConfigError, from_dict, load_config, to_dict
 
-RECIPES = sorted(glob.glob("configs/**/*.yaml", recursive=True))
+# Recipes are what scripts/train_8gpu.sh lists: every configs/**.yaml except the bases they build on.
+RECIPES = sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True) if "/_base/" not in p)
+RECIPE_VALUES = json.loads((Path(__file__).parent / "data" / "recipe_values.json").read_text())
 NAMES = {f"{m}{'' if mode == 'sim' else '_' + mode}" for m in ("byol", "simclr", "moco", "simsiam")
          for mode in ("sim", "bsim", "wbsim")}
 
@@ -23,6 +27,17 @@ def test_recipe_loads_and_names_itself(path):
     cfg = load_config(path)
     assert cfg.recipe == path.split("/")[-1][:-5]
     assert from_dict(to_dict(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", RECIPES)
+def test_recipe_values_are_the_recorded_ones(path):
+    """Every value of every recipe, bases resolved, as recorded in tests/data/recipe_values.json. A change
+    here is deliberate: update the file and say where the new value comes from (docs/RECIPES.md)."""
+    assert to_dict(load_config(path)) == RECIPE_VALUES[path]
+
+
+def test_recorded_values_cover_every_recipe():
+    assert sorted(RECIPE_VALUES) == RECIPES
 
 
 def test_paper_defaults_are_in_the_recipes():
@@ -104,3 +119,41 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-m", "bsim_fast.train", "--config", str(p)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.epochz" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- composition (base files)
+
+def test_base_is_relative_to_the_recipe_and_later_layers_win(tmp_path):
+    (tmp_path / "common").mkdir()
+    (tmp_path / "common" / "scale.yaml").write_text("data: {image_size: 64, batch_size: 32}\n")
+    (tmp_path / "common" / "aug.yaml").write_text("aug: {hue: 0.05}\ndata: {batch_size: 16}\n")
+    (tmp_path / "a.yaml").write_text("base: [common/scale.yaml, common/aug.yaml]\ndata: {workers: 3}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ndata: {image_size: 48}\n")
+    cfg = load_config(tmp_path / "b.yaml")
+    assert (cfg.data.image_size, cfg.data.batch_size, cfg.data.workers, cfg.aug.hue) == (48, 16, 3, 0.05)
+
+
+def test_base_cycle_and_missing_base_are_one_line(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: [a.yaml]\n")
+    msg = error_of(lambda: load_config(tmp_path / "a.yaml"))
+    assert "cycle" in msg and "a.yaml" in msg and "b.yaml" in msg
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    msg = error_of(lambda: load_config(tmp_path / "c.yaml"))
+    assert "c.yaml" in msg and "nowhere.yaml" in msg and "not found" in msg
+    (tmp_path / "d.yaml").write_text("base: {a: 1}\n")
+    assert "base must be" in error_of(lambda: load_config(tmp_path / "d.yaml"))
+
+
+def test_error_in_a_base_names_the_base_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lrr: 1}\n")
+    (tmp_path / "r.yaml").write_text("base: base.yaml\n")
+    msg = error_of(lambda: load_config(tmp_path / "r.yaml"))
+    assert "base.yaml" in msg and "optim.lrr" in msg
+
+
+def test_the_8gpu_script_lists_recipes_not_bases():
+    r = subprocess.run(["bash", "scripts/train_8gpu.sh", "no_such_recipe"], capture_output=True, text=True)
+    assert r.returncode == 2
+    listed = r.stderr.split("choose one of:")[1].split()
+    assert sorted(f"configs/{name}.yaml" for name in listed) == RECIPES
