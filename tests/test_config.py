@@ -42,10 +42,10 @@ def test_recorded_values_cover_every_recipe():
 
 def test_paper_defaults_are_in_the_recipes():
     byol = load_config("configs/byol_bsim.yaml")
-    assert (byol.model.arch, byol.optim.name, byol.optim.lr, byol.model.tau_base) == ("resnet50", "lars", 0.2, 0.996)
+    assert (byol.model.arch, byol.optim.name, byol.optim.lr, byol.method.settings.tau_base) == ("resnet50", "lars", 0.2, 0.996)
     assert byol.aug.blur_p == (1.0, 0.1) and byol.aug.solarize_p == (0.0, 0.2)
     moco = load_config("configs/moco_wbsim.yaml")
-    assert (moco.optim.name, moco.optim.lr, moco.model.queue_size, moco.model.temperature) == ("sgd", 0.03, 65536, 0.2)
+    assert (moco.optim.name, moco.optim.lr, moco.model.queue_size, moco.method.settings.temperature) == ("sgd", 0.03, 65536, 0.2)
     assert moco.method.mode == "wbsim" and moco.bsim.weight == 1.0
 
 
@@ -157,3 +157,30 @@ def test_the_8gpu_script_lists_recipes_not_bases():
     assert r.returncode == 2
     listed = r.stderr.split("choose one of:")[1].split()
     assert sorted(f"configs/{name}.yaml" for name in listed) == RECIPES
+
+
+# ---------------------------------------------------------------- method settings (declared by each method)
+
+def test_each_method_has_its_own_settings_and_defaults():
+    assert load_config(None, ["method.name=simclr"]).method.settings.temperature == 0.1
+    moco = load_config(None, ["method.name=moco", "method.temperature=0.3"])
+    assert moco.method.settings.temperature == 0.3 and moco.method.settings.tau_base == 0.999
+    assert "method.temperature is not a setting of byol" in error_of(
+        lambda: load_config(None, ["method.name=byol", "method.temperature=0.3"]))
+
+
+def test_a_setting_of_another_method_is_refused_after_a_rename(tmp_path):
+    p = write(tmp_path, "method: {name: moco, tau_base: 0.99}\n")
+    msg = error_of(lambda: load_config(p, ["method.name=simclr"]))
+    assert str(p) in msg and "method.tau_base is not a setting of simclr" in msg
+
+
+def test_moved_keys_name_their_new_place():
+    assert "(now method.tau_base)" in error_of(lambda: load_config(None, ["model.tau_base=0.99"]))
+    assert "method.temperature" in error_of(lambda: load_config(None, ["model.temperature=0.1"]))
+
+
+def test_settings_round_trip_through_a_checkpoint_dict():
+    cfg = load_config("configs/small/moco_wbsim.yaml", ["method.tau_final=0.9995"])
+    assert to_dict(cfg)["method"]["tau_final"] == 0.9995
+    assert from_dict(to_dict(cfg)) == cfg and from_dict(to_dict(cfg)) != load_config("configs/small/moco_wbsim.yaml")

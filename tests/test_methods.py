@@ -5,7 +5,9 @@ import torch.nn.functional as F
 
 from bsim_fast import mix
 from bsim_fast.config import Config
-from bsim_fast.methods import BYOL, MoCo, build_method
+from bsim_fast.methods import METHODS, build_method
+from bsim_fast.methods.byol import BYOL
+from bsim_fast.methods.moco import MoCo
 from bsim_fast.models import build_backbone, mlp
 
 N, SIZE = 4, 8
@@ -20,14 +22,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def tiny_cfg(name, mode="bsim", **model):
+def tiny_cfg(name, mode="bsim", **keys):
+    """A tiny network; `keys` set model shapes or the method's own settings, by name."""
     cfg = Config()
     cfg.method.name, cfg.method.mode = name, mode
     m = cfg.model
     m.arch, m.cifar_stem = "resnet18", True
     m.proj_hidden, m.proj_dim, m.pred_hidden, m.queue_size = 16, 8, 16, 10
-    for key, value in model.items():
-        setattr(m, key, value)
+    for key, value in keys.items():
+        setattr(m if hasattr(m, key) else cfg.method.settings, key, value)
     return cfg
 
 
@@ -63,7 +66,7 @@ def test_cifar_backbone_and_heads():
 
 # ---------------------------------------------------------------- every method x mode
 
-@pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "simclr"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_and_mode_trains(name):
     batch = tiny_batch()
     torch.manual_seed(0)
@@ -90,11 +93,13 @@ def test_bsim_needs_mixed_views():
 
 
 def test_unknown_method_is_an_error():
+    cfg = tiny_cfg("byol")
+    cfg.method.name = "swav"
     with pytest.raises(ValueError, match="method.name"):
-        build_method(tiny_cfg("swav"))
+        build_method(cfg)
 
 
-@pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "simclr"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_bsim_with_lam_one_equals_sim_on_plain_views(name):
     """Feeding the plain views as 'mixed' with lam = 1 must reproduce the SIM loss (eval-mode BN)."""
     batch = tiny_batch()
@@ -185,3 +190,34 @@ def test_simsiam_targets_are_stop_gradient():
     manual = -0.5 * (F.cosine_similarity(p_a, z_b.detach()).mean() + F.cosine_similarity(p_b, z_a.detach()).mean())
     manual.backward()
     assert torch.allclose(got, simsiam.backbone.conv1.weight.grad, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the registry
+
+def test_a_new_method_registers_itself_and_its_settings():
+    """What a fifth method needs from the rest of the package: a class with `@register` and its `Settings`;
+    the config then accepts its name and checks its settings with the rules written beside them."""
+    from dataclasses import dataclass
+
+    from bsim_fast.config import ConfigError, load_config, setting
+    from bsim_fast.methods import Method, register
+
+    @dataclass
+    class ToySettings:
+        scale: float = setting(1.0, gt=0)
+
+    @register("toy")
+    class Toy(Method):
+        Settings = ToySettings
+
+    try:
+        cfg = load_config(None, ["method.name=toy", "method.mode=bsim"])
+        assert cfg.method.name == "toy" and cfg.method.settings == ToySettings(1.0)
+        assert load_config(None, ["method.name=toy", "method.scale=2.5"]).method.settings.scale == 2.5
+        with pytest.raises(ConfigError, match="method.scale must be > 0"):
+            load_config(None, ["method.name=toy", "method.scale=0"])
+        assert isinstance(build_method(load_config(None, ["method.name=toy", "model.arch=resnet18"])), Toy)
+        with pytest.raises(ValueError, match="registered twice"):
+            register("toy")(Toy)
+    finally:
+        del METHODS["toy"]
