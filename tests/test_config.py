@@ -184,3 +184,18 @@ def test_settings_round_trip_through_a_checkpoint_dict():
     cfg = load_config("configs/small/moco_wbsim.yaml", ["method.tau_final=0.9995"])
     assert to_dict(cfg)["method"]["tau_final"] == 0.9995
     assert from_dict(to_dict(cfg)) == cfg and from_dict(to_dict(cfg)) != load_config("configs/small/moco_wbsim.yaml")
+
+
+def record_recipe_values() -> None:
+    """`python tests/test_config.py --record`: rewrite tests/data/recipe_values.json from the recipes, one line
+    per section, so that `git diff` shows each changed value (review it against docs/RECIPES.md)."""
+    lines = []
+    for path in RECIPES:
+        values = to_dict(load_config(path))
+        sections = [f'  "{s}": {json.dumps(values[s], sort_keys=True)}' for s in sorted(values)]
+        lines.append(f' "{path}": {{\n' + ",\n".join(sections) + "\n }")
+    (Path(__file__).parent / "data" / "recipe_values.json").write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--record"]:
+    record_recipe_values()

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsim_fast import mix
+from bsim_fast import losses, mix
 from bsim_fast.config import Config
 from bsim_fast.methods import METHODS, build_method
 from bsim_fast.methods.byol import BYOL
@@ -99,12 +99,15 @@ def test_unknown_method_is_an_error():
         build_method(cfg)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
-def test_bsim_with_lam_one_equals_sim_on_plain_views(name):
+CASES = [(name, {}) for name in sorted(METHODS)] + [("moco", {"symmetric": True})]
+
+
+@pytest.mark.parametrize("name,settings", CASES)
+def test_bsim_with_lam_one_equals_sim_on_plain_views(name, settings):
     """Feeding the plain views as 'mixed' with lam = 1 must reproduce the SIM loss (eval-mode BN)."""
     batch = tiny_batch()
     torch.manual_seed(0)
-    method = build_method(tiny_cfg(name, "sim")).eval()
+    method = build_method(tiny_cfg(name, "sim", **settings)).eval()
     ones = torch.ones(N)
     expected = method(batch["plain_a"], batch["plain_b"])["loss"]
     method.mode = "bsim"
@@ -160,20 +163,49 @@ def test_moco_enqueue_pointer_and_wrap_around():
     assert sorted(moco.queue[:, 0].tolist()) == [0.0, 4.0, 5.0, 6.0, 7.0]
 
 
-def test_moco_forward_enqueues_only_plain_keys():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_forward_enqueues_only_plain_keys(symmetric):
+    """MoCo v2 (one direction) enqueues the N keys of view b; the symmetric form the 2N keys of a and b."""
     batch = tiny_batch()
     torch.manual_seed(0)
-    moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=2 * N + 3))
+    moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=2 * N + 3, symmetric=symmetric))
     start = moco.queue.clone()
     moco(**batch)["loss"].backward()
+    plain = [batch["plain_a"], batch["plain_b"]] if symmetric else [batch["plain_b"]]
     with torch.no_grad():
-        expected = F.normalize(moco.key_encoder(torch.cat([batch["plain_a"], batch["plain_b"]])), dim=1)
-    assert moco.queue_ptr.item() == 2 * N
-    assert torch.allclose(moco.queue[:2 * N], expected, atol=1e-5)
-    assert torch.equal(moco.queue[2 * N:], start[2 * N:])
+        expected = F.normalize(moco.key_encoder(torch.cat(plain)), dim=1)
+    n_keys = len(plain) * N
+    assert moco.queue_ptr.item() == n_keys
+    assert torch.allclose(moco.queue[:n_keys], expected, atol=1e-5)
+    assert torch.equal(moco.queue[n_keys:], start[n_keys:])
     moco.eval()
     moco(**batch)                              # evaluation leaves the queue alone
-    assert moco.queue_ptr.item() == 2 * N
+    assert moco.queue_ptr.item() == n_keys
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_routing_by_hand(symmetric):
+    """The method's loss equals losses.moco_loss on the views docs/METHOD.md routes: one direction (query a,
+    keys of b) or the mean of both; SIM on plain views, BSIM on mixed ones with the partner and lambda."""
+    batch = tiny_batch()
+    torch.manual_seed(0)
+    moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=16, symmetric=symmetric)).eval()
+    queue = moco.queue.clone()
+    out = moco(**batch)
+    with torch.no_grad():
+        q = {k: moco.head(moco.backbone(batch[k])) for k in ("plain_a", "plain_b", "mixed_a", "mixed_b")}
+        key_a, key_b = (F.normalize(moco.key_encoder(batch[k]), dim=1) for k in ("plain_a", "plain_b"))
+        tau = moco.settings.temperature
+
+        def nce(view, keys, partner=None, lam=None):
+            return losses.moco_loss(q[view], keys, queue, partner, lam, tau)
+        p = batch["partner"]
+        if symmetric:
+            sim = (nce("plain_a", key_b) + nce("plain_b", key_a)) / 2
+            bsim = (nce("mixed_a", key_b, p, batch["lam_a"]) + nce("mixed_b", key_a, p, batch["lam_b"])) / 2
+        else:
+            sim, bsim = nce("plain_a", key_b), nce("mixed_a", key_b, p, batch["lam_a"])
+    assert torch.allclose(out["loss_sim"], sim, atol=1e-5) and torch.allclose(out["loss_bsim"], bsim, atol=1e-5)
 
 
 def test_simsiam_targets_are_stop_gradient():

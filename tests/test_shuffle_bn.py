@@ -22,6 +22,7 @@ def tiny_cfg(shuffle_bn, mode="bsim"):
     m.arch, m.cifar_stem = "resnet18", True
     m.proj_hidden, m.proj_dim, m.queue_size = 16, 8, 4 * N * WORLD
     cfg.method.settings.shuffle_bn = shuffle_bn
+    cfg.method.settings.symmetric = True      # keys of a and b in one shuffled batch
     return cfg
 
 

@@ -21,6 +21,9 @@ class MoCoSettings:
     tau_final: float = setting(0.999, ge=0, le=1)   # ... cosine-scheduled to this (MoCo v2: constant)
     temperature: float = setting(0.2, gt=0)
     shuffle_bn: bool = True       # shuffle the key encoder's batch across ranks (nothing to shuffle in one process)
+    # False: MoCo v2 as published, queries of view a against keys of view b, N keys enqueued per rank and step.
+    # True: solo-learn's MoCo v2+, both directions, the loss their mean, 2N keys enqueued (docs/METHOD.md).
+    symmetric: bool = False
 
 
 @register("moco")
@@ -35,6 +38,7 @@ class MoCo(Method):
         self.key_encoder = frozen_copy(nn.Sequential(self.backbone, self.head))
         self.register_buffer("queue", F.normalize(torch.randn(m.queue_size, m.proj_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.symmetric = self.settings.symmetric
 
     def encode(self, x):
         q = self.head(self.backbone(x))
@@ -45,10 +49,12 @@ class MoCo(Method):
 
     def targets(self, plain_a, plain_b, projections):
         with torch.no_grad():
-            # a and b in one batch: one shuffle, one pair of collectives, one key forward
-            keys = F.normalize(self.encode_keys(torch.cat([plain_a, plain_b])).float(), dim=1)
+            if self.symmetric:   # a and b in one batch: one shuffle, one pair of collectives, one key forward
+                keys = F.normalize(self.encode_keys(torch.cat([plain_a, plain_b])).float(), dim=1).chunk(2)
+            else:                # one direction: only b's keys are needed
+                keys = (None, F.normalize(self.encode_keys(plain_b).float(), dim=1))
         self._queue_now = self.queue.clone()    # the queue is updated in place before backward
-        return keys.chunk(2)
+        return keys
 
     def _shuffles(self) -> bool:
         """ShuffleBN matters only where the key encoder normalises with its own rank's batch statistics:
@@ -88,7 +94,9 @@ class MoCo(Method):
         return concat_all_gather(y)[torch.argsort(perm)[r * n:(r + 1) * n]]
 
     def pair_loss(self, out, target, partner, lam):
-        return losses.moco_loss(out, target, self._queue_now, partner, lam, self.settings.temperature)
+        loss = losses.moco_loss(out, target, self._queue_now, partner, lam, self.settings.temperature)
+        # symmetric: the mean of the two directions, as solo-learn's MoCo v2+, so that its lr carries over
+        return loss / 2 if self.symmetric else loss
 
     def after_forward(self, targets) -> None:
         del self._queue_now
