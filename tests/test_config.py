@@ -93,11 +93,55 @@ def test_int_accepted_for_float_and_bool_is_not_int(tmp_path):
     assert "data.workers" in error_of(lambda: load_config(write(tmp_path, "data: {workers: true}\n")))
 
 
-@pytest.mark.parametrize("override,key", [("data.batch_size=0", "data.batch_size"), ("data.image_size=-3", "data.image_size"),
-                                          ("method.mode=bsmi", "method.mode"), ("optim.lr=-1", "optim.lr"),
-                                          ("aug.crop_scale=[0.9,0.1]", "aug.crop_scale"), ("bsim.alpha=0", "bsim.alpha")])
-def test_bad_values(override, key):
-    assert key in error_of(lambda: load_config("configs/byol_bsim.yaml", [override]))
+BAD_VALUES = [
+    ("data.batch_size=0", "data.batch_size", "0"), ("data.image_size=-3", "data.image_size", "-3"),
+    ("method.mode=bsmi", "method.mode", "bsmi"), ("optim.lr=-1", "optim.lr", "-1"),
+    ("aug.crop_scale=[0.9,0.1]", "aug.crop_scale", "0.9"), ("bsim.alpha=0", "bsim.alpha", "0"),
+    # values that used to pass unchecked: a wrong k-NN, a traceback at the first step, or a silent no-op
+    ("train.knn_t=0", "train.knn_t", "0"), ("data.std=[0,0,0]", "data.std", "0"),
+    ("aug.brightness=-1", "aug.brightness", "-1"), ("aug.hue=0.9", "aug.hue", "0.9"),
+    ("data.image_size=1", "data.image_size", "1"), ("optim.min_lr_ratio=5", "optim.min_lr_ratio", "5"),
+    ("train.knn_k=0", "train.knn_k", "0"), ("aug.crop_ratio=[1.5,0.5]", "aug.crop_ratio", "1.5"),
+    ("aug.blur_sigma=[2.0,0.1]", "aug.blur_sigma", "2.0"), ("aug.blur_sigma=[0,1]", "aug.blur_sigma", "0"),
+    ("aug.saturation=-0.5", "aug.saturation", "-0.5"), ("optim.betas=[0.9,1.0]", "optim.betas", "1.0"),
+    ("optim.momentum=1.5", "optim.momentum", "1.5"), ("optim.lr_batch=0", "optim.lr_batch", "0"),
+    ("optim.trust_coefficient=0", "optim.trust_coefficient", "0"), ("model.proj_dim=0", "model.proj_dim", "0"),
+    ("model.pred_hidden=-4", "model.pred_hidden", "-4"), ("model.arch=resnet5", "model.arch", "resnet5"),
+    ("method.tau_base=1.5", "method.tau_base", "1.5"), ("method.name=swav", "method.name", "swav"),
+    ("data.mean=[300,0,0]", "data.mean", "300"), ("data.dali_hw_decoder_load=2", "data.dali_hw_decoder_load", "2"),
+    ("bsim.weight=-1", "bsim.weight", "-1"), ("train.keep_checkpoints=0", "train.keep_checkpoints", "0"),
+]
+
+
+@pytest.mark.parametrize("override,key,value", BAD_VALUES)
+def test_bad_values_are_one_line_and_exit_2_through_the_trainer(override, key, value, capsys):
+    """Through the trainer's entry point (`python -m bsim_fast.train`): exit 2, one line naming the key, the
+    value and where it was set, before any work."""
+    from bsim_fast.train import main
+    try:
+        rc = main(["--config", "configs/small/byol_bsim.yaml", override])
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err and "Traceback" not in err
+    assert key in err and value in err and override in err
+
+
+def test_a_bad_value_in_a_base_file_names_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("aug: {hue: 0.7}\n")
+    (tmp_path / "r.yaml").write_text("base: base.yaml\ndata: {image_size: 32}\n")
+    msg = error_of(lambda: load_config(tmp_path / "r.yaml"))
+    assert msg.startswith(str(tmp_path / "base.yaml")) and "aug.hue must be in [0, 0.5], found 0.7" in msg
+
+
+def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path):
+    msg = error_of(lambda: load_config(write(tmp_path, "optim:\n  lr: 0.1\n  lr: 0.2\n")))
+    assert str(tmp_path / "r.yaml") in msg and "line 3: duplicate key 'lr' (first on line 2)" in msg
+    msg = error_of(lambda: load_config(write(tmp_path, "optim: {lr: 0.1}\ndata: {workers: 1}\noptim: {lr: 2}\n")))
+    assert "line 3: duplicate key 'optim'" in msg
+    r = subprocess.run([sys.executable, "-m", "bsim_fast.train", "--config", str(tmp_path / "r.yaml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "duplicate key 'optim'" in r.stderr
 
 
 def test_overrides_parse_yaml_values():
