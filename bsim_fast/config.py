@@ -1,5 +1,8 @@
 """Typed recipes: YAML files validated against dataclasses, with `section.key=value` overrides.
 
+A recipe names its bases (`base: [...]`, relative to the file) and holds only its differences from them
+(docs/RECIPES.md). Each field carries its allowed values beside it (`setting(default, ge=0, ...)`); `method:`
+holds the name, the mode and the named method's own settings, which the method declares in its module.
 Every error is a `ConfigError` whose message is one line naming the file, the key and the value, because
 a typo in a recipe must never silently fall back to a default on a multi-day run.
 """

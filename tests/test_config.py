@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from bsim_fast.config import ConfigError, from_dict, load_config, to_dict
+from bsim_fast.config import MODES, ConfigError, from_dict, load_config, to_dict
+from bsim_fast.methods import METHODS
 
 # Recipes are what scripts/train_8gpu.sh lists: every configs/**.yaml except the bases they build on.
 RECIPES = sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True) if "/_base/" not in p)
 RECIPE_VALUES = json.loads((Path(__file__).parent / "data" / "recipe_values.json").read_text())
-NAMES = {f"{m}{'' if mode == 'sim' else '_' + mode}" for m in ("byol", "simclr", "moco", "simsiam")
-         for mode in ("sim", "bsim", "wbsim")}
+NAMES = {f"{m}{'' if mode == 'sim' else '_' + mode}" for m in METHODS for mode in MODES}   # every method x mode
 
 
-def test_twelve_recipes_and_twelve_small_variants():
+def test_every_method_has_a_recipe_per_mode_at_both_scales():
     top = {p.split("/")[-1][:-5] for p in RECIPES if p.count("/") == 1}
     small = {p.split("/")[-1][:-5] for p in RECIPES if "/small/" in p}
     assert top == NAMES and small == NAMES
