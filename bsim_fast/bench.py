@@ -70,7 +70,7 @@ class Step:
         self.step = 0
 
     def __call__(self, a_u8: torch.Tensor, b_u8: torch.Tensor) -> int:
-        from .train import make_views
+        from .mix import make_views
         views = make_views(a_u8, b_u8, self.cfg, self.gen, self.view_dtype)
         with torch.autocast(self.device.type, dtype=self.amp, enabled=self.use_amp):
             loss = self.method(**views)["loss"]
