@@ -18,6 +18,8 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
+from .loaders import KINDS as LOADER_KINDS   # the registry module imports no back end (and not torch)
+
 
 class ConfigError(ValueError):
     """A recipe or an override is wrong; the message is one line."""
@@ -69,6 +71,13 @@ def setting(default: Any, *, choices: Any = None, gt: Optional[float] = None, ge
     that live in a registry elsewhere)."""
     rules = dict(choices=choices, gt=gt, ge=ge, lt=lt, le=le, ordered=ordered)
     return field(default=default, metadata={k: v for k, v in rules.items() if v is not None and v is not False})
+
+
+def choices(section: str, key: str) -> Tuple[str, ...]:
+    """The allowed values of a key with a fixed set, e.g. `choices("data", "loader")`, from its field's rule."""
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
+    allowed = {f.name: f.metadata for f in dataclasses.fields(section_cls)}[key]["choices"]
+    return tuple(allowed() if callable(allowed) else allowed)
 
 
 def method_names() -> Tuple[str, ...]:
@@ -140,7 +149,7 @@ class AugCfg:
 
 @dataclass
 class DataCfg:
-    loader: str = setting("ffcv", choices=("ffcv", "dali", "torch"))
+    loader: str = setting("ffcv", choices=LOADER_KINDS)     # the registry in bsim_fast/loaders/__init__.py
     train: str = "builtin"        # .beton (ffcv), shard folder (dali), ImageFolder (torch); builtin = bundled set
     val: str = ""                 # held-out split for the k-NN monitor ("" = none)
     image_size: int = setting(224, ge=8)       # below 8 px a CutMix box is a pixel or two
