@@ -423,6 +423,9 @@ class Bench:
                 # CPU shared by workers and the model), so it is reported as not meaningful.
                 r["ratio_meaningful"] = r["ratio_to_model"] <= 1.02 and not s.tiny
             self.add(r)
+        step = None
+        if compile_on:
+            torch._dynamo.reset()
 
     def models(self) -> None:
         """Model-only rows, most important first: the targets' rows, then every method eager, then the rest
@@ -447,6 +450,10 @@ class Bench:
             if compile_on not in s.compiles:
                 continue
             self.model_row(method, mode, arch, size, compile_on)
+            if compile_on:   # drop the compiled graphs (and the parameters they hold) before the next model
+                torch._dynamo.reset()
+                if s.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def loader_images_s(loader, warmup: int, batches: int, device, step: Optional[Step] = None):
@@ -492,7 +499,7 @@ def bench_kernels(tiny: bool, device: torch.device) -> List[dict]:
     try:
         from .cutmix_triton import bench_cutmix
     except ImportError as e:
-        return [{**base, "skipped": f"triton not installed ({e})"}]
+        return [{**base, "skipped": f"kernel benchmark unavailable ({e})"}]
     n, s = (16, 32) if tiny else (256, FULL_SIZE)
     r = bench_cutmix(n=n, h=s, w=s, dtype=torch.bfloat16)
     return [{**base, "n": n, "size": s, "dtype": r["dtype"], "ms": r["kernel_ms"], "ref_ms": r["reference_ms"],
@@ -583,7 +590,7 @@ def plot(rows: List[dict], path: Path, env: dict) -> None:
         ax.set_xscale("log")
         ax.set_xlim(min(values) / 2, max(values) * 6)   # room for the printed values
         for i, v in enumerate(values):
-            ax.text(v * 1.05, i, fmt.format(v), va="center", fontsize=7)
+            ax.text(v * 1.05, i, fmt.format(v) if v >= 100 else f"{v:.3g}", va="center", fontsize=7)
         ax.set_title(title, fontsize=9, loc="left")
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()

@@ -9,8 +9,8 @@ portrait, 375×500), flipped, lightly colour-shifted, with a little sensor-like 
 JPEG quality (searched per image, 50–98) that brings it closest to a size drawn around 110 KB. Everything
 is drawn from (seed, index), so a set is the same on every machine with the same photographs.
 
-The photographs are scikit-image's bundled ones (`skimage.data`: astronaut, coffee, chelsea, rocket, ...)
-when scikit-image is installed; without it, procedural photo-like images: coloured noise with a natural
+The photographs are the colour ones bundled in scikit-image's package (astronaut, coffee, chelsea, rocket,
+motorcycle, Hubble deep field, immunohistochemistry; read as files) when scikit-image is installed; without it, procedural photo-like images: coloured noise with a natural
 image's 1/f² power spectrum plus hard-edged shapes, which JPEG-compress like photographs. The content used
 is recorded in the summary, so a report says which it was. No network is needed either way.
 """
@@ -29,23 +29,26 @@ from PIL import Image
 
 LANDSCAPE = (500, 375)
 MEAN_KB = 110.0
-SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
+# Colour photographs shipped inside scikit-image's wheel (skimage/data/), read as files: nothing is fetched.
+SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
+                  "hubble_deep_field.jpg", "ihc.png")
 
 
 def skimage_photos() -> list:
-    """RGB photographs bundled with scikit-image (those that load without a download); [] without it."""
-    try:
-        import skimage.data as data
-    except ImportError:
+    """RGB photographs bundled with scikit-image; [] without scikit-image (it is located, not imported)."""
+    import importlib.util
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
         return []
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
     photos = []
     for name in SKIMAGE_PHOTOS:
         try:
-            img = np.asarray(getattr(data, name)())
-        except Exception:  # noqa: BLE001 - a photo that needs a download (or is missing) is simply left out
+            img = np.asarray(Image.open(folder / name).convert("RGB"))
+        except OSError:   # a photo missing from this version: left out
             continue
-        if img.ndim == 3 and img.shape[2] >= 3 and min(img.shape[:2]) >= 256:
-            photos.append(np.ascontiguousarray(img[..., :3].astype(np.uint8)))
+        if min(img.shape[:2]) >= 256:
+            photos.append(np.ascontiguousarray(img))
     return photos
 
 

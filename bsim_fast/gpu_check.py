@@ -100,6 +100,10 @@ def make_data(out: Path, count: int, workers: int, timeout: float, state: dict):
     status = "ok"
     for kind, script, output in (("ffcv", "write_ffcv.py", out / "data" / "set.beton"),
                                  ("dali", "write_dali.py", out / "data" / "set_dali")):
+        if output.is_dir():   # a previous run's output: converted again from this run's images
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
         cmd = [sys.executable, f"data_prep/{script}", "--source", str(jpeg), "--output", str(output),
                "--workers", str(workers)]
         if kind == "ffcv":

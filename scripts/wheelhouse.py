@@ -137,20 +137,23 @@ def repair(wheel: Path, out_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------- resolve
-def read_have(path: str | None) -> set:
-    """Names from a `pip freeze` / `pip list --format=freeze` output or one name per line."""
+def read_have(path: str | None) -> dict:
+    """{name: version or None} from a `pip freeze` / `pip list --format=freeze` output or one name per line."""
     if not path:
-        return set()
-    names = set()
+        return {}
+    have = {}
     for line in Path(path).read_text().splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
-            names.add(canonical(re.split(r"[=<>~!@ ;\[]", line, maxsplit=1)[0]))
-    return names
+            m = re.match(r"([A-Za-z0-9_.\-]+)\s*(?:==\s*([^\s;]+))?", line)
+            if m:
+                have[canonical(m.group(1))] = m.group(2)
+    return have
 
 
-def resolve(dest: Path, requirements: list, have: set, reuse: list) -> list:
+def resolve(dest: Path, requirements: list, have: dict, reuse: list) -> list:
     from pip._vendor.packaging.requirements import Requirement
+    from pip._vendor.packaging.version import Version
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
@@ -159,7 +162,7 @@ def resolve(dest: Path, requirements: list, have: set, reuse: list) -> list:
         items = json.loads(report.read_text())["install"]
     meta = {canonical(i["metadata"]["name"]): i["metadata"] for i in items}
     # The reused stack, the target's packages and everything they require are on the target already.
-    reused, stack = set(), [n for n in {canonical(r) for r in reuse} | have if n in meta]
+    reused, stack = set(), [n for n in {canonical(r) for r in reuse} | set(have) if n in meta]
     while stack:
         name = stack.pop()
         if name in reused:
@@ -170,7 +173,25 @@ def resolve(dest: Path, requirements: list, have: set, reuse: list) -> list:
             if (req.marker is None or req.marker.evaluate({"extra": ""})) and canonical(req.name) in meta:
                 stack.append(canonical(req.name))
     present = {canonical(f.name.split("-")[0]) for f in dest.glob("*.whl")}
+    ours = {n for n in meta if n not in reused}
+    # A package the target has is carried all the same when one of ours caps its version (DALI: packaging<=26.3)
+    # and the target's version is unknown (a names-only --have) or outside the cap.
+    capped = set()
+    for n in ours:
+        for spec in meta[n].get("requires_dist", []) or []:
+            req = Requirement(spec)
+            dep = canonical(req.name)
+            if dep not in reused or dep not in meta or not (req.marker is None or req.marker.evaluate({"extra": ""})):
+                continue
+            if any(c.operator in ("<", "<=", "==", "===", "~=") for c in req.specifier):
+                known = have.get(dep) if dep not in {canonical(r) for r in reuse} else "reused"
+                if known is None or (known != "reused" and Version(known) not in req.specifier):
+                    capped.add(dep)
+    reused -= capped
     want = sorted((m["name"], m["version"]) for n, m in meta.items() if n not in reused and n not in present)
+    if capped:
+        print(f"[wheelhouse] carried although the target may have them (version capped by a requirement): "
+              f"{', '.join(sorted(capped))}")
     left_out = sorted(n for n in meta if n in reused and n not in present)
     print(f"[wheelhouse] left out (on the target already): {', '.join(left_out) or 'nothing'}")
     if want:
