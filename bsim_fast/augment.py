@@ -11,10 +11,16 @@ which is the BYOL / SimCLR / MoCo v2 / SimSiam order. The maths follows torchvis
 (`torchvision.transforms.v2.functional`), evaluated in fp32 on the 0..255 scale (every op is either
 scale-free or written for it), with a single round to uint8 at the end instead of one per op.
 
-Cost of the random order: slot k of the jitter applies, to each sample, the op that sample drew for slot k.
-On the GPU every op runs on the whole batch at every slot and `torch.where` keeps the scheduled samples
-(4x the arithmetic of a fixed order, but no host synchronisation, so the loader stays ahead of the model);
-on the CPU each op runs only on the samples that drew it (the same result, a quarter of the work).
+Two implementations, one result (within one grey level): on CUDA tensors `photometric` runs the Triton
+kernels of `bsim_fast.kernels.photometric` (three launches at most, no host sync; also on CPU tensors when
+BSIM_FAST_TRITON=1 under TRITON_INTERPRET=1, which is how CI tests them); elsewhere it runs the PyTorch
+reference below, which is also their oracle (`photometric_reference`). Both draw the same per-sample
+uniforms from the generator first, so a given generator state means the same parameters on either path.
+
+Cost of the random order in the reference: slot k of the jitter applies, to each sample, the op that sample
+drew for slot k. On an accelerator every op runs on the whole batch at every slot and `torch.where` keeps
+the scheduled samples (no host synchronisation, 4x the arithmetic); on the CPU each op runs only on the
+samples that drew it (the same result, a quarter of the work). The kernels branch per sample instead.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ from typing import Tuple
 
 import torch
 import torch.nn.functional as F
+
+from .kernels import use_triton
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128                 # uint8 units: v >= 128 -> 255 - v
@@ -155,18 +163,44 @@ def _apply_to(x: torch.Tensor, mask: torch.Tensor, fn, param: torch.Tensor) -> t
     return torch.where(_per_sample(mask), fn(x, param), x)
 
 
-def photometric(x_u8: torch.Tensor, policy: ViewPolicy, generator: torch.Generator) -> torch.Tensor:
-    """uint8 [N,H,W,3] -> uint8 [N,H,W,3] (contiguous), per-sample parameters from `generator`.
+def _draw(x_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Validate, then the per-sample uniforms u[N, 13] on the views' device. Columns: 0 jitter?, 1-3
+    brightness/contrast/saturation factors, 4 hue shift, 5-8 the jitter order's sort keys, 9 grayscale?,
+    10 blur?, 11 sigma, 12 solarize? (both implementations read these; the kernels in `_sample_params`).
+    A fixed block whatever the policy, so a generator state always maps to the same parameters (resume-exact
+    when the caller seeds the generator per batch)."""
+    if not isinstance(x_u8, torch.Tensor) or x_u8.dtype != torch.uint8 or x_u8.dim() != 4 or x_u8.shape[-1] != 3:
+        found = f"{x_u8.dtype} {tuple(x_u8.shape)}" if isinstance(x_u8, torch.Tensor) else type(x_u8).__name__
+        raise ValueError(f"photometric: expected uint8 [N,H,W,3], got {found}")
+    return torch.rand(x_u8.shape[0], 13, generator=generator, device=x_u8.device)
 
-    The draws are a fixed block of uniforms per call whatever the policy, so a given generator state always
-    maps to the same parameters (resume-exact when the caller seeds the generator per batch)."""
-    if x_u8.dtype != torch.uint8 or x_u8.dim() != 4 or x_u8.shape[-1] != 3:
-        raise ValueError(f"photometric: expected uint8 [N,H,W,3], got {x_u8.dtype} {tuple(x_u8.shape)}")
-    n, hgt, wid, _ = x_u8.shape
-    dev = x_u8.device
-    u = torch.rand(n, 13, generator=generator, device=dev)
-    if policy.jitter_p == 0 and policy.gray_p == 0 and policy.blur_p == 0 and policy.solarize_p == 0:
+
+def _is_identity(policy: ViewPolicy) -> bool:
+    return policy.jitter_p == 0 and policy.gray_p == 0 and policy.blur_p == 0 and policy.solarize_p == 0
+
+
+def photometric(x_u8: torch.Tensor, policy: ViewPolicy, generator: torch.Generator) -> torch.Tensor:
+    """uint8 [N,H,W,3] (any strides) -> uint8 [N,H,W,3] contiguous, per-sample parameters from `generator`.
+
+    CUDA tensors (and CPU tensors under BSIM_FAST_TRITON=1) run the Triton kernels, others the reference."""
+    u = _draw(x_u8, generator)
+    if _is_identity(policy):
         return x_u8.contiguous()        # nothing to do; the draw above keeps the generator in step
+    if use_triton(x_u8.device):
+        from .kernels.photometric import photometric as photometric_triton
+        _, hgt, wid, _ = x_u8.shape
+        return photometric_triton(x_u8, u, policy, blur_kernel_size(min(hgt, wid)))
+    return _transform(x_u8, u, policy)
+
+
+def photometric_reference(x_u8: torch.Tensor, policy: ViewPolicy, generator: torch.Generator) -> torch.Tensor:
+    """The PyTorch implementation on any device: the oracle of the kernels, same draws as `photometric`."""
+    u = _draw(x_u8, generator)
+    return x_u8.contiguous() if _is_identity(policy) else _transform(x_u8, u, policy)
+
+
+def _transform(x_u8: torch.Tensor, u: torch.Tensor, policy: ViewPolicy) -> torch.Tensor:
+    _, hgt, wid, _ = x_u8.shape
 
     def factor(col: int, strength: float) -> torch.Tensor:   # torchvision: U(max(0, 1-s), 1+s)
         lo = max(0.0, 1.0 - strength)
@@ -177,7 +211,7 @@ def photometric(x_u8: torch.Tensor, policy: ViewPolicy, generator: torch.Generat
     jitter = u[:, 0] < policy.jitter_p
     params = (factor(1, policy.brightness), factor(2, policy.contrast), factor(3, policy.saturation),
               (u[:, 4] * 2.0 - 1.0) * policy.hue)
-    order = u[:, 5:9].argsort(dim=1)                            # per-sample permutation of the 4 ops
+    order = u[:, 5:9].argsort(dim=1, stable=True)               # per-sample permutation of the 4 ops
     ops = ((_BRIGHTNESS, adjust_brightness, policy.brightness), (_CONTRAST, adjust_contrast, policy.contrast),
            (_SATURATION, adjust_saturation, policy.saturation), (_HUE, adjust_hue, policy.hue))
     if policy.jitter_p > 0:

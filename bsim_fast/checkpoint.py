@@ -14,7 +14,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from .sources import ConversionError, atomic_output
+from .atomic import DiskFullError, atomic_output
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
 
@@ -30,7 +30,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with atomic_output(Path(path)) as tmp:
             with open(tmp, "wb") as f:
                 f.write(data)
-    except ConversionError:   # what atomic_output makes of a full disk
+    except DiskFullError:
         raise CheckpointError(f"{path}: no space left on device; previous checkpoints kept") from None
 
 

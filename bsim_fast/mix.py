@@ -1,19 +1,29 @@
-"""Spurious-positive views: partner permutation, CutMix boxes, and the fused normalize + CutMix step.
+"""Spurious-positive views: partner permutation, CutMix boxes, the fused normalise + CutMix step, and the
+step's view set (`make_views`).
 
-`cutmix_normalize` turns the loader's uint8 NHWC views into the normalized plain views and their mixed
-counterparts in one call. On CUDA it runs the Triton kernel; on CPU it runs `cutmix_normalize_reference`,
-which is also the oracle the kernel is tested against, so it favours obviousness over speed.
+`cutmix_normalize` turns the loader's uint8 NHWC views into the normalised plain views and their mixed
+counterparts in one call. It validates its arguments, then runs the Triton kernel
+(`bsim_fast.kernels.cutmix`) on CUDA tensors, and on CPU tensors when BSIM_FAST_TRITON=1 under
+TRITON_INTERPRET=1; elsewhere `cutmix_normalize_reference`, which is also the kernel's oracle, so it favours
+obviousness over speed. Both compute ``(x - mean) * (1 / std)`` in fp32, with 1/std rounded to fp32 once:
+fp32 outputs are bit-identical between them (and within one fp32 ulp of ``(x - mean) / std``), bf16/fp16
+outputs are that fp32 value rounded to nearest-even.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
-
 import functools
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
+from .kernels import use_triton
+
+if TYPE_CHECKING:
+    from .config import Config
+
 Stats = Union[Sequence[float], torch.Tensor]
+Floats3 = Tuple[float, float, float]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -67,37 +77,36 @@ def sample_boxes(n: int, height: int, width: int, alpha: float,
     return boxes, lam
 
 
-@functools.lru_cache(maxsize=64)
-def _stats_on(values: Tuple[float, float, float], device: torch.device) -> torch.Tensor:
-    # A fresh host-to-device copy per call would block the launch queue: recipes pass the same few tuples.
-    return torch.tensor(values, dtype=torch.float32, device=device)
-
-
-def _stat_tensor(value: Stats, name: str, device: torch.device) -> torch.Tensor:
+def _host_stats(value: Stats, name: str, device: torch.device) -> Floats3:
+    """3 per-channel values as Python floats rounded to fp32 (a tensor on a GPU costs one host sync)."""
     if isinstance(value, torch.Tensor):
         if value.device != device:
             raise ValueError(f"cutmix_normalize: {name} is on {value.device} but views_u8 is on {device}")
-        values = value.detach().to(torch.float32).flatten()
-        host = values.tolist() if values.numel() == 3 else []
+        host = value.detach().to(torch.float32).flatten().tolist()
     else:
         try:
             host = [float(v) for v in value]
         except (TypeError, ValueError):
             raise TypeError(f"cutmix_normalize: {name} must be 3 numbers, found {value!r}") from None
-        values = None
     if len(host) != 3:
-        count = len(host) if values is None else values.numel()
-        raise ValueError(f"cutmix_normalize: {name} must have 3 values (one per channel), found {count}")
+        raise ValueError(f"cutmix_normalize: {name} must have 3 values (one per channel), found {len(host)}")
     if name == "std" and not all(v > 0 for v in host):
         raise ValueError(f"cutmix_normalize: std must be > 0, found {host}")
-    return values if values is not None else _stats_on(tuple(host), device)
+    return tuple(float(np.float32(v)) for v in host)
+
+
+@functools.lru_cache(maxsize=64)
+def _stats_on(values: Floats3, device: torch.device) -> torch.Tensor:
+    # A fresh host-to-device copy per call would block the launch queue: recipes pass the same few tuples.
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def check_cutmix_inputs(views_u8: torch.Tensor, partner: Optional[torch.Tensor], boxes: Optional[torch.Tensor],
                         mean: Stats, std: Stats, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """Validate the arguments of `cutmix_normalize` (both implementations call this).
 
-    Returns (mean, std) as float32 tensors of 3 values on the views' device. Raises TypeError/ValueError
+    Returns (mean, inv_std): 3 Python floats each, fp32 values, inv_std = 1/std computed in fp32 (what both
+    implementations multiply by). Raises TypeError/ValueError
     with a one-line message naming the argument. With `boxes=None` the partner is not used or checked.
     `partner` and `boxes` may live on the views' device or on the host (they are then moved by the caller).
     """
@@ -114,10 +123,10 @@ def check_cutmix_inputs(views_u8: torch.Tensor, partner: Optional[torch.Tensor],
         raise TypeError(f"cutmix_normalize: dtype must be one of bfloat16, float16, float32, found {dtype}")
     device = views_u8.device
     n, height, width, _ = views_u8.shape
-    mean_t = _stat_tensor(mean, "mean", device)
-    std_t = _stat_tensor(std, "std", device)
+    mean_f = _host_stats(mean, "mean", device)
+    inv_f = tuple(float(np.float32(1.0) / np.float32(v)) for v in _host_stats(std, "std", device))
     if boxes is None:
-        return mean_t, std_t
+        return mean_f, inv_f
     for name, t in (("partner", partner), ("boxes", boxes)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"cutmix_normalize: {name} must be a tensor, found {type(t).__name__}")
@@ -143,16 +152,21 @@ def check_cutmix_inputs(views_u8: torch.Tensor, partner: Optional[torch.Tensor],
         i = int(outside.nonzero()[0])
         raise ValueError(f"cutmix_normalize: boxes[{i}] = {boxes[i].tolist()} is not a (y0, y1, x0, x1) box "
                          f"inside a {height}x{width} image")
-    return mean_t, std_t
+    return mean_f, inv_f
 
 
 def cutmix_normalize_reference(views_u8: torch.Tensor, partner: Optional[torch.Tensor],
                                boxes: Optional[torch.Tensor], mean: Stats, std: Stats,
                                dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Pure-PyTorch normalize + CutMix: float32 throughout, one cast at the end."""
-    mean_t, std_t = check_cutmix_inputs(views_u8, partner, boxes, mean, std, dtype)
+    """Pure-PyTorch normalise + CutMix: float32 throughout, one cast at the end."""
+    mean_f, inv_f = check_cutmix_inputs(views_u8, partner, boxes, mean, std, dtype)
+    return _reference(views_u8, partner, boxes, mean_f, inv_f, dtype)
+
+
+def _reference(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3, dtype):
     x = views_u8.permute(0, 3, 1, 2).to(torch.float32)
-    plain = (x - mean_t.view(1, 3, 1, 1)) / std_t.view(1, 3, 1, 1)
+    mean_t, inv_t = _stats_on(mean, x.device), _stats_on(inv_std, x.device)
+    plain = (x - mean_t.view(1, 3, 1, 1)) * inv_t.view(1, 3, 1, 1)
     mixed = None
     if boxes is not None:
         _, _, height, width = plain.shape
@@ -172,16 +186,81 @@ def cutmix_normalize_reference(views_u8: torch.Tensor, partner: Optional[torch.T
 def cutmix_normalize(views_u8: torch.Tensor, partner: Optional[torch.Tensor], boxes: Optional[torch.Tensor],
                      mean: Stats, std: Stats,
                      dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Normalized plain views and their CutMix-ed versions, [N, 3, H, W] in `dtype`, channels_last.
+    """Normalised plain views and their CutMix-ed versions, [N, 3, H, W] in `dtype`, channels_last.
 
     mixed[i] is plain[i] outside boxes[i] and plain[partner[i]] inside it. `boxes=None` (SIM) returns
-    (plain, None) without doing any mixing work.
+    (plain, None) without doing any mixing work. `partner` and `boxes` may be host tensors (then they reach
+    the views' device in one copy) or device tensors (then validating their values costs one host sync).
     """
-    if isinstance(views_u8, torch.Tensor) and views_u8.is_cuda:
-        from bsim_fast.cutmix_triton import cutmix_normalize_triton
-        return cutmix_normalize_triton(views_u8, partner, boxes, mean, std, dtype)
-    return cutmix_normalize_reference(views_u8, partner, boxes, mean, std, dtype)
+    mean_f, inv_f = check_cutmix_inputs(views_u8, partner, boxes, mean, std, dtype)
+    return _normalize_checked(views_u8, partner, boxes, mean_f, inv_f, dtype)
+
+
+def _normalize_checked(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3, dtype):
+    """`cutmix_normalize` after validation: the kernel or the reference."""
+    device = views_u8.device
+    if not use_triton(device):
+        return _reference(views_u8, partner, boxes, mean, inv_std, dtype)
+    from .kernels import cutmix as kernel
+    n, height, width, _ = views_u8.shape
+    why = kernel.check_shape(n, height, width)
+    if why:
+        raise ValueError(f"cutmix_normalize: {why}")
+    if boxes is not None:
+        partner, boxes = to_device([partner, boxes], device)
+    return kernel.cutmix_normalize(views_u8, partner, boxes, mean, inv_std, dtype)
+
+
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+    """The tensors on `device`, host ones through ONE host-to-device copy: packed into one pinned staging
+    buffer and copied with non_blocking=True, so the host does not wait (the caching host allocator keeps
+    the buffer until the copy has run). Tensors already there pass through; off CUDA this is `.to(device)`."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return [t.to(device) for t in tensors]
+    moving = [i for i, t in enumerate(tensors) if t.device != device]
+    if not moving:
+        return list(tensors)
+    spans, total = [], 0
+    for i in moving:
+        nbytes = tensors[i].numel() * tensors[i].element_size()
+        spans.append((total, nbytes))
+        total += -(-nbytes // 16) * 16                  # 16-byte aligned segments: any dtype can view them
+    stage = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+    for i, (start, nbytes) in zip(moving, spans):
+        stage[start:start + nbytes].view(tensors[i].dtype).copy_(tensors[i].reshape(-1))
+    on_device = stage.to(device, non_blocking=True)
+    out = list(tensors)
+    for i, (start, nbytes) in zip(moving, spans):
+        out[i] = on_device[start:start + nbytes].view(tensors[i].dtype).view(tensors[i].shape)
+    return out
+
+
+def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: "Config", gen: torch.Generator,
+               dtype: torch.dtype) -> dict:
+    """The step's views: plain_a, plain_b and, in BSIM/WBSIM, mixed_a, mixed_b, partner, lam_a, lam_b.
+
+    One partner for both views, boxes drawn per sample and per view (one generator, `gen`, draws all of
+    it on its device, the host for the trainer). Partner, boxes and lam are validated on the host and reach
+    the views' device in one non-blocking copy: no host sync. Two kernel launches on CUDA.
+    """
+    n, h, w, _ = a_u8.shape
+    mean, std = cfg.data.mean, cfg.data.std
+    if cfg.method.mode == "sim":
+        plain_a, _ = cutmix_normalize(a_u8, None, None, mean, std, dtype)
+        plain_b, _ = cutmix_normalize(b_u8, None, None, mean, std, dtype)
+        return dict(plain_a=plain_a, plain_b=plain_b)
+    partner = derangement(n, generator=gen)
+    boxes_a, lam_a = sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
+    boxes_b, lam_b = sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
+    mean_f, inv_f = check_cutmix_inputs(a_u8, partner, boxes_a, mean, std, dtype)
+    check_cutmix_inputs(b_u8, partner, boxes_b, mean, std, dtype)
+    partner, boxes_a, boxes_b, lam_a, lam_b = to_device([partner, boxes_a, boxes_b, lam_a, lam_b], a_u8.device)
+    plain_a, mixed_a = _normalize_checked(a_u8, partner, boxes_a, mean_f, inv_f, dtype)
+    plain_b, mixed_b = _normalize_checked(b_u8, partner, boxes_b, mean_f, inv_f, dtype)
+    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner,
+                lam_a=lam_a, lam_b=lam_b)
 
 
 __all__ = ["derangement", "sample_boxes", "check_cutmix_inputs", "cutmix_normalize",
-           "cutmix_normalize_reference"]
+           "cutmix_normalize_reference", "to_device", "make_views"]

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import mix
 from .checkpoint import CheckpointError, atomic_write_bytes, latest_valid, load_checkpoint, save_checkpoint
 from .config import Config, ConfigError, load_config, to_dict
 from .metrics import MetricsLogger
+from .mix import make_views
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -95,25 +95,6 @@ def check_config(cfg: Config, world: int, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- step
-def make_views(a_u8, b_u8, cfg: Config, gen: torch.Generator, dtype: torch.dtype):
-    """Plain (and, in BSIM/WBSIM, mixed) normalised views; boxes are drawn per sample and per view set."""
-    n, h, w, _ = a_u8.shape
-    mean, std = cfg.data.mean, cfg.data.std
-    if cfg.method.mode == "sim":
-        plain_a, _ = mix.cutmix_normalize(a_u8, None, None, mean, std, dtype)
-        plain_b, _ = mix.cutmix_normalize(b_u8, None, None, mean, std, dtype)
-        return dict(plain_a=plain_a, plain_b=plain_b)
-    partner = mix.derangement(n, generator=gen)
-    boxes_a, lam_a = mix.sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
-    boxes_b, lam_b = mix.sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
-    plain_a, mixed_a = mix.cutmix_normalize(a_u8, partner, boxes_a, mean, std, dtype)
-    plain_b, mixed_b = mix.cutmix_normalize(b_u8, partner, boxes_b, mean, std, dtype)
-    device = a_u8.device
-    move = (lambda t: t.pin_memory().to(device, non_blocking=True)) if device.type == "cuda" else (lambda t: t)
-    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=move(partner),
-                lam_a=move(lam_a), lam_b=move(lam_b))
-
-
 def all_ranks_true(flag: torch.Tensor) -> bool:
     """Every rank must take the same branch, or DDP's gradient all-reduce would hang."""
     flag = flag.float().reshape(1)

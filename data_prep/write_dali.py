@@ -9,7 +9,7 @@ Output folder:
     shard-000000.idx ...   one index per shard, DALI's wds2idx format (pass as index_paths=)
     meta.json              num_samples, classes, shards (with sizes, so a truncated shard is detected)
 
-Same sources, options, progress, bad-input policy and atomic output as write_ffcv.py (bsim_fast/sources.py).
+Same sources, options, progress, bad-input policy and atomic output as write_ffcv.py (data_prep/common.py).
 A JPEG that is already RGB, baseline, upright and within --max-resolution is stored byte for byte;
 everything else is decoded and re-encoded at --jpeg-quality.
 """
@@ -30,8 +30,9 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bsim_fast import sources  # noqa: E402
-from bsim_fast.sources import ConversionError  # noqa: E402
+from bsim_fast import atomic, datasets  # noqa: E402
+from data_prep import common  # noqa: E402
+from data_prep.common import ConversionError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARD_SIZE = 10_000  # ~1 GB of ImageNet-sized JPEGs per shard
@@ -40,15 +41,15 @@ INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = sources.build_arg_parser(__doc__.strip().splitlines()[0])
-    parser.add_argument("--shard-size", type=sources._int_at_least(1), default=DEFAULT_SHARD_SIZE,
+    parser = common.build_arg_parser(__doc__.strip().splitlines()[0])
+    parser.add_argument("--shard-size", type=common.int_at_least(1), default=DEFAULT_SHARD_SIZE,
                         metavar="N", help="samples per tar shard")
     parser.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
                         help="sample order in the shards: shuffled (fixed seed; default) or as in the source")
     return parser
 
 
-def default_output(source: sources.Source, subset: int | None) -> Path:
+def default_output(source: datasets.Source, subset: int | None) -> Path:
     name = source.name + (f"_subset{subset}" if subset else "")
     return REPO_ROOT / "data_out" / f"{name}_dali"
 
@@ -108,26 +109,26 @@ class ShardWriter:
         self._index_lines = []
 
 
-def _prepare_jpeg(max_resolution: int, quality: int, source: sources.Source, i: int):
+def _prepare_jpeg(max_resolution: int, quality: int, source: datasets.Source, i: int):
     return source.load_jpeg(i, max_resolution, quality)
 
 
 def convert(args: argparse.Namespace) -> dict:
-    source = sources.source_from_args(args)
+    source = common.source_from_args(args)
     output = Path(args.output) if args.output else default_output(source, args.subset)
-    indices = sources.subset_indices(len(source), args.subset)
+    indices = common.subset_indices(len(source), args.subset)
     if args.order == "shuffled":
         # DALI reads a shard sequentially through a bounded shuffle buffer: shards in class order would give
         # batches of a few classes (bad for BatchNorm, SimCLR's negatives and BSIM's partners)
         indices = np.random.default_rng(0).permutation(indices)
     prepare = functools.partial(_prepare_jpeg, args.max_resolution, args.jpeg_quality)
 
-    run = sources.Conversion(source, output, len(indices), args.strict, desc="converting")
+    run = common.Conversion(source, output, len(indices), args.strict, desc="converting")
     passed_through = 0
     try:
-        with sources.atomic_output(output, directory=True) as tmp:
+        with atomic.atomic_output(output, directory=True) as tmp:
             shards = ShardWriter(tmp, args.shard_size)
-            with contextlib.closing(sources.map_samples(source, indices, prepare, args.workers)) as results:
+            with contextlib.closing(common.map_samples(source, indices, prepare, args.workers)) as results:
                 for i, payload, reason in results:
                     run.progress.update(1)
                     if reason is not None:
@@ -146,16 +147,16 @@ def convert(args: argparse.Namespace) -> dict:
                 "jpeg_quality": args.jpeg_quality, "shards": shards.shards,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-            sources.check_shards(tmp)
+            datasets.check_shards(tmp)
     finally:
         run.close()
     run.written = shards.count
-    return run.finish(sources.disk_bytes(output), format="dali-webdataset", shards=len(shards.shards),
+    return run.finish(atomic.disk_bytes(output), format="dali-webdataset", shards=len(shards.shards),
                       jpeg_passed_through=passed_through, jpeg_reencoded=shards.count - passed_through)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return sources.run_cli(convert, build_parser(), argv)
+    return common.run_cli(convert, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bsim_fast import sources  # noqa: E402
-from bsim_fast.sources import ConversionError  # noqa: E402
+from bsim_fast import atomic, datasets  # noqa: E402
+from data_prep import common  # noqa: E402
+from data_prep.common import ConversionError  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WRITE_MODES = ("smart", "jpg", "raw", "proportion")
@@ -38,7 +39,7 @@ DEFAULT_SMART_THRESHOLD = 256 * 256 * 3
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = sources.build_arg_parser(__doc__.strip().splitlines()[0])
+    parser = common.build_arg_parser(__doc__.strip().splitlines()[0])
     parser.add_argument("--write-mode", choices=WRITE_MODES, default="smart",
                         help="how images are stored: raw pixels, JPEG, a random 'proportion' as JPEG, "
                              "or 'smart' (raw while raw is below --smart-threshold bytes)")
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_output(source: sources.Source, subset: int | None, suffix: str) -> Path:
+def default_output(source: datasets.Source, subset: int | None, suffix: str) -> Path:
     name = source.name + (f"_subset{subset}" if subset else "")
     return REPO_ROOT / "data_out" / f"{name}{suffix}"
 
@@ -57,7 +58,7 @@ def default_output(source: sources.Source, subset: int | None, suffix: str) -> P
 class ValidatedSamples:
     """The indexable dataset FFCV's writer reads: only samples that already decoded once."""
 
-    def __init__(self, source: sources.Source, indices: Sequence[int], max_resolution: int):
+    def __init__(self, source: datasets.Source, indices: Sequence[int], max_resolution: int):
         self.source = source
         self.indices = list(indices)
         self.max_resolution = max_resolution
@@ -69,7 +70,7 @@ class ValidatedSamples:
         i = self.indices[k]
         try:
             image = self.source.load_rgb(i, self.max_resolution)
-        except sources.SampleError as exc:
+        except datasets.SampleError as exc:
             raise ConversionError(f"{self.source.describe(i)}: {exc} (changed during the conversion)") from None
         return image, self.source.label(i)
 
@@ -103,7 +104,7 @@ def _guarded_worker_job(*args) -> None:
         worker_job_indexed_dataset(*ffcv_args)
     except BaseException as exc:  # noqa: BLE001 - report anything, the parent decides
         no_space = isinstance(exc, OSError) and exc.errno == errno.ENOSPC
-        failures.put(("enospc" if no_space else "error", f"{sources._short(exc)}"))
+        failures.put(("enospc" if no_space else "error", f"{datasets.short_reason(exc)}"))
         os._exit(1)  # the parent prints the one-line error; no worker traceback on the terminal
 
 
@@ -181,17 +182,17 @@ def _stop_workers(writer) -> None:
 
 
 def convert(args: argparse.Namespace) -> dict:
-    source = sources.source_from_args(args)
+    source = common.source_from_args(args)
     output = Path(args.output) if args.output else default_output(source, args.subset, ".beton")
-    indices = sources.subset_indices(len(source), args.subset)
+    indices = common.subset_indices(len(source), args.subset)
     check = functools.partial(_check_sample, args.max_resolution)
     # Slow import (numba compiles at import): after the source is known to exist, before the clock starts.
     from ffcv.fields import IntField, RGBImageField
 
-    run = sources.Conversion(source, output, len(indices), args.strict, desc="validating")
+    run = common.Conversion(source, output, len(indices), args.strict, desc="validating")
     good: list[int] = []
     try:
-        with contextlib.closing(sources.map_samples(source, indices, check, args.workers)) as results:
+        with contextlib.closing(common.map_samples(source, indices, check, args.workers)) as results:
             for i, _, reason in results:
                 run.progress.update(1)
                 if reason is None:
@@ -210,21 +211,21 @@ def convert(args: argparse.Namespace) -> dict:
         "label": IntField(),
     }
     dataset = ValidatedSamples(source, good, args.max_resolution)
-    with sources.atomic_output(output) as tmp:
+    with atomic.atomic_output(output) as tmp:
         write_beton(tmp, dataset, fields, args.workers, page_size_for(args.max_resolution), output)
-        sources.check_beton(tmp)
+        datasets.check_beton(tmp)
     run.written = len(good)
-    return run.finish(sources.disk_bytes(output), format="ffcv", write_mode=args.write_mode,
+    return run.finish(atomic.disk_bytes(output), format="ffcv", write_mode=args.write_mode,
                       classes=source.classes)
 
 
-def _check_sample(max_resolution: int, source: sources.Source, i: int) -> None:
-    sources.check_decodes(source, i, max_resolution)
+def _check_sample(max_resolution: int, source: datasets.Source, i: int) -> None:
+    common.check_decodes(source, i, max_resolution)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    return sources.run_cli(convert, parser, argv)
+    return common.run_cli(convert, parser, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ TINY = ["model.arch=resnet18", "model.cifar_stem=true", "model.proj_hidden=32", 
 
 def tiny_folder(dest: Path, split: str = "train", per_class: int = 6, classes: int = 4) -> Path:
     """The first `per_class` images of the first `classes` classes of the built-in set, as an ImageFolder."""
-    from bsim_fast.sources import builtin_root
+    from bsim_fast.datasets import builtin_root
     src = builtin_root() / split
     for cls in sorted(p.name for p in src.iterdir())[:classes]:
         (dest / cls).mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bsim_fast import sources
+from bsim_fast import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
 from data_prep import write_dali, write_ffcv  # noqa: E402
@@ -122,7 +122,7 @@ def messy_tree(tmp_path, huge_jpeg):
 
 
 def test_every_mode_becomes_rgb(huge_jpeg):
-    decoded = {name: sources.decode_rgb(data, 512) for name, data in odd_images(huge_jpeg).items()}
+    decoded = {name: datasets.decode_rgb(data, 512) for name, data in odd_images(huge_jpeg).items()}
     for name, rgb in decoded.items():
         assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, name
     assert decoded["huge.jpg"].shape == (512, 512, 3)  # downscaled, not decoded at 100 MP
@@ -140,18 +140,18 @@ def test_every_mode_becomes_rgb(huge_jpeg):
 def test_jpeg_bytes_pass_through_only_when_lossless(huge_jpeg):
     images = odd_images(huge_jpeg)
     good = jpeg_bytes(noise(20, 20))
-    assert sources.encode_jpeg_for_storage(good, 512, 90) == (good, True)
+    assert datasets.encode_jpeg_for_storage(good, 512, 90) == (good, True)
     for name in ("gray.jpg", "cmyk.jpg", "huge.jpg", "png_named.jpg", "exif_rotated.jpg", "progressive.jpg"):
-        data, passed = sources.encode_jpeg_for_storage(images[name], 512, 90)
+        data, passed = datasets.encode_jpeg_for_storage(images[name], 512, 90)
         assert not passed and Image.open(io.BytesIO(data)).mode == "RGB", name
-    assert Image.open(io.BytesIO(sources.encode_jpeg_for_storage(images["exif_rotated.jpg"], 512, 90)[0])).size \
+    assert Image.open(io.BytesIO(datasets.encode_jpeg_for_storage(images["exif_rotated.jpg"], 512, 90)[0])).size \
         == (20, 40)
 
 
 def test_decompression_bomb_is_a_skip_not_a_crash(monkeypatch):
-    monkeypatch.setattr(sources, "MAX_IMAGE_PIXELS", 50 * 50)
-    with pytest.raises(sources.SampleError, match="decompression bomb"):
-        sources.decode_rgb(png_bytes(noise(60, 60)), 512)
+    monkeypatch.setattr(datasets, "MAX_IMAGE_PIXELS", 50 * 50)
+    with pytest.raises(datasets.SampleError, match="decompression bomb"):
+        datasets.decode_rgb(png_bytes(noise(60, 60)), 512)
 
 
 def test_permission_denied_reason(monkeypatch, tmp_path):
@@ -163,8 +163,8 @@ def test_permission_denied_reason(monkeypatch, tmp_path):
         raise PermissionError(errno.EACCES, "Permission denied")
 
     monkeypatch.setattr(Path, "read_bytes", denied)
-    with pytest.raises(sources.SampleError, match="permission denied"):
-        sources.read_file(str(path))
+    with pytest.raises(datasets.SampleError, match="permission denied"):
+        datasets.read_file(str(path))
 
 
 # ---- scanning ---------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_permission_denied_reason(monkeypatch, tmp_path):
 
 def test_scan_keeps_empty_classes_and_survives_symlink_loops(messy_tree):
     root, good, bad = messy_tree
-    source = sources.scan_image_folder(root)
+    source = datasets.scan_image_folder(root)
     assert source.classes == ["a_good", "b_modes", "c_bad", "d_empty", "\u00fcn\u00efcode"]
     assert source.empty_classes == ["d_empty"] and source.ignored == 1
     listed = [os.path.relpath(p, root) for p in source.paths]
@@ -209,7 +209,7 @@ def test_dali_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
     assert "empty class folder 'd_empty' keeps its index 3" in captured.err
-    meta = sources.check_shards(out, deep=True)
+    meta = datasets.check_shards(out, deep=True)
     assert meta["num_samples"] == len(good) and meta["classes"][3] == "d_empty"
 
     labels, sizes = [], []
@@ -238,7 +238,7 @@ def test_ffcv_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp
     assert write_ffcv.main(["--source", str(root), "--output", str(out), "--workers", "1"]) == 0
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
-    assert sources.check_beton(out) == len(good)
+    assert datasets.check_beton(out) == len(good)
     loader = Loader(str(out), batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
                     pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0)], "label": [IntDecoder()]})
     labels = np.concatenate([np.array(batch_labels).reshape(-1) for _, batch_labels in loader])
@@ -262,16 +262,16 @@ def test_truncated_beton_names_the_file(tmp_path):
     assert write_ffcv.main(["--subset", "20", "--workers", "1", "--write-mode", "jpg",
                             "--output", str(out)]) == 0
     data = out.read_bytes()
-    assert sources.check_beton(out) == 20
+    assert datasets.check_beton(out) == 20
     for cut in (10, len(data) // 2, len(data) - 5):
         broken = tmp_path / f"cut{cut}.beton"
         broken.write_bytes(data[:cut])
-        with pytest.raises(sources.CorruptOutputError, match=f"{broken}: truncated or corrupt"):
-            sources.check_beton(broken)
+        with pytest.raises(datasets.CorruptOutputError, match=f"{broken}: truncated or corrupt"):
+            datasets.check_beton(broken)
     unfinished = tmp_path / "unfinished.beton"  # header written last: a killed writer leaves it zeroed
     unfinished.write_bytes(bytes(64) + data[64:])
-    with pytest.raises(sources.CorruptOutputError, match="unfinished.beton"):
-        sources.check_beton(unfinished)
+    with pytest.raises(datasets.CorruptOutputError, match="unfinished.beton"):
+        datasets.check_beton(unfinished)
 
 
 def test_truncated_shard_names_the_file(tmp_path):
@@ -280,5 +280,5 @@ def test_truncated_shard_names_the_file(tmp_path):
                             "--output", str(out)]) == 0
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
-    with pytest.raises(sources.CorruptOutputError, match=f"{shard}: truncated"):
-        sources.check_shards(out)
+    with pytest.raises(datasets.CorruptOutputError, match=f"{shard}: truncated"):
+        datasets.check_shards(out)

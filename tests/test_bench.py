@@ -77,7 +77,8 @@ def test_targets_against_hand_written_rows():
             {"kind": "loader", "loader": "dali", "size": 224, "skipped": "dali not installed"},
             {"kind": "end_to_end", "loader": "ffcv", "size": 224, "images_s": 2000.0, "ratio_to_model": 2000 / 2250},
             {"kind": "end_to_end", "loader": "torch", "size": 224, "images_s": 250.0, "ratio_to_model": 250 / 2250},
-            {"kind": "kernel", "name": "cutmix_normalize", "ms": 0.2, "speedup": 3.7, "frac_of_copy": 0.65}]
+            {"kind": "kernel", "name": "cutmix_normalize", "ms": 0.2, "speedup": 3.7, "frac_of_copy": 0.65},
+            {"kind": "kernel", "name": "augment_cutmix_normalize_two_views", "ms": 2.4, "launches": 5.5}]
     got = {t["id"]: (t["measured"], t["status"]) for t in bench.evaluate(rows, applicable=True)}
     assert got["byol_bsim_model"] == (2250.0, "pass")
     assert abs(got["bsim_overhead"][0] - (2300 / 2250 - 1)) < 1e-12 and got["bsim_overhead"][1] == "pass"   # 2.2%
@@ -85,6 +86,7 @@ def test_targets_against_hand_written_rows():
     assert got["dali_loader"] == (None, "not measured")      # a skipped row is not a measurement
     assert got["e2e_ffcv"][1] == "miss" and got["e2e_vs_torchvision"] == (8.0, "pass")
     assert got["cutmix_speedup"] == (3.7, "pass") and got["cutmix_bandwidth"] == (0.65, "miss")
+    assert got["view_pipeline_ms"] == (2.4, "miss") and got["view_pipeline_launches"] == (5.5, "pass")
     assert {s for _, s in got.values()} <= {"pass", "miss", "not measured"}
     assert all(t["status"] in ("n/a", "not measured") for t in bench.evaluate(rows, applicable=False))
 

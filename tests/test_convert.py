@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bsim_fast import sources
+from bsim_fast import atomic, datasets
+from data_prep import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
 from data_prep import write_dali, write_ffcv  # noqa: E402
@@ -30,8 +31,8 @@ SUBSET = 200
 @pytest.fixture(scope="module")
 def builtin_subset():
     """(source, indices, expected labels) of the 200-image subset the round trips convert."""
-    source = sources.resolve_source("builtin", "train")
-    indices = sources.subset_indices(len(source), SUBSET)
+    source = common.resolve_source("builtin", "train")
+    indices = common.subset_indices(len(source), SUBSET)
     return source, indices, source.labels[indices]
 
 
@@ -40,7 +41,7 @@ def read_beton(path: Path, image_decoder=None):
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    sources.check_beton(path)
+    datasets.check_beton(path)
     loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL,
                     drop_last=False,  # FFCV's default (True) would drop the last 8 of 200
                     pipelines={"image": [image_decoder or SimpleRGBImageDecoder()], "label": [IntDecoder()]})
@@ -55,7 +56,7 @@ def read_shards_with_dali(folder: Path):
     """All (images, labels) of a shard folder through a CPU-only DALI pipeline with our index files."""
     from nvidia.dali import fn, pipeline_def, types
 
-    meta = sources.check_shards(folder)
+    meta = datasets.check_shards(folder)
     tars = [str(folder / s["tar"]) for s in meta["shards"]]
     indexes = [str(folder / s["index"]) for s in meta["shards"]]
 
@@ -74,7 +75,7 @@ def read_shards_with_dali(folder: Path):
         for k in range(len(batch_images)):
             if len(images) < total:
                 images.append(np.array(batch_images.at(k)))
-                labels.append(sources.decode_cls(batch_labels.at(k)))
+                labels.append(datasets.decode_cls(batch_labels.at(k)))
     return images, np.array(labels), meta
 
 
@@ -87,14 +88,14 @@ def tmp_leftovers(folder: Path) -> list[str]:
 
 def test_builtin_root_extracts_once_into_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("BSIM_FAST_CACHE", str(tmp_path / "cache"))
-    root = sources.builtin_root()
+    root = datasets.builtin_root()
     assert root == tmp_path / "cache" / "cifar10_mini"
     for split, per_class in (("train", 500), ("test", 100)):
-        source = sources.scan_image_folder(root / split)
+        source = datasets.scan_image_folder(root / split)
         assert len(source.classes) == 10 and len(source) == 10 * per_class
         assert np.bincount(source.labels).tolist() == [per_class] * 10
     stamp = (root / "train").stat().st_mtime_ns
-    assert sources.builtin_root() == root and (root / "train").stat().st_mtime_ns == stamp  # not redone
+    assert datasets.builtin_root() == root and (root / "train").stat().st_mtime_ns == stamp  # not redone
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["cifar10_mini"]  # no temp left
 
 
@@ -104,16 +105,16 @@ def test_builtin_archive_with_path_traversal_is_refused(tmp_path, monkeypatch):
         info = tarfile.TarInfo("cifar10_mini/../../escaped.txt")
         info.size = 2
         tar.addfile(info, io.BytesIO(b"hi"))
-    monkeypatch.setattr(sources, "BUILTIN_ARCHIVE", evil)
+    monkeypatch.setattr(datasets, "BUILTIN_ARCHIVE", evil)
     monkeypatch.setenv("BSIM_FAST_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(sources.SourceError, match="unexpected archive member"):
-        sources.builtin_root()
+    with pytest.raises(datasets.SourceError, match="unexpected archive member"):
+        datasets.builtin_root()
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "cache" / "cifar10_mini").exists()
 
 
 def test_default_output_names():
-    train = sources.resolve_source("builtin", "train")
-    test = sources.resolve_source(None, "test")
+    train = common.resolve_source("builtin", "train")
+    test = common.resolve_source(None, "test")
     assert write_ffcv.default_output(train, None, ".beton") == REPO_ROOT / "data_out/cifar10_mini_train.beton"
     assert write_ffcv.default_output(test, None, ".beton") == REPO_ROOT / "data_out/cifar10_mini_test.beton"
     assert write_dali.default_output(train, None) == REPO_ROOT / "data_out/cifar10_mini_train_dali"
@@ -133,7 +134,7 @@ def test_ffcv_round_trip_raw_is_lossless(tmp_path, builtin_subset, capsys):
     assert images.shape == (SUBSET, 32, 32, 3) and images.dtype == np.uint8
     assert np.array_equal(got_labels, labels)
     for k in (0, 77, SUBSET - 1):  # raw mode: exactly the decoded source pixels
-        expected = sources.decode_rgb(Path(source.paths[indices[k]]).read_bytes(), 512)
+        expected = datasets.decode_rgb(Path(source.paths[indices[k]]).read_bytes(), 512)
         assert np.array_equal(images[k], expected)
     assert tmp_leftovers(tmp_path) == []
     assert (tmp_path / "train.beton.skipped.tsv").read_text() == "path\treason\n"
@@ -145,9 +146,9 @@ def test_ffcv_round_trip_jpg_mode(tmp_path, builtin_subset):
     assert write_ffcv.main(["--subset", "50", "--workers", "1", "--write-mode", "jpg", "--jpeg-quality", "95",
                             "--output", str(out)]) == 0
     images, got_labels = read_beton(out)
-    subset = sources.subset_indices(len(source), 50)
+    subset = common.subset_indices(len(source), 50)
     assert images.shape == (50, 32, 32, 3) and np.array_equal(got_labels, source.labels[subset])
-    expected = sources.decode_rgb(Path(source.paths[subset[3]]).read_bytes(), 512)
+    expected = datasets.decode_rgb(Path(source.paths[subset[3]]).read_bytes(), 512)
     assert np.abs(images[3].astype(int) - expected).mean() < 8  # lossy, but the same picture
 
 
@@ -158,7 +159,7 @@ def test_dali_round_trip_and_index_files(tmp_path, builtin_subset):
     out = tmp_path / "shards"
     assert write_dali.main(["--subset", str(SUBSET), "--workers", "2", "--shard-size", "64",
                             "--order", "source", "--output", str(out)]) == 0
-    meta = sources.check_shards(out, deep=True)
+    meta = datasets.check_shards(out, deep=True)
     assert meta["num_samples"] == SUBSET and len(meta["classes"]) == 10
     assert [s["num_samples"] for s in meta["shards"]] == [64, 64, 64, 8]
     for shard in meta["shards"]:  # our index == what DALI's wds2idx makes of the same tar
@@ -186,7 +187,7 @@ def test_npz_source(tmp_path):
     out = tmp_path / "npz_shards"
     assert write_dali.main(["--source", str(tmp_path / "arrays.npz"), "--workers", "1", "--order", "source",
                             "--output", str(out)]) == 0
-    meta = sources.check_shards(out, deep=True)
+    meta = datasets.check_shards(out, deep=True)
     assert meta["num_samples"] == 30 and meta["classes"] == ["0", "1", "2", "3"]
     with tarfile.open(out / "shard-000000.tar") as tar:
         got = [int(tar.extractfile(f"{k:09d}.cls").read()) for k in range(30)]
@@ -194,8 +195,8 @@ def test_npz_source(tmp_path):
     assert got == labels.tolist() and first.shape == (24, 20, 3)
 
     np.savez(tmp_path / "objects.npz", images=np.array([object()]), labels=np.zeros(1))
-    with pytest.raises(sources.SourceError, match="objects.npz"):  # pickled arrays are never loaded
-        sources.resolve_source(tmp_path / "objects.npz")
+    with pytest.raises(datasets.SourceError, match="objects.npz"):  # pickled arrays are never loaded
+        common.resolve_source(tmp_path / "objects.npz")
 
 
 # ---- atomic output: killed, failing, full disk ---------------------------------------------------------
@@ -216,7 +217,7 @@ def test_killed_converter_leaves_no_output_and_rerun_completes(tmp_path):
     assert not out.exists()
 
     assert write_dali.main(["--subset", "100", "--workers", "1", "--output", str(out)]) == 0
-    assert sources.check_shards(out, deep=True)["num_samples"] == 100
+    assert datasets.check_shards(out, deep=True)["num_samples"] == 100
     assert tmp_leftovers(tmp_path) == []  # the dead run's temporary folder was cleaned up
 
 
@@ -278,7 +279,7 @@ def test_dali_full_disk_keeps_previous_output(tmp_path, monkeypatch, capsys):
 def test_atomic_output_replaces_a_folder_whole(tmp_path):
     final = tmp_path / "folder"
     for content in ("first", "second"):
-        with sources.atomic_output(final, directory=True) as tmp:
+        with atomic.atomic_output(final, directory=True) as tmp:
             (tmp / "file.txt").write_text(content)
             assert not (final / "file.txt").exists() or (final / "file.txt").read_text() == "first"
     assert (final / "file.txt").read_text() == "second" and tmp_leftovers(tmp_path) == []
@@ -292,7 +293,7 @@ def test_dali_shards_are_shuffled_by_default_with_labels_intact(tmp_path, builti
     out = tmp_path / "shuffled"
     assert write_dali.main(["--subset", str(SUBSET), "--workers", "1", "--shard-size", "64", "--output", str(out)]) == 0
     shard_labels = []
-    for shard in sources.check_shards(out, deep=True)["shards"]:
+    for shard in datasets.check_shards(out, deep=True)["shards"]:
         with tarfile.open(out / shard["tar"]) as tar:
             shard_labels += [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
     assert sorted(shard_labels) == sorted(labels) and shard_labels != list(labels)

@@ -18,7 +18,7 @@ pytest.importorskip("nvidia.dali")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # data_prep/
 
 from bsim_fast.config import Config  # noqa: E402
-from bsim_fast.sources import CorruptOutputError  # noqa: E402
+from bsim_fast.datasets import CorruptOutputError  # noqa: E402
 from bsim_fast.loaders.dali_loader import DaliEvalLoader, DaliTrainLoader, ShardSet  # noqa: E402
 
 SIZE = 16
@@ -47,7 +47,7 @@ def write_shards(root: Path, shard_sizes) -> Path:
 
 def overwrite_member(root: Path, shard: int, member: str, data: bytes) -> None:
     """Corrupts one member in place (same length), as a bad disk would: meta.json still matches."""
-    from bsim_fast.sources import read_wds_index
+    from bsim_fast.datasets import read_wds_index
 
     index = read_wds_index(root / f"shard-{shard:06d}.idx")
     (offset, size), = [(o, n) for sample in index for ext, o, n, name in sample if name == member]

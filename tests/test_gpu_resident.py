@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from bsim_fast import sources
+from bsim_fast import datasets
 from bsim_fast.config import Config, ConfigError
 from bsim_fast.loaders import build_eval_loader, build_train_loader, rank_order
 from bsim_fast.loaders import gpu_resident
@@ -39,7 +39,7 @@ def beton(folder):
 
 @pytest.fixture(scope="module")
 def labels(folder):
-    return sources.scan_image_folder(Path(folder)).labels
+    return datasets.scan_image_folder(Path(folder)).labels
 
 
 def make_cfg(path, kind="torch", identity=False, flip_p=None, seed=0):

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from bsim_fast import sources
+from bsim_fast import datasets
+from data_prep import common
 from bsim_fast.config import Config
 from bsim_fast.loaders import (build_eval_loader, build_train_loader, eval_shard, loader_throughput,
                                rank_order, resolve_path)
@@ -24,7 +25,7 @@ BATCH = 32
 def tree(tmp_path_factory):
     """A 200-image ImageFolder tree (links into the built-in train split)."""
     root = tmp_path_factory.mktemp("tree")
-    builtin = sources.builtin_root() / "train"
+    builtin = datasets.builtin_root() / "train"
     for class_dir in sorted(p for p in builtin.iterdir() if p.is_dir()):
         (root / class_dir.name).mkdir()
         for f in sorted(class_dir.iterdir())[:PER_CLASS]:
@@ -34,7 +35,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def source_labels(tree):
-    return np.asarray(sources.resolve_source(str(tree)).labels)
+    return np.asarray(common.resolve_source(str(tree)).labels)
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +130,8 @@ def test_rank_order():
 
 
 def test_builtin_paths(monkeypatch, tmp_path):
-    assert Path(resolve_path("torch", "builtin")) == sources.builtin_root() / "train"
-    assert Path(resolve_path("torch", "builtin:test")) == sources.builtin_root() / "test"
+    assert Path(resolve_path("torch", "builtin")) == datasets.builtin_root() / "train"
+    assert Path(resolve_path("torch", "builtin:test")) == datasets.builtin_root() / "test"
     with pytest.raises(FileNotFoundError, match="nothing_here"):
         resolve_path("ffcv", str(tmp_path / "nothing_here.beton"))
     monkeypatch.chdir(tmp_path)

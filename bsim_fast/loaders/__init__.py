@@ -97,8 +97,8 @@ def resolve_path(kind: str, path: str) -> str:
             raise FileNotFoundError(f"{path}: dataset not found (data.loader={kind})")
         return path
     if kind == "torch":
-        from .. import sources
-        return str(sources.builtin_root() / split)
+        from .. import datasets
+        return str(datasets.builtin_root() / split)
     if kind == "ffcv":
         beton = BUILTIN_BETON.format(split=split)
         for candidate in (Path(beton), REPO_ROOT / beton):

@@ -33,7 +33,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from bsim_fast import sources
+from bsim_fast import datasets
 from bsim_fast.config import AugCfg, Config
 from bsim_fast.loaders import REPO_ROOT, _builtin_split, eval_crop_ratio, per_rank_batch
 
@@ -67,7 +67,7 @@ def resolve_shard_folder(path: str) -> Path:
 class ShardSet:
     """The tar shards of a folder written by data_prep/write_dali.py, validated against meta.json.
 
-    `sources.check_shards` raises a one-line error naming the file for a missing or truncated shard, a
+    `datasets.check_shards` raises a one-line error naming the file for a missing or truncated shard, a
     bad index, or counts that disagree with meta.json; nothing is read from a shard before that passes.
     """
 
@@ -75,7 +75,7 @@ class ShardSet:
         root = resolve_shard_folder(str(path))
         if not root.is_dir():
             raise FileNotFoundError(f"{root}: DALI shard folder not found")
-        meta = sources.check_shards(root)
+        meta = datasets.check_shards(root)
         # Names only: nothing read from the data points outside the folder.
         self.root = root
         self.tars: List[Path] = [root / Path(s["tar"]).name for s in meta["shards"]]
@@ -83,7 +83,7 @@ class ShardSet:
         self.num_samples = int(meta["num_samples"])
         self.classes = meta.get("classes")
         if not self.tars:
-            raise sources.CorruptOutputError(f"{root / 'meta.json'}: lists no shards")
+            raise datasets.CorruptOutputError(f"{root / 'meta.json'}: lists no shards")
 
     def ordered(self, order: Sequence[int]) -> Tuple[List[str], List[str]]:
         return [str(self.tars[i]) for i in order], [str(self.indexes[i]) for i in order]
@@ -229,7 +229,7 @@ def _first_bad_jpeg(shards: ShardSet) -> Optional[str]:
     """
     for tar, idx in zip(shards.tars, shards.indexes):
         with open(tar, "rb") as data:
-            for components in sources.read_wds_index(idx):
+            for components in datasets.read_wds_index(idx):
                 for ext, offset, size, name in components:
                     if ext != "jpg":
                         continue

@@ -195,8 +195,8 @@ def _to_device(device: torch.device) -> list:
 
 
 def _open_checked(path: str) -> None:
-    from .. import sources
-    sources.check_beton(path)      # names the file if it is truncated, instead of ffcv's garbage pointers
+    from .. import datasets
+    datasets.check_beton(path)      # names the file if it is truncated, instead of ffcv's garbage pointers
 
 
 def _field_index(loader: Loader, name: str, path: str) -> int:
@@ -259,8 +259,8 @@ class FfcvEvalLoader:
         _open_checked(self.path)
         size = cfg.data.image_size
         batch_size = per_rank_batch(cfg, world_size)
-        from .. import sources
-        num_samples = sources.check_beton(self.path)
+        from .. import datasets
+        num_samples = datasets.check_beton(self.path)
         self.indices = eval_shard(num_samples, rank, world_size)
         self._loader = Loader(
             self.path, batch_size=batch_size, num_workers=max(1, cfg.data.workers), order=OrderOption.SEQUENTIAL,

@@ -7,7 +7,7 @@ of batched kernels: gather by index, two random resized crops + flips (one `grid
 photometric policy as every other loader (`augment_views`). No Python loop over samples, no host sync.
 
 What is stored. Sources are the paths the other loaders take: an FFCV .beton (decoded once by ffcv's own
-Loader) or an ImageFolder tree (decoded once by the converters' `sources.decode_rgb`, so a folder gives the
+Loader) or an ImageFolder tree (decoded once by the converters' `datasets.decode_rgb`, so a folder gives the
 same pixels here as after data_prep/write_ffcv.py). If every image has one size they are stored as they are.
 Otherwise each is resized (shorter side) and centre-cropped to a square of side round(S / eval_crop_ratio(S))
 for S = data.image_size (32 at 32 px, 256 at 224 px): the eval centre crop is then taken at stored
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import (augment_views, eval_crop_ratio, eval_shard, per_rank_batch, photometric_generator,
                rank_order, resolve_path)
-from .. import sources
+from .. import datasets
 from ..augment import policy_for
 from ..config import ConfigError
 
@@ -87,7 +87,7 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
     from ffcv.transforms import ToTensor
     from . import ffcv_loader  # noqa: F401  (it quiets a harmless numba message when a Loader is freed)
 
-    sources.check_beton(path)                  # names a truncated file instead of reading garbage
+    datasets.check_beton(path)                  # names a truncated file instead of reading garbage
     reader = Reader(path)
     names = list(reader.handlers)
     for field in ("image", "label"):
@@ -117,12 +117,12 @@ def _header_size(path: str) -> tuple:
         with Image.open(path) as image:        # reads the header only
             return image.size[::-1]
     except Exception as exc:
-        raise sources.SourceError(f"{path}: unreadable image ({exc})") from None
+        raise datasets.SourceError(f"{path}: unreadable image ({exc})") from None
 
 
 def _read_folder(root: str, side: int, workers: int, device: torch.device) -> ResidentSet:
     from PIL import Image, ImageOps
-    source = sources.scan_image_folder(Path(root))
+    source = datasets.scan_image_folder(Path(root))
     with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while it reads and decodes
         sizes = set(pool.map(_header_size, source.paths))
     height, width = next(iter(sizes)) if len(sizes) == 1 else (side, side)
@@ -132,8 +132,8 @@ def _read_folder(root: str, side: int, workers: int, device: torch.device) -> Re
     def decode(i: int) -> None:
         try:
             rgb = source.load_rgb(i, max_resolution=1 << 30)     # every pixel (converters cap at 512)
-        except sources.SampleError as exc:
-            raise sources.SourceError(f"{source.describe(i)}: {exc}") from None
+        except datasets.SampleError as exc:
+            raise datasets.SourceError(f"{source.describe(i)}: {exc}") from None
         if rgb.shape[:2] != (height, width):   # mixed sizes (or an EXIF rotation): resize, centre crop
             rgb = np.asarray(ImageOps.fit(Image.fromarray(rgb), (width, height), Image.Resampling.BILINEAR))
         images[i] = rgb

@@ -1,33 +1,28 @@
-"""What the dataset converters (data_prep/write_ffcv.py, data_prep/write_dali.py) share.
+"""The datasets the loaders read, and the checks that name a bad file in one line.
 
-- the built-in dataset (`builtin_root`), and turning a `--source` argument into a `Source`
-  (an ImageFolder tree or a `.npz` array set: `resolve_source`);
-- robust decoding of one sample to an RGB uint8 array or to JPEG bytes (every image mode becomes RGB;
-  corrupt or non-image files raise `SampleError` with a one-line reason);
-- parallel validation with skip / count / `--strict`, the `<output>.skipped.tsv` sidecar, progress and the
-  final summary (`Conversion`);
-- the common command-line flags (`build_arg_parser`) and error handling (`run_cli`);
-- atomic outputs (`atomic_output`) and validators for finished outputs (`check_beton`, `check_shards`),
-  which the loaders call so that a truncated file gives a clear error naming it.
+- the built-in dataset (`builtin_root`: a CIFAR-10 subset shipped with the package);
+- ImageFolder trees (`scan_image_folder`; the converters and the torch / GPU-resident loaders list a folder
+  through this one function, so a folder gives the same labels whatever reads it);
+- robust decoding of one image file to RGB uint8 (every Pillow mode becomes RGB; corrupt or non-image files
+  raise `SampleError` with a one-line reason) and JPEG encoding for storage;
+- validators of the converters' outputs (`check_beton`, `check_shards`), called before a loader reads, so a
+  truncated file gives an error naming it instead of garbage.
+
+The converters' own plumbing (array sources, parallel validation, the command line) is in data_prep/common.py.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import io
 import json
-import multiprocessing
 import os
 import shutil
 import stat
-import sys
 import tarfile
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -36,8 +31,6 @@ BUILTIN_ARCHIVE = Path(__file__).resolve().parent / "data" / "cifar10_mini.tar.g
 BUILTIN_NAME = "cifar10_mini"
 SPLITS = ("train", "test")
 
-DEFAULT_MAX_RESOLUTION = 512
-DEFAULT_JPEG_QUALITY = 90
 # Larger than any photo a vision data set holds (ImageNet's largest is ~ 40 MP), small enough that a
 # crafted "decompression bomb" is skipped before it is decoded. Checked from the header, before decoding.
 MAX_IMAGE_PIXELS = 150_000_000
@@ -45,17 +38,9 @@ MAX_IMAGE_PIXELS = 150_000_000
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 
-# Exit codes of the converters: 2 = the command line or the source is unusable, 1 = the run failed.
-EXIT_USAGE = 2
-EXIT_FAILED = 1
-
 
 class SourceError(Exception):
     """The source as a whole is unusable (missing path, bad array file). One line; exit 2."""
-
-
-class ConversionError(Exception):
-    """The run failed (`--strict` hit a bad file, disk full, ...). One line; exit 1."""
 
 
 class SampleError(Exception):
@@ -162,41 +147,6 @@ class FolderSource(Source):
         return encode_jpeg_for_storage(read_file(self.paths[i]), max_resolution, quality)
 
 
-@dataclass
-class ArraySource(Source):
-    """A CIFAR-style array set: uint8 images [N, H, W, 3] (stored NHWC or NCHW) with int labels."""
-
-    path: Path = Path(".")
-    images: np.ndarray = field(default_factory=lambda: np.zeros((0, 1, 1, 3), np.uint8))
-
-    def describe(self, i: int) -> str:
-        return f"{self.path}[{i}]"
-
-    def load_rgb(self, i: int, max_resolution: int) -> np.ndarray:
-        return downscale_rgb(np.ascontiguousarray(self.images[i]), max_resolution)
-
-    def load_jpeg(self, i: int, max_resolution: int, quality: int) -> tuple[bytes, bool]:
-        return encode_jpeg(self.load_rgb(i, max_resolution), quality), False
-
-
-def resolve_source(arg: str | os.PathLike | None, split: str = "train") -> Source:
-    """`builtin`/None -> the built-in split; a folder -> ImageFolder tree; a .npz -> array source."""
-    if split not in SPLITS:
-        raise SourceError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
-    if arg is None or str(arg) == "builtin":
-        source = scan_image_folder(builtin_root() / split)
-        source.name = f"{BUILTIN_NAME}_{split}"
-        return source
-    path = Path(arg).expanduser()
-    if not path.exists():
-        raise SourceError(f"source not found: {path}")
-    if path.is_dir():
-        return scan_image_folder(path)
-    if path.suffix.lower() == ".npz":
-        return load_array_source(path)
-    raise SourceError(f"source must be a folder (ImageFolder tree), a .npz file or 'builtin': {path}")
-
-
 def scan_image_folder(root: Path) -> FolderSource:
     """Lists an ImageFolder tree without opening any image.
 
@@ -261,45 +211,6 @@ def _list_class_files(class_dir: Path) -> tuple[list[str], int]:
     return files, ignored
 
 
-def load_array_source(path: Path) -> ArraySource:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"images", "labels"} - set(data.files)
-            if missing:
-                raise SourceError(f"{path}: missing array(s) {', '.join(sorted(missing))} "
-                                  f"(found {', '.join(data.files) or 'none'})")
-            images, labels = data["images"], data["labels"]
-    except SourceError:
-        raise
-    except Exception as exc:  # not a zip, pickled objects, truncated file, ...
-        raise SourceError(f"{path}: cannot read as .npz ({_short(exc)})") from exc
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise SourceError(f"{path}: 'images' must be uint8 [N, H, W, 3] or [N, 3, H, W], "
-                          f"got {images.dtype} {list(images.shape)}")
-    if images.shape[-1] != 3 and images.shape[1] == 3:
-        images = images.transpose(0, 2, 3, 1)
-    if images.shape[-1] != 3:
-        raise SourceError(f"{path}: 'images' must have 3 channels, got shape {list(images.shape)}")
-    if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise SourceError(f"{path}: 'labels' must be int [{images.shape[0]}], "
-                          f"got {labels.dtype} {list(labels.shape)}")
-    if labels.size and labels.min() < 0:
-        raise SourceError(f"{path}: 'labels' must be >= 0, found {int(labels.min())}")
-    num_classes = int(labels.max()) + 1 if labels.size else 0
-    present = set(np.unique(labels).tolist())
-    classes = [str(k) for k in range(num_classes)]
-    return ArraySource(name=path.stem, classes=classes, labels=labels.astype(np.int64),
-                       empty_classes=[c for k, c in enumerate(classes) if k not in present],
-                       path=path, images=images)
-
-
-def subset_indices(n: int, subset: int | None) -> np.ndarray:
-    """`--subset N`: N evenly spaced samples (deterministic, and every class keeps its share)."""
-    if subset is None or subset >= n:
-        return np.arange(n)
-    return np.unique(np.linspace(0, n - 1, subset).round().astype(np.int64))
-
-
 # --------------------------------------------------------------------------------------------------
 # Decoding one sample
 
@@ -325,7 +236,7 @@ def read_file(path: str) -> bytes:
     return data
 
 
-def _short(exc: BaseException) -> str:
+def short_reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -340,9 +251,9 @@ def open_image(data: bytes, max_resolution: int) -> Image.Image:
         except UnidentifiedImageError:
             raise SampleError("not an image (unrecognised content)") from None
         except Image.DecompressionBombError as exc:
-            raise SampleError(f"too many pixels, possible decompression bomb ({_short(exc)})") from None
+            raise SampleError(f"too many pixels, possible decompression bomb ({short_reason(exc)})") from None
         except Exception as exc:
-            raise SampleError(f"unreadable image header ({_short(exc)})") from None
+            raise SampleError(f"unreadable image header ({short_reason(exc)})") from None
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise SampleError(f"too many pixels ({width}x{height} > {MAX_IMAGE_PIXELS}), "
@@ -355,7 +266,7 @@ def open_image(data: bytes, max_resolution: int) -> Image.Image:
         try:
             image.load()
         except Exception as exc:
-            raise SampleError(f"corrupt or truncated image data ({_short(exc)})") from None
+            raise SampleError(f"corrupt or truncated image data ({short_reason(exc)})") from None
     return image
 
 
@@ -379,7 +290,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     try:
         return image.convert("RGB")  # L, 1, P, CMYK (Adobe-inverted handled by Pillow), YCbCr, ...
     except Exception as exc:
-        raise SampleError(f"unsupported image mode {mode} ({_short(exc)})") from None
+        raise SampleError(f"unsupported image mode {mode} ({short_reason(exc)})") from None
 
 
 def _high_depth_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -451,225 +362,6 @@ def encode_jpeg_for_storage(data: bytes, max_resolution: int, quality: int) -> t
     if passthrough:
         return data, True
     return encode_jpeg(rgb, quality), False
-
-
-# --------------------------------------------------------------------------------------------------
-# Parallel validation / preparation
-
-
-# One (source, task) per worker process, set by the pool initializer (inherited, not pickled, under fork).
-_worker_state: tuple[Source, Callable] | None = None
-
-
-def _init_worker(source: Source, task: Callable) -> None:
-    global _worker_state
-    _worker_state = (source, task)
-
-
-def _run_task(i: int):
-    source, task = _worker_state
-    try:
-        return i, task(source, i), None
-    except SampleError as exc:
-        return i, None, str(exc)
-    except MemoryError:
-        return i, None, "out of memory while decoding"
-    except Exception as exc:  # a decoder bug must cost one sample, not the run
-        return i, None, f"decoder error ({type(exc).__name__}: {_short(exc)})"
-
-
-def map_samples(source: Source, indices: Sequence[int], task: Callable, workers: int,
-                chunksize: int = 32) -> Iterator[tuple[int, object, str | None]]:
-    """Yields (index, task(source, index) or None, reason or None) in index order.
-
-    `task` must be a module-level function (it runs in worker processes when workers > 1).
-    """
-    if workers <= 1 or len(indices) < 2 * chunksize:
-        _init_worker(source, task)
-        yield from (_run_task(int(i)) for i in indices)
-        return
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
-    context = multiprocessing.get_context(method)
-    pool = context.Pool(workers, initializer=_init_worker, initargs=(source, task))
-    try:
-        yield from pool.imap(_run_task, [int(i) for i in indices], chunksize=chunksize)
-    finally:
-        pool.terminate()  # also on --strict failure or Ctrl-C: no worker outlives the run
-        pool.join()
-
-
-def check_decodes(source: Source, i: int, max_resolution: int) -> None:
-    """Validation only: decode and drop (the FFCV writer decodes again in its own workers)."""
-    source.load_rgb(i, max_resolution)
-
-
-# --------------------------------------------------------------------------------------------------
-# Bookkeeping of one run: skips, --strict, progress, sidecar, summary
-
-
-class Conversion:
-    """Counts one converter run and reports it the same way for every output format."""
-
-    def __init__(self, source: Source, output: Path, total: int, strict: bool, desc: str):
-        from tqdm import tqdm
-
-        self.source = source
-        self.output = Path(output)
-        self.strict = strict
-        self.skipped: list[tuple[str, str]] = []
-        self.written = 0
-        self.started = time.perf_counter()
-        self.progress = tqdm(total=total, desc=desc, unit="img", file=sys.stderr, mininterval=0.5,
-                             dynamic_ncols=True)
-        for name in source.empty_classes:
-            self.note(f"warning: empty class folder {name!r} keeps its index "
-                      f"{source.classes.index(name)}")
-
-    def note(self, line: str) -> None:
-        self.progress.write(line, file=sys.stderr)
-
-    def skip(self, i: int, reason: str) -> None:
-        where = self.source.describe(i)
-        if self.strict:
-            raise ConversionError(f"{where}: {reason} (--strict)")
-        self.skipped.append((where, reason))
-        self.note(f"skipped: {where}: {reason}")
-
-    @property
-    def sidecar(self) -> Path:
-        return self.output.with_name(self.output.name + ".skipped.tsv")
-
-    @property
-    def summary_path(self) -> Path:
-        return self.output.with_name(self.output.name + ".summary.json")
-
-    def close(self) -> None:
-        self.progress.close()
-
-    def finish(self, output_bytes: int, **extra) -> dict:
-        """Writes the sidecar (always, so no stale list survives a rerun) and prints the summary."""
-        self.close()
-        seconds = time.perf_counter() - self.started
-        lines = ["path\treason"] + [f"{_tsv(p)}\t{_tsv(r)}" for p, r in self.skipped]
-        write_text_atomic(self.sidecar, "\n".join(lines) + "\n")
-        summary = {
-            "output": str(self.output), "images_written": self.written, "skipped": len(self.skipped),
-            "ignored_non_image_files": self.source.ignored, "empty_classes": self.source.empty_classes,
-            "num_classes": len(self.source.classes), "bytes": output_bytes,
-            "seconds": round(seconds, 3), "images_per_s": round(self.written / max(seconds, 1e-9), 1),
-            **extra,
-        }
-        write_text_atomic(self.summary_path, json.dumps(summary, indent=1) + "\n")
-        skipped_note = f", list in {self.sidecar}" if self.skipped else ""
-        print(f"wrote {self.written} images to {self.output} ({len(self.skipped)} skipped{skipped_note}; "
-              f"{output_bytes / 1e6:.1f} MB, {seconds:.1f} s, {summary['images_per_s']:.0f} images/s)")
-        print(json.dumps(summary))
-        return summary
-
-
-def _tsv(text: str) -> str:
-    """One TSV cell: tabs/newlines escaped; undecodable file-name bytes shown, never crashing the write."""
-    text = text.replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n").replace("\r", "\\r")
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-# --------------------------------------------------------------------------------------------------
-# Atomic outputs
-
-
-def temp_name(final: Path) -> Path:
-    return final.with_name(f"{final.name}.tmp-{os.getpid()}")
-
-
-def remove_stale_temps(final: Path) -> None:
-    """Removes `<final>.tmp-<pid>` left by a converter that was killed (its pid no longer runs)."""
-    for candidate in final.parent.glob(f"{final.name}.tmp-*"):
-        pid = candidate.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
-            continue
-        _remove(candidate)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    if path.is_dir():
-        for child in path.iterdir():
-            fsync_tree(child)
-    _fsync_path(path)
-
-
-@contextlib.contextmanager
-def atomic_output(final: Path, directory: bool = False) -> Iterator[Path]:
-    """Yields a temporary path beside `final`; on success it is fsynced and renamed to `final`.
-
-    On any exception the temporary is removed and a previous `final` is left untouched. A full disk
-    becomes a one-line ConversionError. A folder output replaces an old folder by renaming the old one
-    aside first (a folder cannot be os.replace'd over a non-empty one), so `final` is never partial.
-    """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
-    tmp = temp_name(final)
-    _remove(tmp)
-    if directory:
-        tmp.mkdir()
-    try:
-        yield tmp
-        fsync_tree(tmp)
-        if directory and final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            _remove(old)
-        else:
-            os.replace(tmp, final)
-        _fsync_path(final.parent)
-    except BaseException as exc:
-        _remove(tmp)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            raise ConversionError(f"no space left on device while writing {final} "
-                                  f"(temporary output removed; previous output kept)") from exc
-        raise
-
-
-def write_text_atomic(final: Path, text: str) -> None:
-    with atomic_output(final) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def disk_bytes(path: Path) -> int:
-    path = Path(path)
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
 
 
 # --------------------------------------------------------------------------------------------------
@@ -753,7 +445,7 @@ def check_shards(folder: str | os.PathLike, deep: bool = False) -> dict:
         raise CorruptOutputError(f"{meta_path}: missing; not a shard folder written by "
                                  f"data_prep/write_dali.py") from None
     except (ValueError, OSError) as exc:
-        raise CorruptOutputError(f"{meta_path}: unreadable ({_short(exc)})") from None
+        raise CorruptOutputError(f"{meta_path}: unreadable ({short_reason(exc)})") from None
     total = 0
     for shard in meta.get("shards", []):
         tar_path, idx_path = folder / Path(shard["tar"]).name, folder / Path(shard["index"]).name
@@ -766,7 +458,7 @@ def check_shards(folder: str | os.PathLike, deep: bool = False) -> dict:
         try:
             samples = read_wds_index(idx_path)
         except (OSError, ValueError) as exc:
-            raise CorruptOutputError(f"{idx_path}: bad index file ({_short(exc)})") from None
+            raise CorruptOutputError(f"{idx_path}: bad index file ({short_reason(exc)})") from None
         if len(samples) != shard["num_samples"]:
             raise CorruptOutputError(f"{idx_path}: {len(samples)} samples, meta.json records "
                                      f"{shard['num_samples']}")
@@ -794,82 +486,3 @@ def decode_cls(raw: np.ndarray | bytes) -> int:
     return int(bytes(np.asarray(raw, dtype=np.uint8)).decode("ascii").strip())
 
 
-# --------------------------------------------------------------------------------------------------
-# Command line
-
-
-def default_workers() -> int:
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    return max(1, min(available, 16))
-
-
-def _int_at_least(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            bounds = f"between {low} and {high}" if high is not None else f">= {low}"
-            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
-        return value
-    return parse
-
-
-def build_arg_parser(description: str) -> argparse.ArgumentParser:
-    """The flags every converter takes (SPEC §3); each converter adds its own."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--source", default="builtin", metavar="DIR|builtin|FILE.npz",
-                        help="ImageFolder tree (DIR/<class>/<image>), a .npz with uint8 'images' and int "
-                             "'labels', or the built-in CIFAR-10 subset")
-    parser.add_argument("--split", choices=SPLITS, default=None,
-                        help="split of the built-in dataset (default train; only with --source builtin)")
-    parser.add_argument("--output", default=None, metavar="PATH",
-                        help="output path (default: data_out/<dataset>_<split>...)")
-    parser.add_argument("--max-resolution", type=_int_at_least(1), default=DEFAULT_MAX_RESOLUTION,
-                        metavar="N", help="downscale so the longer side is at most N pixels")
-    parser.add_argument("--jpeg-quality", type=_int_at_least(1, 100), default=DEFAULT_JPEG_QUALITY,
-                        metavar="Q", help="JPEG quality for images that are (re-)encoded")
-    parser.add_argument("--workers", type=_int_at_least(1), default=default_workers(), metavar="N",
-                        help="worker processes for decoding and writing")
-    parser.add_argument("--subset", type=_int_at_least(1), default=None, metavar="N",
-                        help="convert only N evenly spaced samples (for quick tests)")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail on the first bad input file instead of skipping it")
-    return parser
-
-
-def source_from_args(args: argparse.Namespace) -> Source:
-    builtin = args.source is None or args.source == "builtin"
-    if args.split is not None and not builtin:
-        raise SourceError("--split selects a split of the built-in dataset; with --source DIR point "
-                          "--source at the split's folder instead")
-    return resolve_source(None if builtin else args.source, args.split or "train")
-
-
-def run_cli(convert: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None) -> int:
-    """Parses argv, runs `convert`, and turns known failures into one line on stderr + an exit code."""
-    args = parser.parse_args(argv)
-    prog = parser.prog
-    try:
-        convert(args)
-    except SourceError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ConversionError, CorruptOutputError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            print(f"{prog}: error: no space left on device ({exc.filename or 'output'})", file=sys.stderr)
-            return EXIT_FAILED
-        raise
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no output written", file=sys.stderr)
-        return 130
-    return 0
