@@ -599,6 +599,7 @@ def _version(dist: str) -> Optional[str]:
 
 
 def environment(device: torch.device) -> dict:
+    """Device, versions and commit (`git`, or $BSIM_FAST_COMMIT where the tree was copied without .git)."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip()
@@ -607,6 +608,7 @@ def environment(device: torch.device) -> dict:
         commit += "+changes" if commit and dirty else ""
     except OSError:
         commit = ""
+    commit = commit or os.environ.get("BSIM_FAST_COMMIT", "")
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
            "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
