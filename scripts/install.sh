@@ -24,6 +24,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 say() { echo "[install] $*"; }
+if [ -n "$OFFLINE" ] && [ -z "$(find "$OFFLINE" -maxdepth 2 -name SHA256SUMS -print -quit)" ]; then
+  echo "error: $OFFLINE: no SHA256SUMS (not a wheelhouse written by scripts/pack_offline.sh)" >&2; exit 2
+fi
 
 # Does $1 (a python) hold a torch this project can use? Prints "torch X (CUDA Y) at PATH" or why not.
 torch_ok() { "$1" - <<'PYEOF'
