@@ -11,19 +11,25 @@ import errno
 import os
 import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 
 class DiskFullError(OSError):
-    """No space left while writing `path`; the temporary is removed and a previous `path` is untouched."""
+    """No space left while writing `path`. With nothing in `installed`, every temporary is removed and the
+    previous output is untouched; otherwise `installed` lists what was already replaced by its new version."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, installed: Sequence[Path] = ()):
         super().__init__(errno.ENOSPC, f"no space left on device while writing {path}", str(path))
         self.path = Path(path)
+        self.installed = [Path(p) for p in installed]
 
     def __str__(self) -> str:
-        return (f"no space left on device while writing {self.path} "
-                f"(temporary output removed; previous output kept)")
+        if not self.installed:
+            return (f"no space left on device while writing {self.path} "
+                    f"(temporary output removed; previous output kept)")
+        done = ", ".join(str(p) for p in self.installed)
+        return (f"no space left on device while installing {self.path}: {done} already replaced by the new "
+                f"version, the rest not (rerun once there is space)")
 
 
 def temp_name(final: Path) -> Path:
@@ -80,29 +86,58 @@ def atomic_output(final: Path, directory: bool = False) -> Iterator[Path]:
     raises `DiskFullError` naming `final`. A folder output replaces an old folder by renaming the old one
     aside first (a folder cannot be os.replace'd over a non-empty one), so `final` is never partial.
     """
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(final)
-    tmp = temp_name(final)
-    remove_path(tmp)
-    if directory:
-        tmp.mkdir()
-    try:
+    with atomic_outputs((final, directory)) as (tmp,):
         yield tmp
-        fsync_tree(tmp)
-        if directory and final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            remove_path(old)
-        else:
-            os.replace(tmp, final)
-        fsync_path(final.parent)
+
+
+@contextlib.contextmanager
+def atomic_outputs(*outputs: tuple[Path, bool]) -> Iterator[list[Path]]:
+    """`atomic_output` for files that belong together (an output and its sidecar files): (final, directory)
+    pairs in, their temporaries out.
+
+    Everything is written and fsynced before the first rename, so a full disk (which strikes while writing,
+    not while renaming) leaves every previous file as it was; the renames then follow in the order given.
+    """
+    prepared: list[tuple[Path, Path, bool]] = []
+    installed: list[Path] = []
+    try:
+        for final, directory in outputs:
+            final = Path(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(final)
+            tmp = temp_name(final)
+            remove_path(tmp)
+            prepared.append((final, tmp, directory))
+            if directory:
+                tmp.mkdir()
+        yield [tmp for _, tmp, _ in prepared]
+        for _, tmp, _ in prepared:
+            fsync_tree(tmp)
+        for final, tmp, directory in prepared:
+            _install(tmp, final, directory)
+            installed.append(final)
+        for parent in dict.fromkeys(final.parent for final, _, _ in prepared):
+            fsync_path(parent)
     except BaseException as exc:
-        remove_path(tmp)
+        for _, tmp, _ in prepared:
+            remove_path(tmp)
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC and not isinstance(exc, DiskFullError):
-            raise DiskFullError(final) from exc
+            raise DiskFullError(Path(outputs[0][0]), installed) from exc
         raise
+
+
+def _install(tmp: Path, final: Path, directory: bool) -> None:
+    if not (directory and final.exists()):
+        os.replace(tmp, final)
+        return
+    old = final.with_name(f"{final.name}.old-{os.getpid()}")
+    os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old, final)  # the previous folder goes back under its name
+        raise
+    remove_path(old)
 
 
 def write_text_atomic(final: Path, text: str) -> None:

@@ -15,6 +15,8 @@ from typing import Any, List, Optional, Tuple
 
 import yaml
 
+from .loaders import KINDS as LOADER_KINDS   # the registry module imports no back end (and not torch)
+
 
 class ConfigError(ValueError):
     """A recipe or an override is wrong; the message is one line."""
@@ -150,7 +152,7 @@ class Config:
 CHOICES = {
     ("method", "name"): ("byol", "simsiam", "moco", "simclr"),
     ("method", "mode"): ("sim", "bsim", "wbsim"),
-    ("data", "loader"): ("ffcv", "dali", "torch"),
+    ("data", "loader"): LOADER_KINDS,     # the loader registry, bsim_fast/loaders/__init__.py
     ("optim", "name"): ("lars", "sgd", "adamw"),
     ("train", "precision"): ("bf16", "fp16", "fp32"),
     ("train", "compile"): ("auto", "on", "off"),

@@ -1,14 +1,17 @@
 """The datasets the loaders read, and the checks that name a bad file in one line.
 
 - the built-in dataset (`builtin_root`: a CIFAR-10 subset shipped with the package);
-- ImageFolder trees (`scan_image_folder`; the converters and the torch / GPU-resident loaders list a folder
-  through this one function, so a folder gives the same labels whatever reads it);
+- image folders (`scan_image_folder`): an ImageFolder tree (class = sub-folder) or, with `labeled=False`, an
+  unlabeled collection (every image below the folder, label `UNLABELED`); the converters and the torch /
+  GPU-resident loaders list a folder through this one function, so a folder gives the same samples and
+  labels whatever reads it;
 - robust decoding of one image file to RGB uint8 (every Pillow mode becomes RGB; corrupt or non-image files
-  raise `SampleError` with a one-line reason) and JPEG encoding for storage;
+  raise `SampleError` with a one-line reason);
 - validators of the converters' outputs (`check_beton`, `check_shards`), called before a loader reads, so a
-  truncated file gives an error naming it instead of garbage.
+  truncated file gives an error naming it instead of garbage, and `labeled_from_labels` for the label column.
 
-The converters' own plumbing (array sources, parallel validation, the command line) is in data_prep/common.py.
+The converters' own plumbing (array and list sources, JPEG encoding for storage, parallel validation, the
+command line) is in data_prep/common.py.
 """
 from __future__ import annotations
 
@@ -37,10 +40,16 @@ MAX_IMAGE_PIXELS = 150_000_000
 # torchvision's ImageFolder extensions; other files in a class folder (README, .DS_Store) are ignored.
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
+# The label every sample of an unlabeled collection carries (FFCV IntField -1, DALI `.cls` member "-1").
+UNLABELED = -1
 
 
 class SourceError(Exception):
     """The source as a whole is unusable (missing path, bad array file). One line; exit 2."""
+
+
+class NoClassFoldersError(SourceError):
+    """A labelled scan found no class sub-folders; the caller adds how to read the folder unlabeled."""
 
 
 class SampleError(Exception):
@@ -106,13 +115,18 @@ def _checked_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
 
 @dataclass
 class Source:
-    """An indexable set of labelled images. `name` is used for default output names."""
+    """An indexable set of images with labels (`UNLABELED` for every sample of an unlabeled set).
+
+    `name` is used for default output names; `classes` is empty when `labeled` is false.
+    """
 
     name: str
     classes: list[str]
     labels: np.ndarray  # int64 [N]
     empty_classes: list[str] = field(default_factory=list)
     ignored: int = 0  # files skipped by extension (not counted as bad input)
+    hidden: int = 0  # dot-files and dot-folders, not listed (a dot-folder counts once; it is not entered)
+    labeled: bool = True
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,55 +140,71 @@ class Source:
     def load_rgb(self, i: int, max_resolution: int) -> np.ndarray:
         raise NotImplementedError
 
-    def load_jpeg(self, i: int, max_resolution: int, quality: int) -> tuple[bytes, bool]:
-        raise NotImplementedError
-
 
 @dataclass
 class FolderSource(Source):
-    """An ImageFolder tree: class = sorted subfolder names, label = position in that list."""
+    """Image files by path: an ImageFolder tree (class = sorted sub-folder names, label = position in that
+    list), an unlabeled folder, or the entries of a list file (data_prep/common.py)."""
 
     root: Path = Path(".")
     paths: list[str] = field(default_factory=list)
+    missing_reason: str = "file disappeared"  # a listed path that does not exist (scanned: it vanished since)
 
     def describe(self, i: int) -> str:
         return self.paths[i]
 
+    def read_bytes(self, i: int) -> bytes:
+        return read_file(self.paths[i], self.missing_reason)
+
     def load_rgb(self, i: int, max_resolution: int) -> np.ndarray:
-        return decode_rgb(read_file(self.paths[i]), max_resolution)
-
-    def load_jpeg(self, i: int, max_resolution: int, quality: int) -> tuple[bytes, bool]:
-        return encode_jpeg_for_storage(read_file(self.paths[i]), max_resolution, quality)
+        return decode_rgb(self.read_bytes(i), max_resolution)
 
 
-def scan_image_folder(root: Path) -> FolderSource:
-    """Lists an ImageFolder tree without opening any image.
+def class_folders(root: Path) -> list[str]:
+    """The class folders of an ImageFolder tree: its sub-folders, sorted, hidden ones excluded."""
+    return sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e.path))
 
+
+def scan_image_folder(root: Path, labeled: bool = True) -> FolderSource:
+    """Lists an image folder without opening any image.
+
+    labeled=True: an ImageFolder tree, root/<class>/.../<image>; raises NoClassFoldersError when root has no
+    sub-folders. labeled=False: every image below root, at any depth, sorted by path, label `UNLABELED`.
     Symlinked folders are followed once each (a symlink loop is cut, not followed forever); symlinked
-    files are listed and a broken one is later skipped as bad input. Hidden entries are ignored.
+    files are listed and a broken one is later skipped as bad input. Hidden entries (dot-files, dot-folders)
+    are not listed, and counted in `hidden`; files of other extensions are counted in `ignored`.
     """
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"source not found or not a folder: {root}")
-    classes = sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e.path))
+    name = root.resolve().name or "dataset"
+    if not labeled:
+        paths, ignored, hidden = _list_image_files(root)
+        if not paths:
+            raise SourceError(f"no image files in {root} (looked at every folder below it)")
+        return FolderSource(name=name, classes=[], labels=np.full(len(paths), UNLABELED, np.int64),
+                            ignored=ignored, hidden=hidden, labeled=False, root=root, paths=paths)
+    entries = list(os.scandir(root))
+    hidden = sum(1 for e in entries if e.name.startswith("."))
+    classes = class_folders(root)
     if not classes:
-        raise SourceError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        raise NoClassFoldersError(f"no class folders in {root} (expected {root}/<class>/<image>)")
     paths: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
-    ignored = sum(1 for e in os.scandir(root) if not e.name.startswith(".") and not _is_dir(e.path))
-    for index, name in enumerate(classes):
-        files, class_ignored = _list_class_files(root / name)
+    ignored = sum(1 for e in entries if not e.name.startswith(".") and not _is_dir(e.path))
+    for index, class_name in enumerate(classes):
+        files, class_ignored, class_hidden = _list_image_files(root / class_name)
         ignored += class_ignored
+        hidden += class_hidden
         if not files:
-            empty.append(name)
+            empty.append(class_name)
         paths.extend(files)
         labels.extend([index] * len(files))
     if not paths:
         raise SourceError(f"no image files in {root} ({len(classes)} class folders, all empty)")
-    return FolderSource(name=root.resolve().name or "dataset", classes=classes,
-                        labels=np.asarray(labels, np.int64), empty_classes=empty, ignored=ignored,
-                        root=root, paths=paths)
+    return FolderSource(name=name, classes=classes, labels=np.asarray(labels, np.int64), empty_classes=empty,
+                        ignored=ignored, hidden=hidden, root=root, paths=paths)
 
 
 def _is_dir(path: str) -> bool:
@@ -184,12 +214,13 @@ def _is_dir(path: str) -> bool:
         return False
 
 
-def _list_class_files(class_dir: Path) -> tuple[list[str], int]:
-    """Image files under one class folder (recursive, sorted), and how many other files were ignored."""
+def _list_image_files(folder: Path) -> tuple[list[str], int, int]:
+    """Image files below `folder` (recursive, sorted), how many other files were ignored, and how many
+    hidden entries were passed over."""
     files: list[str] = []
-    ignored = 0
+    ignored = hidden = 0
     seen_dirs: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -199,30 +230,45 @@ def _list_class_files(class_dir: Path) -> tuple[list[str], int]:
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
+        hidden += sum(1 for d in dirnames if d.startswith("."))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if name.startswith("."):
-                continue
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                hidden += 1
+            elif Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 files.append(os.path.join(dirpath, name))
             else:
                 ignored += 1
     files.sort()
-    return files, ignored
+    return files, ignored, hidden
+
+
+def labeled_from_labels(labels: np.ndarray, where: str) -> bool:
+    """Whether a converted set's label column is labelled (all >= 0) or unlabeled (all `UNLABELED`).
+
+    A mix, or another negative value, is not something the converters write: CorruptOutputError naming `where`.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0 or labels.min() >= 0:
+        return True
+    if (labels == UNLABELED).all():
+        return False
+    raise CorruptOutputError(f"{where}: labels mix unlabeled ({UNLABELED}) and labelled samples "
+                             f"(min {int(labels.min())}); rewrite it with data_prep/")
 
 
 # --------------------------------------------------------------------------------------------------
 # Decoding one sample
 
 
-def read_file(path: str) -> bytes:
+def read_file(path: str, missing_reason: str = "file disappeared") -> bytes:
     """The file's bytes, or SampleError with a reason a user understands."""
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO or device named *.jpg would block the read
             raise SampleError("not a regular file")
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise SampleError("broken symlink" if os.path.islink(path) else "file disappeared") from None
+        raise SampleError("broken symlink" if os.path.islink(path) else missing_reason) from None
     except PermissionError:
         raise SampleError("permission denied") from None
     except IsADirectoryError:
@@ -241,8 +287,15 @@ def short_reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+# `open_image` keeps the size stored in the file here, in `image.info`.
+FILE_SIZE_KEY = "bsim_fast_file_size"
+
+
 def open_image(data: bytes, max_resolution: int) -> Image.Image:
-    """Opens, bomb-checks and fully decodes (so truncation is caught here), JPEGs at reduced scale."""
+    """Opens, bomb-checks and fully decodes (so truncation is caught here), JPEGs at reduced scale.
+
+    `image.info[FILE_SIZE_KEY]` is the (width, height) stored in the file, before any reduced-scale decoding.
+    """
     with warnings.catch_warnings():
         # Pillow's own bomb warning fires at 89 MP; our limit (checked below) is the one that applies.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -260,6 +313,7 @@ def open_image(data: bytes, max_resolution: int) -> Image.Image:
                               f"possible decompression bomb")
         if width < 1 or height < 1:
             raise SampleError(f"empty image ({width}x{height})")
+        image.info[FILE_SIZE_KEY] = (width, height)  # `image.size` after draft() is the reduced size
         if image.format == "JPEG" and max(width, height) > max_resolution:
             # libjpeg decodes at 1/2, 1/4 or 1/8 scale directly: a huge JPEG never exists at full size.
             image.draft(image.mode if image.mode in ("RGB", "L") else None, (max_resolution, max_resolution))
@@ -317,51 +371,23 @@ def fit_size(width: int, height: int, max_resolution: int) -> tuple[int, int]:
 
 def decode_rgb(data: bytes, max_resolution: int) -> np.ndarray:
     """Image file bytes -> RGB uint8 [H, W, 3], upright (EXIF), longer side <= max_resolution."""
-    return _decode(data, max_resolution)[0]
+    return rgb_array(open_image(data, max_resolution), max_resolution)
 
 
-def _decode(data: bytes, max_resolution: int) -> tuple[np.ndarray, bool]:
-    """(RGB array, whether the file is a JPEG that can be stored byte for byte).
+def rgb_array(image: Image.Image, max_resolution: int) -> np.ndarray:
+    """An image from `open_image` -> RGB uint8 [H, W, 3], upright (EXIF), longer side <= max_resolution.
 
-    Stored byte for byte: a baseline RGB JPEG, upright, within max_resolution; re-encoding it would
-    only lose quality.
+    `image` itself is left as it was (its mode, size and EXIF still say what the file held).
     """
-    image = open_image(data, max_resolution)
-    passthrough = (image.format == "JPEG" and image.mode == "RGB" and max(image.size) <= max_resolution
-                   and not image.info.get("progressive") and not image.info.get("progression"))
     try:
-        passthrough = passthrough and image.getexif().get(0x0112, 1) == 1
-        image = ImageOps.exif_transpose(image)
+        upright = ImageOps.exif_transpose(image)
     except Exception:
-        passthrough = False  # a malformed EXIF block must not cost a decodable image: keep the stored orientation
-    image = to_rgb(image)
-    size = fit_size(*image.size, max_resolution)
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8)), passthrough
-
-
-def downscale_rgb(rgb: np.ndarray, max_resolution: int) -> np.ndarray:
-    height, width = rgb.shape[:2]
-    size = fit_size(width, height, max_resolution)
-    if size == (width, height):
-        return rgb
-    image = Image.fromarray(rgb, "RGB").resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-    return np.asarray(image, dtype=np.uint8)
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(rgb, "RGB").save(out, "JPEG", quality=quality)  # baseline, 4:2:0
-    return out.getvalue()
-
-
-def encode_jpeg_for_storage(data: bytes, max_resolution: int, quality: int) -> tuple[bytes, bool]:
-    """(JPEG bytes, passed_through). Always fully decodes first, so a corrupt file never gets through."""
-    rgb, passthrough = _decode(data, max_resolution)
-    if passthrough:
-        return data, True
-    return encode_jpeg(rgb, quality), False
+        upright = image  # a malformed EXIF block must not cost a decodable image: keep the stored orientation
+    rgb = to_rgb(upright)
+    size = fit_size(*rgb.size, max_resolution)
+    if size != rgb.size:
+        rgb = rgb.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
 
 
 # --------------------------------------------------------------------------------------------------

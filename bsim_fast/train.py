@@ -92,6 +92,8 @@ def check_config(cfg: Config, world: int, path: str) -> None:
         raise ConfigError(f"{path}: data.train = {cfg.data.train!r} does not exist")
     if cfg.data.val and not cfg.data.val.startswith("builtin") and not Path(cfg.data.val).exists():
         raise ConfigError(f"{path}: data.val = {cfg.data.val!r} does not exist")
+    from .loaders import check_datasets
+    check_datasets(cfg)       # a path of the wrong kind for data.loader, a missing converted built-in set
 
 
 # ---------------------------------------------------------------------------------------------- step

@@ -2,12 +2,15 @@
 
     python data_prep/write_dali.py                          # built-in train -> data_out/cifar10_mini_train_dali/
     python data_prep/write_dali.py --source DIR --output out_dir --shard-size 10000
+    python data_prep/write_dali.py --source PHOTOS --no-labels --output photos_dali
 
 Output folder:
-    shard-000000.tar ...   members <key>.jpg (RGB baseline JPEG) and <key>.cls (label, ASCII decimal);
-                           key = the sample's zero-padded position in the output, never a name from the data
+    shard-000000.tar ...   members <key>.jpg (RGB baseline JPEG) and <key>.cls (label, ASCII decimal; "-1"
+                           in an unlabeled set); key = the sample's zero-padded position in the output, never
+                           a name from the data
     shard-000000.idx ...   one index per shard, DALI's wds2idx format (pass as index_paths=)
-    meta.json              num_samples, classes, shards (with sizes, so a truncated shard is detected)
+    meta.json              num_samples, labeled, classes ([] when unlabeled), shards (with sizes, so a
+                           truncated shard is detected)
 
 Same sources, options, progress, bad-input policy and atomic output as write_ffcv.py (data_prep/common.py).
 A JPEG that is already RGB, baseline, upright and within --max-resolution is stored byte for byte;
@@ -20,6 +23,7 @@ import contextlib
 import functools
 import io
 import json
+import re
 import sys
 import tarfile
 from pathlib import Path
@@ -30,7 +34,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bsim_fast import atomic, datasets  # noqa: E402
+from bsim_fast import datasets  # noqa: E402
 from data_prep import common  # noqa: E402
 from data_prep.common import ConversionError  # noqa: E402
 
@@ -41,17 +45,26 @@ INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.build_arg_parser(__doc__.strip().splitlines()[0])
+    parser = common.build_arg_parser(__doc__.strip().splitlines()[0],
+                                     "the folder of shards to write (default: data_out/<dataset>[_subsetN]_dali)")
     parser.add_argument("--shard-size", type=common.int_at_least(1), default=DEFAULT_SHARD_SIZE,
-                        metavar="N", help="samples per tar shard")
+                        metavar="N", help="samples per tar shard (default: %(default)s)")
     parser.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
-                        help="sample order in the shards: shuffled (fixed seed; default) or as in the source")
+                        help="sample order in the shards: shuffled (fixed seed) or as in the source "
+                             "(default: %(default)s)")
     return parser
 
 
-def default_output(source: datasets.Source, subset: int | None) -> Path:
-    name = source.name + (f"_subset{subset}" if subset else "")
-    return REPO_ROOT / "data_out" / f"{name}_dali"
+def default_output(name: str, subset: int | None) -> Path:
+    return REPO_ROOT / "data_out" / f"{name}{f'_subset{subset}' if subset else ''}_dali"
+
+
+OUR_FILES = re.compile(r"meta\.json|shard-[0-9]{6}\.(tar|idx)")
+
+
+def looks_like_shards(folder: Path) -> bool:
+    """An output --overwrite may replace: a folder holding nothing but what this converter writes."""
+    return all(OUR_FILES.fullmatch(entry.name) for entry in folder.iterdir())
 
 
 class ShardWriter:
@@ -110,12 +123,12 @@ class ShardWriter:
 
 
 def _prepare_jpeg(max_resolution: int, quality: int, source: datasets.Source, i: int):
-    return source.load_jpeg(i, max_resolution, quality)
+    return common.load_jpeg(source, i, max_resolution, quality)
 
 
 def convert(args: argparse.Namespace) -> dict:
-    source = common.source_from_args(args)
-    output = Path(args.output) if args.output else default_output(source, args.subset)
+    output, source = common.output_and_source(args, lambda name: default_output(name, args.subset),
+                                              directory=True, is_ours=looks_like_shards)
     indices = common.subset_indices(len(source), args.subset)
     if args.order == "shuffled":
         # DALI reads a shard sequentially through a bounded shuffle buffer: shards in class order would give
@@ -126,7 +139,7 @@ def convert(args: argparse.Namespace) -> dict:
     run = common.Conversion(source, output, len(indices), args.strict, desc="converting")
     passed_through = 0
     try:
-        with atomic.atomic_output(output, directory=True) as tmp:
+        with run.install(directory=True) as tmp:
             shards = ShardWriter(tmp, args.shard_size)
             with contextlib.closing(common.map_samples(source, indices, prepare, args.workers)) as results:
                 for i, payload, reason in results:
@@ -141,18 +154,19 @@ def convert(args: argparse.Namespace) -> dict:
             if shards.count == 0:
                 raise ConversionError(f"no usable images in {args.source} ({len(run.skipped)} skipped)")
             meta = {
-                "format": "webdataset", "num_samples": shards.count, "classes": source.classes,
-                "image_member": "jpg", "label_member": "cls", "label_encoding": "ascii-decimal",
-                "index_format": f"DALI wds2idx {INDEX_VERSION}", "max_resolution": args.max_resolution,
-                "jpeg_quality": args.jpeg_quality, "shards": shards.shards,
+                "format": "webdataset", "num_samples": shards.count, "labeled": source.labeled,
+                "classes": source.classes, "image_member": "jpg", "label_member": "cls",
+                "label_encoding": "ascii-decimal", "index_format": f"DALI wds2idx {INDEX_VERSION}",
+                "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "shards": shards.shards,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
             datasets.check_shards(tmp)
+            run.written = shards.count
+            run.extra.update(format="dali-webdataset", shards=len(shards.shards), jpeg_passed_through=passed_through,
+                             jpeg_reencoded=shards.count - passed_through)
     finally:
         run.close()
-    run.written = shards.count
-    return run.finish(atomic.disk_bytes(output), format="dali-webdataset", shards=len(shards.shards),
-                      jpeg_passed_through=passed_through, jpeg_reencoded=shards.count - passed_through)
+    return run.summary
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=.venv/bin/python
 for split in train test; do
-  $PY data_prep/write_ffcv.py --split $split --output data_out/cifar10_mini_$split.beton
-  $PY data_prep/write_dali.py --split $split --output data_out/cifar10_mini_${split}_dali
+  $PY data_prep/write_ffcv.py --split $split --output data_out/cifar10_mini_$split.beton --overwrite
+  $PY data_prep/write_dali.py --split $split --output data_out/cifar10_mini_${split}_dali --overwrite
 done
 # A short run: a few hundred optimiser steps on a GPU, a few dozen on a CPU (overrides in QUICK_ARGS).
 if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then

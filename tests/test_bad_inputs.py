@@ -16,7 +16,7 @@ from PIL import Image
 from bsim_fast import datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
-from data_prep import write_dali, write_ffcv  # noqa: E402
+from data_prep import common, write_dali, write_ffcv  # noqa: E402
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root reads a chmod 000 file anyway
 
@@ -140,12 +140,16 @@ def test_every_mode_becomes_rgb(huge_jpeg):
 def test_jpeg_bytes_pass_through_only_when_lossless(huge_jpeg):
     images = odd_images(huge_jpeg)
     good = jpeg_bytes(noise(20, 20))
-    assert datasets.encode_jpeg_for_storage(good, 512, 90) == (good, True)
+    assert common.encode_jpeg_for_storage(good, 512, 90) == (good, True)
     for name in ("gray.jpg", "cmyk.jpg", "huge.jpg", "png_named.jpg", "exif_rotated.jpg", "progressive.jpg"):
-        data, passed = datasets.encode_jpeg_for_storage(images[name], 512, 90)
+        data, passed = common.encode_jpeg_for_storage(images[name], 512, 90)
         assert not passed and Image.open(io.BytesIO(data)).mode == "RGB", name
-    assert Image.open(io.BytesIO(datasets.encode_jpeg_for_storage(images["exif_rotated.jpg"], 512, 90)[0])).size \
+    assert Image.open(io.BytesIO(common.encode_jpeg_for_storage(images["exif_rotated.jpg"], 512, 90)[0])).size \
         == (20, 40)
+    # Exactly twice --max-resolution: libjpeg decodes it at 1/2 scale, so the decoded size is within the limit,
+    # but the file is not: it must be re-encoded at 512, not stored at 1024.
+    data, passed = common.encode_jpeg_for_storage(jpeg_bytes(noise(1024, 768)), 512, 90)
+    assert not passed and Image.open(io.BytesIO(data)).size == (512, 384)
 
 
 def test_decompression_bomb_is_a_skip_not_a_crash(monkeypatch):

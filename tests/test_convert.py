@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from bsim_fast import atomic, datasets
+from convert_helpers import read_beton, read_shards_with_dali, tmp_leftovers
 from data_prep import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
@@ -34,53 +35,6 @@ def builtin_subset():
     source = common.resolve_source("builtin", "train")
     indices = common.subset_indices(len(source), SUBSET)
     return source, indices, source.labels[indices]
-
-
-def read_beton(path: Path, image_decoder=None):
-    """All (images, labels) of a .beton in file order, the last partial batch included."""
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-
-    datasets.check_beton(path)
-    loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    drop_last=False,  # FFCV's default (True) would drop the last 8 of 200
-                    pipelines={"image": [image_decoder or SimpleRGBImageDecoder()], "label": [IntDecoder()]})
-    images, labels = [], []
-    for batch_images, batch_labels in loader:
-        images.append(np.array(batch_images))
-        labels.append(np.array(batch_labels).reshape(-1))
-    return np.concatenate(images), np.concatenate(labels)
-
-
-def read_shards_with_dali(folder: Path):
-    """All (images, labels) of a shard folder through a CPU-only DALI pipeline with our index files."""
-    from nvidia.dali import fn, pipeline_def, types
-
-    meta = datasets.check_shards(folder)
-    tars = [str(folder / s["tar"]) for s in meta["shards"]]
-    indexes = [str(folder / s["index"]) for s in meta["shards"]]
-
-    @pipeline_def(batch_size=64, num_threads=1, device_id=None)
-    def pipeline():
-        jpegs, labels = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
-                                              missing_component_behavior="error", name="reader")
-        return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), labels
-
-    pipe = pipeline()
-    pipe.build()
-    total = pipe.epoch_size("reader")
-    images, labels = [], []
-    while len(images) < total:  # DALI fills the last batch by wrapping around: keep exactly one epoch
-        batch_images, batch_labels = pipe.run()
-        for k in range(len(batch_images)):
-            if len(images) < total:
-                images.append(np.array(batch_images.at(k)))
-                labels.append(datasets.decode_cls(batch_labels.at(k)))
-    return images, np.array(labels), meta
-
-
-def tmp_leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if ".tmp-" in p.name or ".old-" in p.name)
 
 
 # ---- built-in dataset -------------------------------------------------------------------------------
@@ -112,13 +66,17 @@ def test_builtin_archive_with_path_traversal_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "escaped.txt").exists() and not (tmp_path / "cache" / "cifar10_mini").exists()
 
 
-def test_default_output_names():
+def test_default_output_names(tmp_path):
     train = common.resolve_source("builtin", "train")
     test = common.resolve_source(None, "test")
-    assert write_ffcv.default_output(train, None, ".beton") == REPO_ROOT / "data_out/cifar10_mini_train.beton"
-    assert write_ffcv.default_output(test, None, ".beton") == REPO_ROOT / "data_out/cifar10_mini_test.beton"
-    assert write_dali.default_output(train, None) == REPO_ROOT / "data_out/cifar10_mini_train_dali"
+    assert (train.name, test.name) == (common.source_name("builtin"), common.source_name(None, "test"))
+    assert write_ffcv.default_output(train.name, None) == REPO_ROOT / "data_out/cifar10_mini_train.beton"
+    assert write_ffcv.default_output(test.name, 100) == REPO_ROOT / "data_out/cifar10_mini_test_subset100.beton"
+    assert write_dali.default_output(train.name, None) == REPO_ROOT / "data_out/cifar10_mini_train_dali"
     assert len(test) == 1000 and write_ffcv.build_parser().parse_args([]).source == "builtin"
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "list.txt").write_text("a.jpg\n")
+    assert common.source_name(tmp_path / "photos") == "photos" and common.source_name(tmp_path / "list.txt") == "list"
 
 
 # ---- round trips ------------------------------------------------------------------------------------
@@ -231,7 +189,8 @@ def test_ffcv_failure_mid_write_keeps_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(write_ffcv, "write_beton", crash)
     with pytest.raises(RuntimeError):
-        write_ffcv.convert(write_ffcv.build_parser().parse_args(["--subset", "40", "--output", str(out)]))
+        write_ffcv.convert(write_ffcv.build_parser().parse_args(["--subset", "40", "--output", str(out),
+                                                                 "--overwrite"]))
     assert out.read_bytes() == before and tmp_leftovers(tmp_path) == []
 
 
@@ -248,7 +207,8 @@ def test_ffcv_full_disk_in_writer_worker(tmp_path, monkeypatch, capsys):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(MemoryAllocator, "flush_page", no_space)  # inherited by the forked workers
-    assert write_ffcv.main(["--subset", "40", "--workers", "2", "--output", str(out)]) == 1
+    monkeypatch.setattr(write_ffcv, "writer_count", lambda workers, data_bytes, page_size: workers)  # both write
+    assert write_ffcv.main(["--subset", "40", "--workers", "2", "--output", str(out), "--overwrite"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert "no space left on device" in error and str(out) in error
     assert out.read_bytes() == before and tmp_leftovers(tmp_path) == []
@@ -260,15 +220,15 @@ def test_dali_full_disk_keeps_previous_output(tmp_path, monkeypatch, capsys):
     before = sorted((p.name, p.read_bytes()) for p in out.iterdir())
     capsys.readouterr()
 
-    real_add = write_dali.ShardWriter._add_member
+    real_addfile = tarfile.TarFile.addfile
 
-    def fill_disk(self, name, data):
-        if name.startswith("000000010"):
+    def fill_disk(self, tarinfo, fileobj=None):
+        if tarinfo.name.startswith("000000010"):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_add(self, name, data)
+        return real_addfile(self, tarinfo, fileobj)
 
-    monkeypatch.setattr(write_dali.ShardWriter, "_add_member", fill_disk)
-    assert write_dali.main(["--subset", "30", "--workers", "1", "--output", str(out)]) == 1
+    monkeypatch.setattr(tarfile.TarFile, "addfile", fill_disk)
+    assert write_dali.main(["--subset", "30", "--workers", "1", "--output", str(out), "--overwrite"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.endswith(f"no space left on device while writing {out} "
                           f"(temporary output removed; previous output kept)")

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # data_prep/
 
 from bsim_fast.config import Config  # noqa: E402
 from bsim_fast.datasets import CorruptOutputError  # noqa: E402
+from bsim_fast.loaders.base import DatasetError  # noqa: E402
 from bsim_fast.loaders.dali_loader import DaliEvalLoader, DaliTrainLoader, ShardSet  # noqa: E402
 
 SIZE = 16
@@ -206,5 +207,5 @@ def test_corrupt_jpeg_fails_naming_shard_and_member(tmp_path):
     root = write_shards(tmp_path / "badjpg", [4, 4])
     overwrite_member(root, 1, "000000005.jpg", b"\xff\xd8 not a jpeg")
     loader = DaliTrainLoader(make_cfg(root), 0, 1, CPU)
-    with pytest.raises(RuntimeError, match=r"shard-000001\.tar: 000000005\.jpg: not a valid JPEG"):
+    with pytest.raises(DatasetError, match=r"shard-000001\.tar: 000000005\.jpg: not a valid JPEG"):
         run_epoch(loader)

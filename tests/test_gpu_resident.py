@@ -12,7 +12,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from bsim_fast import datasets
 from bsim_fast.config import Config, ConfigError
-from bsim_fast.loaders import build_eval_loader, build_train_loader, rank_order
+from bsim_fast.loaders import build_eval_loader, build_train_loader
+from bsim_fast.loaders.base import rank_order
 from bsim_fast.loaders import gpu_resident
 from bsim_fast.loaders.gpu_resident import (GpuResidentEvalLoader, GpuResidentTrainLoader, crop_resize,
                                             random_resized_boxes)

@@ -13,8 +13,8 @@ import torch
 from bsim_fast import datasets
 from data_prep import common
 from bsim_fast.config import Config
-from bsim_fast.loaders import (build_eval_loader, build_train_loader, eval_shard, loader_throughput,
-                               rank_order, resolve_path)
+from bsim_fast.loaders import build_eval_loader, build_train_loader
+from bsim_fast.loaders.base import DatasetError, eval_shard, loader_throughput, rank_order, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 20          # 10 classes -> 200 images
@@ -132,11 +132,11 @@ def test_rank_order():
 def test_builtin_paths(monkeypatch, tmp_path):
     assert Path(resolve_path("torch", "builtin")) == datasets.builtin_root() / "train"
     assert Path(resolve_path("torch", "builtin:test")) == datasets.builtin_root() / "test"
-    with pytest.raises(FileNotFoundError, match="nothing_here"):
+    with pytest.raises(DatasetError, match="nothing_here"):
         resolve_path("ffcv", str(tmp_path / "nothing_here.beton"))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("bsim_fast.loaders.REPO_ROOT", tmp_path)
-    with pytest.raises(FileNotFoundError, match="write_ffcv.py --split test"):
+    monkeypatch.setattr("bsim_fast.loaders.base.REPO_ROOT", tmp_path)
+    with pytest.raises(DatasetError, match="write_ffcv.py --split test"):
         resolve_path("ffcv", "builtin:test")
 
 

@@ -1,4 +1,4 @@
-"""FFCV loaders: one JPEG decode, two random resized crops (issue #9), photometric on the device.
+"""FFCV loaders: one JPEG decode, two random resized crops, photometric on the device (base.py).
 
 ffcv 1.0.2 cannot feed one field to two pipelines, and decoding twice costs the JPEG decode (the bulk of
 the CPU time) twice. `TwoViewCropDecoder` decodes each image once into a scratch buffer and writes both
@@ -7,13 +7,16 @@ views from it: uint8 (2, S, S, 3) per sample, compiled by numba like ffcv's own 
 Reproducibility. ffcv hands compiled code only the batch's sample indices (numba freezes anything closed
 over at compile time), and its decoders draw crops from numba's per-thread np.random, whose state depends
 on which worker thread got which sample. Here the crops come from a counter-based hash instead:
-splitmix64(seed, epoch, sample index, view, draw number), so a sample's two crops and flips depend on
+splitmix64(seed, epoch, sample index, view, draw number) gives the uniforms that the crop reference
+(`base.random_resized_crop_params`, compiled by numba) takes, so a sample's two crops and flips depend on
 (seed, epoch, index) only, whatever the thread count, batch composition or start_batch. The epoch reaches
 the compiled code in the high bits of each index (`_EPOCH_SHIFT`); the labels are therefore not decoded by
-ffcv (its IntDecoder would read the salted index) but gathered from the .beton's metadata in Python.
+ffcv (its IntDecoder would read the salted index) but gathered from the .beton's metadata in Python, and
+stay on the host.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import traceback
@@ -21,11 +24,6 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-
-from . import (augment_views, eval_crop_ratio, eval_shard, per_rank_batch, photometric_generator,
-               rank_order, resolve_path)
-from ..augment import policy_for
-
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode, resize_crop
@@ -34,6 +32,11 @@ from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
+
+from .. import datasets
+from .base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, eval_crop_ratio, is_labeled, mix_seed,
+                   random_resized_crop_params)
+
 
 def _quiet_numba_finalizer_keyerror() -> None:
     """Drop one known-harmless message. ffcv compiles a numba dispatcher per Loader; when a discarded Loader's
@@ -67,15 +70,6 @@ def _splitmix64(x):
     return z ^ (z >> np.uint64(31))
 
 
-def _splitmix64_int(x: int) -> int:
-    """_splitmix64 on Python ints (no numpy overflow warnings), for keys computed outside numba."""
-    m = (1 << 64) - 1
-    z = (x + 0x9E3779B97F4A7C15) & m
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return z ^ (z >> 31)
-
-
 def _make_uniform(splitmix):
     def uniform(key, counter):
         """The counter-th uniform in [0, 1) of the stream named by key (53 random bits)."""
@@ -83,34 +77,15 @@ def _make_uniform(splitmix):
     return uniform
 
 
-def _make_view_params(uniform):
-    """Crop box and flip of one view, torchvision's RandomResizedCrop.get_params algorithm (10 tries, then
-    the centre crop clamped to the ratio range) with uniforms from a counter-based hash of `key`."""
-    def view_params(key, height, width, scale, log_ratio, flip_p):
-        area = np.float64(height) * np.float64(width)
-        flip = uniform(key, 40) < flip_p
-        for attempt in range(10):
-            target_area = area * (scale[0] + (scale[1] - scale[0]) * uniform(key, 4 * attempt))
-            aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * uniform(key, 4 * attempt + 1))
-            w = int(np.round(np.sqrt(target_area * aspect)))
-            h = int(np.round(np.sqrt(target_area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                i = int(uniform(key, 4 * attempt + 2) * (height - h + 1))
-                j = int(uniform(key, 4 * attempt + 3) * (width - w + 1))
-                return i, j, h, w, flip
-        in_ratio = np.float64(width) / np.float64(height)
-        lo, hi = np.exp(log_ratio[0]), np.exp(log_ratio[1])
-        if in_ratio < lo:
-            w = int(width)
-            h = int(np.round(w / lo))
-        elif in_ratio > hi:
-            h = int(height)
-            w = int(np.round(h * hi))
-        else:
-            w = int(width)
-            h = int(height)
-        return (int(height) - h) // 2, (int(width) - w) // 2, h, w, flip
-
+def _make_view_params(uniform, crop_params):
+    def view_params(key, height, width, scale, ratio, flip_p, uniforms):
+        """Crop box and flip of one view: the crop reference fed with the uniforms of the stream `key`
+        (draw 4k + d is attempt k's draw d, draw 40 the flip). `uniforms` is a float64 [10, 4] scratch."""
+        for k in range(CROP_ATTEMPTS):
+            for d in range(4):
+                uniforms[k, d] = uniform(key, 4 * k + d)
+        top, left, h, w = crop_params(height, width, scale, ratio, uniforms)
+        return top, left, h, w, uniform(key, 4 * CROP_ATTEMPTS) < flip_p
     return view_params
 
 
@@ -137,9 +112,9 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         super().__init__()
         self.output_size = int(output_size)
         self.scale = np.array(scale, dtype=np.float64)
-        self.log_ratio = np.log(np.array(ratio, dtype=np.float64))
+        self.ratio = np.array(ratio, dtype=np.float64)
         self.flip_p = float(flip_p)
-        self.seed_key = np.uint64(_splitmix64_int(seed))
+        self.seed_key = np.uint64(mix_seed(seed, bits=64))
 
     def declare_state_and_memory(self, previous_state):
         max_width = np.uint64(self.metadata["width"].max())
@@ -155,10 +130,11 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         splitmix = Compiler.compile(_splitmix64)
-        view_params = Compiler.compile(_make_view_params(Compiler.compile(_make_uniform(splitmix))))
+        view_params = Compiler.compile(_make_view_params(Compiler.compile(_make_uniform(splitmix)),
+                                                         Compiler.compile(random_resized_crop_params)))
         flip_rows = Compiler.compile(_flip_rows)
         jpg = IMAGE_MODES["jpg"]
-        scale, log_ratio, flip_p, seed_key = self.scale, self.log_ratio, self.flip_p, self.seed_key
+        scale, ratio, flip_p, seed_key = self.scale, self.ratio, self.flip_p, self.seed_key
         index_mask = _INDEX_MASK
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -167,8 +143,8 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
                 entry = np.uint64(batch_indices[dst_ix])          # (epoch salt << 40) | sample index
                 field = metadata[entry & index_mask]
                 image_data = mem_read(field["data_ptr"], storage_state)
-                height = np.uint32(field["height"])
-                width = np.uint32(field["width"])
+                height = np.int64(field["height"])
+                width = np.int64(field["width"])
                 if field["mode"] == jpg:
                     image = scratch[dst_ix]
                     imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
@@ -176,9 +152,10 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
                 else:
                     image = image_data.reshape(height, width, 3)
                 sample_key = splitmix(seed_key ^ entry)
+                uniforms = np.empty((CROP_ATTEMPTS, 4), dtype=np.float64)
                 for v in range(2):
                     i, j, h, w, flip = view_params(splitmix(sample_key + np.uint64(v)), height, width,
-                                                   scale, log_ratio, flip_p)
+                                                   scale, ratio, flip_p, uniforms)
                     view = destination[dst_ix, v]
                     resize_crop_c(image, i, i + h, j, j + w, view)
                     if flip:
@@ -189,91 +166,94 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         return decode
 
 
+@contextlib.contextmanager
+def keep_torch_threads():
+    """ffcv's Loader (construction and iteration) sets torch's intra-op threads of the calling thread to its
+    worker count (`Compiler.set_num_threads`), silently overriding the trainer's choice: on a small busy
+    machine 2 threads instead of 1 made the CPU photometric step 15x slower. Put the count back."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def _to_device(device: torch.device) -> list:
     """ToDevice for an accelerator (pinned buffers, async copy); on CPU it would only add a copy."""
     return [] if device.type == "cpu" else [ToDevice(device, non_blocking=True)]
 
 
-def _open_checked(path: str) -> None:
-    from .. import datasets
-    datasets.check_beton(path)      # names the file if it is truncated, instead of ffcv's garbage pointers
-
-
-def _field_index(loader: Loader, name: str, path: str) -> int:
-    names = list(loader.reader.handlers)
+def _field_index(reader, name: str, path: str) -> int:
+    names = list(reader.handlers)
     if name not in names:
-        raise ValueError(f"{path}: .beton has fields {names}, expected '{name}' "
-                         f"(write it with data_prep/write_ffcv.py)")
+        raise DatasetError(f"{path}: .beton has fields {names}, expected '{name}' "
+                           f"(write it with data_prep/write_ffcv.py)")
     return names.index(name)
 
 
-class FfcvTrainLoader:
+def _labels(path: str) -> np.ndarray:
+    """The label of every sample, from the .beton's metadata (no decoding)."""
+    from ffcv.reader import Reader
+    reader = Reader(path)
+    _field_index(reader, "image", path)
+    return np.ascontiguousarray(reader.metadata[f"f{_field_index(reader, 'label', path)}"]).astype(np.int64)
+
+
+class FfcvTrainLoader(TrainLoader):
     """Two augmented views per image from a .beton; see the module docstring for what is reproducible."""
 
-    def __init__(self, cfg, rank: int, world_size: int, device):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device = torch.device(device)
-        self.path = resolve_path("ffcv", cfg.data.train)
-        _open_checked(self.path)
-        self.batch_size = per_rank_batch(cfg, world_size)
-        self.seed = cfg.train.seed
-        self.policies = policy_for(cfg)
+    kind = "ffcv"
+
+    def open(self, path: str):
+        cfg = self.cfg
+        datasets.check_beton(path)      # names the file if it is truncated, instead of ffcv's garbage pointers
+        self.labels = _labels(path)
         decoder = TwoViewCropDecoder(cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio,
                                      cfg.aug.flip_p, seed=self.seed)
-        # The order given to ffcv here is never used: epoch() hands EpochIterator its own (rank_order).
-        self._loader = Loader(self.path, batch_size=self.batch_size, num_workers=max(1, cfg.data.workers),
-                              order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=True, seed=self.seed,
-                              pipelines={"image": [decoder, ToTensor()] + _to_device(self.device), "label": None})
-        label_ix = _field_index(self._loader, "label", self.path)
-        _field_index(self._loader, "image", self.path)
-        self.labels = np.ascontiguousarray(self._loader.reader.metadata[f"f{label_ix}"]).astype(np.int64)
-        self.num_samples = len(self.labels)
+        # The order given to ffcv here is never used: crops() hands EpochIterator its own (rank_order).
+        with keep_torch_threads():
+            self._loader = Loader(path, batch_size=self.batch_size, num_workers=max(1, self.workers),
+                                  order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=True, seed=self.seed,
+                                  pipelines={"image": [decoder, ToTensor()] + _to_device(self.device),
+                                             "label": None})
+        return len(self.labels), is_labeled(self.labels)
 
-    def __len__(self) -> int:
-        return (self.num_samples // self.world_size) // self.batch_size       # as rank_order cuts it
-
-    def epoch(self, epoch: int, start_batch: int = 0):
-        order = rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size,
-                           start_batch)
+    def crops(self, epoch: int, start_batch: int):
+        order = self.order(epoch, start_batch)
         if len(order) == 0:
             return
         salted = order.astype(np.uint64) | (np.uint64(epoch & 0xFFFFFF) << _EPOCH_SHIFT)
         batches = EpochIterator(self._loader, salted)
         try:
             for b, (views_u8,) in enumerate(batches):
-                idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-                labels = torch.from_numpy(self.labels[idx]).to(self.device, non_blocking=True)
-                g = photometric_generator(self.seed, epoch, start_batch + b, self.rank, self.device)
-                a_u8, b_u8 = augment_views(views_u8, self.policies, g)
-                yield a_u8, b_u8, labels
+                labels = torch.from_numpy(self.labels[order[b * self.batch_size:(b + 1) * self.batch_size]])
+                yield views_u8[:, 0], views_u8[:, 1], labels
         finally:
             batches.close()
 
 
-class FfcvEvalLoader:
+class FfcvEvalLoader(EvalLoader):
     """One centre-cropped view per sample, in file order, each sample exactly once over the ranks."""
 
-    def __init__(self, cfg, path: str, rank: int, world_size: int, device):
-        self.device = torch.device(device)
-        self.path = resolve_path("ffcv", path)
-        _open_checked(self.path)
-        size = cfg.data.image_size
-        batch_size = per_rank_batch(cfg, world_size)
-        from .. import datasets
-        num_samples = datasets.check_beton(self.path)
-        self.indices = eval_shard(num_samples, rank, world_size)
-        self._loader = Loader(
-            self.path, batch_size=batch_size, num_workers=max(1, cfg.data.workers), order=OrderOption.SEQUENTIAL,
-            os_cache=True, drop_last=False, indices=self.indices,
-            pipelines={"image": [CenterCropRGBImageDecoder((size, size), eval_crop_ratio(size)), ToTensor()]
-                       + _to_device(self.device),
-                       "label": [IntDecoder(), ToTensor()] + _to_device(self.device) + [Squeeze()]})
-        _field_index(self._loader, "label", self.path)
+    kind = "ffcv"
 
-    def __len__(self) -> int:
-        return len(self._loader)
+    def open(self, path: str):
+        num_samples = datasets.check_beton(path)
+        self._loader = None
+        return num_samples, is_labeled(_labels(path))
 
-    def __iter__(self):
+    def batches(self):
+        size = self.size
+        with keep_torch_threads():
+            if self._loader is None:     # built at the first pass (it needs self.indices), reused by the next
+                self._loader = Loader(
+                    self.path, batch_size=self.batch_size, num_workers=max(1, self.workers),
+                    order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=False, indices=self.indices,
+                    pipelines={"image": [CenterCropRGBImageDecoder((size, size), eval_crop_ratio(size)), ToTensor()]
+                               + _to_device(self.device),
+                               "label": [IntDecoder(), ToTensor(), Squeeze()]})
+            batches = iter(self._loader)
         # ffcv reuses its output buffers a few batches later: hand out tensors the caller may keep
-        for x_u8, labels in self._loader:
+        for x_u8, labels in batches:
             yield x_u8.clone(), labels.reshape(-1).long().clone()

@@ -1,29 +1,30 @@
-"""GPU-resident loader for small datasets (issue #10): decode every image once, keep them all on the device,
-cut both views there.
+"""GPU-resident loader for small datasets: decode every image once, keep them all on the device, cut both
+views there (`data.gpu_resident=true`, or `data.loader=gpu_resident`).
 
 At 32x32 a ResNet-18 step eats 20-25k images/s on one H100, more than a few CPU cores can crop and feed.
 Here the whole set lives on the training device as one uint8 tensor [N, H, W, 3] and each batch is a handful
 of batched kernels: gather by index, two random resized crops + flips (one `grid_sample`), then the same
-photometric policy as every other loader (`augment_views`). No Python loop over samples, no host sync.
+photometric policy as every other loader (base.py). No Python loop over samples, no host sync.
 
 What is stored. Sources are the paths the other loaders take: an FFCV .beton (decoded once by ffcv's own
-Loader) or an ImageFolder tree (decoded once by the converters' `datasets.decode_rgb`, so a folder gives the
-same pixels here as after data_prep/write_ffcv.py). If every image has one size they are stored as they are.
+Loader) or an image folder (listed and decoded as the torch loader and the converters do, so a folder gives
+the same labels and pixels here as after data_prep/write_ffcv.py); the built-in set is read as its folder.
+Labels stay on the host. If every image has one size they are stored as they are.
 Otherwise each is resized (shorter side) and centre-cropped to a square of side round(S / eval_crop_ratio(S))
 for S = data.image_size (32 at 32 px, 256 at 224 px): the eval centre crop is then taken at stored
 resolution, and training crops see only that centre square, the price of one dense tensor.
 The set must fit a budget (25% of the free memory of a GPU, 4 GiB on the CPU), checked before decoding.
 
-The crops follow torchvision's RandomResizedCrop: area ~ U(scale) * H * W, log aspect ~ U(log ratio),
-ten attempts, then the whole image clamped to the ratio range. All ten attempts are drawn for every view at
-once and the first that fits is kept: the same distribution as torchvision's loop, from a different stream of
-random numbers. The resize is bilinear with sampling positions clamped to the crop box (as torchvision's crop
-then resize), without antialiasing: it matches torchvision exactly when a crop is upsampled (every crop at
-32 px from 32 px images) and aliases slightly where a crop is shrunk.
+The crops are `base.random_resized_crop_params` (torchvision's RandomResizedCrop) evaluated for every view
+at once: all ten attempts' uniforms are drawn together and the first attempt that fits is kept, which gives
+the reference's box for the same uniforms (tests/test_loaders_conformance.py). The resize is bilinear with
+sampling positions clamped to the crop box (as torchvision's crop then resize), without antialiasing: it
+matches torchvision exactly when a crop is upsampled (every crop at 32 px from 32 px images) and aliases
+slightly where a crop is shrunk.
 
-Randomness: one generator per batch, `photometric_generator(seed, epoch, batch index, rank)`, draws the
-crops and flips first and then the photometric parameters; the order is `rank_order(seed, epoch)`. A resumed
-run (start_batch) therefore sees the same batches, crops and colours.
+Randomness: the crops and flips of a batch come from `batch_generator(seed, epoch, batch index, rank,
+CROP_STREAM)`, the colours from the base class's photometric generator; the order is `rank_order(seed,
+epoch)`. A resumed run (start_batch) therefore sees the same batches, crops and colours.
 """
 from __future__ import annotations
 
@@ -31,26 +32,24 @@ import math
 import os
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import (augment_views, eval_crop_ratio, eval_shard, per_rank_batch, photometric_generator,
-               rank_order, resolve_path)
 from .. import datasets
-from ..augment import policy_for
 from ..config import ConfigError
+from .base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, batch_generator, eval_crop_ratio, is_labeled,
+                   scan_folder)
 
 CPU_BUDGET_BYTES = 4 << 30       # the device is the CPU (tests, debugging): host memory is shared with all else
 GPU_BUDGET_FRACTION = 0.25       # of the free memory: the model, activations and optimiser need the rest
-CROP_ATTEMPTS = 10               # torchvision's RandomResizedCrop
+CROP_STREAM = 1                  # batch_generator stream of the crops (0 is the photometric one)
 GIB = 1 << 30
 
 
 class ResidentSet:
-    """Every image of a dataset on the device: images uint8 [N, H, W, 3], labels int64 [N]."""
+    """Every image of a dataset on the device: images uint8 [N, H, W, 3]; labels int64 [N] on the host."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels
@@ -85,30 +84,33 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
     from ffcv.loader import Loader, OrderOption
     from ffcv.reader import Reader
     from ffcv.transforms import ToTensor
-    from . import ffcv_loader  # noqa: F401  (it quiets a harmless numba message when a Loader is freed)
+
+    from . import ffcv_loader  # (also quiets a harmless numba message when a Loader is freed)
 
     datasets.check_beton(path)                  # names a truncated file instead of reading garbage
     reader = Reader(path)
     names = list(reader.handlers)
     for field in ("image", "label"):
         if field not in names:
-            raise ValueError(f"{path}: .beton has fields {names}, expected '{field}' "
-                             f"(write it with data_prep/write_ffcv.py)")
+            raise DatasetError(f"{path}: .beton has fields {names}, expected '{field}' "
+                               f"(write it with data_prep/write_ffcv.py)")
     meta = reader.metadata[f"f{names.index('image')}"]
     sizes = set(zip(meta["height"].tolist(), meta["width"].tolist()))
     uniform = len(sizes) == 1
     height, width = next(iter(sizes)) if uniform else (side, side)
     check_budget(path, (len(meta), height, width, 3), device)
     decoder = SimpleRGBImageDecoder() if uniform else CenterCropRGBImageDecoder((side, side), ratio=1.0)
-    loader = Loader(path, batch_size=512, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    os_cache=True, pipelines={"image": [decoder, ToTensor()], "label": None})
+    with ffcv_loader.keep_torch_threads():
+        loader = Loader(path, batch_size=512, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
+                        os_cache=True, pipelines={"image": [decoder, ToTensor()], "label": None})
+        batches = iter(loader)
     images = torch.empty((len(meta), height, width, 3), dtype=torch.uint8, device=device)
     start = 0
-    for (batch,) in loader:                    # SEQUENTIAL, no drop: file order, every sample once
+    for (batch,) in batches:                   # SEQUENTIAL, no drop: file order, every sample once
         images[start:start + len(batch)].copy_(batch)
         start += len(batch)
     labels = np.ascontiguousarray(reader.metadata[f"f{names.index('label')}"]).astype(np.int64)
-    return ResidentSet(images, torch.from_numpy(labels).to(device))
+    return ResidentSet(images, torch.from_numpy(labels))
 
 
 def _header_size(path: str) -> tuple:
@@ -117,12 +119,12 @@ def _header_size(path: str) -> tuple:
         with Image.open(path) as image:        # reads the header only
             return image.size[::-1]
     except Exception as exc:
-        raise datasets.SourceError(f"{path}: unreadable image ({exc})") from None
+        raise DatasetError(f"{path}: unreadable image ({exc})") from None
 
 
-def _read_folder(root: str, side: int, workers: int, device: torch.device) -> ResidentSet:
+def _read_folder(root: str, side: int, workers: int, device: torch.device, rank: int) -> ResidentSet:
     from PIL import Image, ImageOps
-    source = datasets.scan_image_folder(Path(root))
+    source = scan_folder(root, rank)
     with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while it reads and decodes
         sizes = set(pool.map(_header_size, source.paths))
     height, width = next(iter(sizes)) if len(sizes) == 1 else (side, side)
@@ -133,54 +135,61 @@ def _read_folder(root: str, side: int, workers: int, device: torch.device) -> Re
         try:
             rgb = source.load_rgb(i, max_resolution=1 << 30)     # every pixel (converters cap at 512)
         except datasets.SampleError as exc:
-            raise datasets.SourceError(f"{source.describe(i)}: {exc}") from None
+            raise DatasetError(f"{source.describe(i)}: {exc}") from None
         if rgb.shape[:2] != (height, width):   # mixed sizes (or an EXIF rotation): resize, centre crop
             rgb = np.asarray(ImageOps.fit(Image.fromarray(rgb), (width, height), Image.Resampling.BILINEAR))
         images[i] = rgb
 
     with ThreadPoolExecutor(workers) as pool:
         list(pool.map(decode, range(len(source))))
-    return ResidentSet(torch.from_numpy(images).to(device), torch.from_numpy(source.labels).to(device))
+    return ResidentSet(torch.from_numpy(images).to(device), torch.from_numpy(source.labels))
 
 
-def load_resident(cfg, path: str, device: torch.device) -> ResidentSet:
-    """The decoded set at `path` (.beton or ImageFolder; 'builtin' as data.loader would read it)."""
-    path = resolve_path("ffcv" if cfg.data.loader == "ffcv" else "torch", path)
-    side = stored_side(cfg.data.image_size)
+def load_resident(path: str, image_size: int, workers: int, device: torch.device, rank: int) -> ResidentSet:
+    """The decoded set at `path` (a .beton or an image folder, already resolved)."""
+    side = stored_side(image_size)
     key = (os.path.realpath(path), os.stat(path).st_mtime_ns, side, str(device))
     data = _resident.get(key)
     if data is None:
-        read = _read_folder if os.path.isdir(path) else _read_beton
-        data = read(path, side, max(1, cfg.data.workers), device)
+        if os.path.isdir(path):
+            data = _read_folder(path, side, max(1, workers), device, rank)
+        else:
+            data = _read_beton(path, side, max(1, workers), device)
         _resident[key] = data
     return data
 
 
 # ---- geometry on the device ----------------------------------------------------------------------------
 
-def random_resized_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator):
-    """(top, left, h, w), float64 [n] each: torchvision's RandomResizedCrop.get_params for n crops at once."""
-    dev = generator.device
-    u = torch.rand(n, CROP_ATTEMPTS, 2, generator=generator, device=dev, dtype=torch.float64)
-    position = torch.rand(n, 2, generator=generator, device=dev, dtype=torch.float64)
+def boxes_from_uniforms(uniforms: torch.Tensor, height: int, width: int, scale, ratio):
+    """`base.random_resized_crop_params` for n crops at once: uniforms float64 [n, 10, 4] (attempt k's draws:
+    area, log aspect, top, left) -> (top, left, h, w), float64 [n] each, the reference's box for each row."""
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * u[..., 1])
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[..., 0])
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * uniforms[..., 1])
     w = torch.sqrt(area * aspect).round()      # round half to even, as Python's round()
     h = torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)   # first attempt that fits (0 if none)
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
+    position = uniforms.gather(1, first[..., None].expand(-1, 1, 4))[:, 0, 2:]
     # none fits in ten attempts: the whole image, clamped to the ratio range, centred
-    if width / height < ratio[0]:
-        fallback_w, fallback_h = width, round(width / ratio[0])
-    elif width / height > ratio[1]:
-        fallback_w, fallback_h = round(height * ratio[1]), height
+    lo, hi = min(ratio), max(ratio)
+    if width / height < lo:
+        fallback_w, fallback_h = width, round(width / lo)
+    elif width / height > hi:
+        fallback_w, fallback_h = round(height * hi), height
     else:
         fallback_w, fallback_h = width, height
     top = torch.where(found, (position[:, 0] * (height - h + 1)).floor(), float((height - fallback_h) // 2))
     left = torch.where(found, (position[:, 1] * (width - w + 1)).floor(), float((width - fallback_w) // 2))
     return top, left, torch.where(found, h, float(fallback_h)), torch.where(found, w, float(fallback_w))
+
+
+def random_resized_boxes(n: int, height: int, width: int, scale, ratio, generator: torch.Generator):
+    """(top, left, h, w), float64 [n] each: n crops of torchvision's RandomResizedCrop, drawn on the device."""
+    uniforms = torch.rand(n, CROP_ATTEMPTS, 4, generator=generator, device=generator.device, dtype=torch.float64)
+    return boxes_from_uniforms(uniforms, height, width, scale, ratio)
 
 
 def _sample_points(start: torch.Tensor, length: torch.Tensor, out: int, size: int) -> torch.Tensor:
@@ -213,58 +222,48 @@ def crop_resize(images_u8: torch.Tensor, top, left, h, w, flip, size: int) -> to
 
 # ---- the loaders ---------------------------------------------------------------------------------------
 
-class GpuResidentTrainLoader:
+class GpuResidentTrainLoader(TrainLoader):
     """Two augmented views per image, cut on the device from the resident set (see the module docstring)."""
 
-    def __init__(self, cfg, rank: int, world_size: int, device):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device = torch.device(device)
-        self.data = load_resident(cfg, cfg.data.train, self.device)
-        self.num_samples = len(self.data.labels)
-        self.batch_size = per_rank_batch(cfg, world_size)
-        self.seed = cfg.train.seed
-        self.policies = policy_for(cfg)
+    kind = "gpu_resident"
 
-    def __len__(self) -> int:
-        return (self.num_samples // self.world_size) // self.batch_size       # as rank_order cuts it
+    def open(self, path: str):
+        self.data = load_resident(path, self.cfg.data.image_size, self.workers, self.device, self.rank)
+        return len(self.data.labels), is_labeled(self.data.labels.numpy())
 
-    def epoch(self, epoch: int, start_batch: int = 0):
-        order = rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size,
-                           start_batch)
-        order = torch.from_numpy(order).to(self.device)                    # one copy per epoch
+    def crops(self, epoch: int, start_batch: int):
+        order = self.order(epoch, start_batch)
+        order_on_device = torch.from_numpy(order).to(self.device)          # one copy per epoch
         aug, size, bs = self.cfg.aug, self.cfg.data.image_size, self.batch_size
         _, height, width, _ = self.data.images.shape
         for b in range(len(order) // bs):
-            idx = order[b * bs:(b + 1) * bs]
-            g = photometric_generator(self.seed, epoch, start_batch + b, self.rank, self.device)
+            g = batch_generator(self.seed, epoch, start_batch + b, self.rank, self.device, CROP_STREAM)
             top, left, h, w = (t.view(bs, 2) for t in random_resized_boxes(
                 2 * bs, height, width, aug.crop_scale, aug.crop_ratio, g))
             flip = torch.rand(bs, 2, generator=g, device=self.device) < aug.flip_p
-            views_u8 = crop_resize(self.data.images[idx], top, left, h, w, flip, size)
-            a_u8, b_u8 = augment_views(views_u8, self.policies, g)
-            yield a_u8, b_u8, self.data.labels[idx]
+            views_u8 = crop_resize(self.data.images[order_on_device[b * bs:(b + 1) * bs]], top, left, h, w, flip,
+                                   size)
+            yield views_u8[:, 0], views_u8[:, 1], self.data.labels[torch.from_numpy(order[b * bs:(b + 1) * bs])]
 
 
-class GpuResidentEvalLoader:
+class GpuResidentEvalLoader(EvalLoader):
     """One centre-cropped view per sample (as the other eval loaders), each sample exactly once over the
     ranks, no drop_last."""
 
-    def __init__(self, cfg, path: str, rank: int, world_size: int, device):
-        self.device = torch.device(device)
-        self.data = load_resident(cfg, path, self.device)
-        self.size = cfg.data.image_size
-        self.batch_size = per_rank_batch(cfg, world_size)
-        self.indices = torch.from_numpy(eval_shard(len(self.data.labels), rank, world_size)).to(self.device)
+    kind = "gpu_resident"
 
-    def __len__(self) -> int:
-        return -(-len(self.indices) // self.batch_size)
+    def open(self, path: str):
+        self.data = load_resident(path, self.size, self.workers, self.device, self.rank)
+        return len(self.data.labels), is_labeled(self.data.labels.numpy())
 
-    def __iter__(self):
+    def batches(self):
         _, height, width, _ = self.data.images.shape
         crop = round(min(height, width) * eval_crop_ratio(self.size))
         top, left = round((height - crop) / 2), round((width - crop) / 2)   # torchvision's CenterCrop
-        for k in range(0, len(self.indices), self.batch_size):
-            idx = self.indices[k:k + self.batch_size]
+        indices = torch.from_numpy(self.indices)
+        on_device = indices.to(self.device)
+        for k in range(0, len(indices), self.batch_size):
+            idx = on_device[k:k + self.batch_size]
             x = self.data.images[idx]
             if crop == self.size:              # the usual case: a plain slice, no resampling
                 x = x[:, top:top + crop, left:left + crop].contiguous()
@@ -272,4 +271,4 @@ class GpuResidentEvalLoader:
                 box = [torch.full((len(idx), 1), float(v), device=self.device) for v in (top, left, crop, crop)]
                 flip = torch.zeros((len(idx), 1), dtype=torch.bool, device=self.device)
                 x = crop_resize(x, *box, flip, self.size)[:, 0]
-            yield x, self.data.labels[idx]
+            yield x, self.data.labels[indices[k:k + self.batch_size]]

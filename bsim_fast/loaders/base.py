@@ -1,0 +1,372 @@
+"""What every loader shares: the base classes, the per-epoch order, the seeds, the crop reference.
+
+A back end subclasses `TrainLoader` (and `EvalLoader`) and writes two things: `open(path)`, which reads the
+dataset's size and labels, and `crops(epoch, start_batch)`, which yields the geometric views (random resized
+crop + flip, uint8 NHWC on the training device) with the labels on the host. The base class owns the rest:
+the per-rank batch size, `len()`, the order (`rank_order`, a function of (seed, epoch) only), the checks on
+`start_batch`, the worker count, and the photometric hand-off: every back end's views go through the same
+`augment.photometric` here (`augment_views`), seeded by (seed, epoch, batch index, rank), so a resumed run
+draws the same colours whatever the back end.
+
+`random_resized_crop_params` is the one reference of the crop geometry (torchvision's
+`RandomResizedCrop.get_params`) with its random draws passed in: the torch loader calls it, the FFCV decoder
+compiles it with numba, the GPU-resident loader evaluates it batched on the device (tested equal to it), and
+DALI draws its own windows (tests/test_loaders_conformance.py checks their bounds and distribution).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import augment, datasets
+from ..config import ConfigError
+from . import FORMATS, LOADERS, path_format
+
+UNLABELED = datasets.UNLABELED            # the label of every sample of an unlabeled set
+CROP_ATTEMPTS = 10                        # torchvision's RandomResizedCrop
+# Where the converters put the built-in set by default (configs/small name the same files).
+BUILTIN_CONVERTED = {"beton": ("data_out/cifar10_mini_{split}.beton", "data_prep/write_ffcv.py"),
+                     "shards": ("data_out/cifar10_mini_{split}_dali", "data_prep/write_dali.py")}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class DatasetError(ConfigError, datasets.SourceError):
+    """A configured dataset cannot be read (wrong kind for the loader, a bad file found while reading).
+
+    One line naming the file. A ConfigError, so every entry point (train, eval) prints it and exits 2; a
+    SourceError, so code that handles the converters' source errors handles it too."""
+
+
+# ---- seeds ---------------------------------------------------------------------------------------------
+
+def seed_sequence(*parts: int) -> np.random.SeedSequence:
+    """The one seed mixer of the loaders: nearby tuples (seed 0 epoch 1, seed 1 epoch 0) give unrelated
+    streams. `np.random.default_rng(seed_sequence(a, b))` equals `np.random.default_rng((a, b))`."""
+    return np.random.SeedSequence([int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts])
+
+
+def mix_seed(*parts: int, bits: int = 63) -> int:
+    """A `bits`-bit integer seed from `seed_sequence(*parts)` (DALI wants 31 bits, torch 63, FFCV's hash 64)."""
+    return int(seed_sequence(*parts).generate_state(1, np.uint64)[0] >> np.uint64(64 - bits))
+
+
+def batch_generator(seed: int, epoch: int, batch_index: int, rank: int, device, stream: int = 0) -> torch.Generator:
+    """A generator on `device` that depends on (seed, epoch, batch index, rank, stream) only. Stream 0 is the
+    photometric augmentation; a loader that draws on the device (the GPU-resident crops) uses another."""
+    g = torch.Generator(device=device)
+    g.manual_seed(mix_seed(seed, epoch, batch_index, rank) if stream == 0
+                  else mix_seed(seed, epoch, batch_index, rank, stream))
+    return g
+
+
+def photometric_generator(seed: int, epoch: int, batch_index: int, rank: int, device) -> torch.Generator:
+    """The photometric randomness of one batch depends on (seed, epoch, batch index, rank) only."""
+    return batch_generator(seed, epoch, batch_index, rank, device)
+
+
+# ---- order ---------------------------------------------------------------------------------------------
+
+def per_rank_batch(cfg, world_size: int) -> int:
+    """Global batch over ranks and accumulation steps (the trainer checks divisibility)."""
+    return max(1, cfg.data.batch_size // (world_size * cfg.train.accum_steps))
+
+
+def rank_order(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
+               start_batch: int = 0) -> np.ndarray:
+    """Sample indices this rank reads in `epoch`, batches [start_batch, len) of it, drop_last.
+
+    One permutation of the whole set per (seed, epoch), dealt round-robin to the ranks (as torch's
+    DistributedSampler), each rank's share cut to a whole number of batches. It depends only on the
+    arguments, so a resumed run skips batches by slicing this list: nothing is decoded for them.
+    (Seeded by the pair (seed, epoch) rather than ffcv's seed + epoch: seed 0 epoch 1 and seed 1 epoch 0
+    must not share an order.)"""
+    perm = np.random.default_rng(seed_sequence(seed, epoch)).permutation(num_samples)
+    share = perm[rank:(num_samples // world_size) * world_size:world_size]
+    batches = len(share) // batch_size
+    return share[start_batch * batch_size:batches * batch_size]
+
+
+def eval_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
+    """Every sample exactly once over the ranks, no padding (unlike DistributedSampler's drop_last=False)."""
+    return np.arange(rank, num_samples, world_size)
+
+
+def eval_crop_ratio(image_size: int) -> float:
+    """Centre crop / shorter side: 224/256 at ImageNet sizes, the whole image for tiny (CIFAR-like) sets."""
+    return 224 / 256 if image_size > 64 else 1.0
+
+
+# ---- the crop reference --------------------------------------------------------------------------------
+
+def random_resized_crop_params(height, width, scale, ratio, uniforms):
+    """(top, left, h, w) of torchvision's `RandomResizedCrop.get_params`, its random draws given.
+
+    `uniforms[k]` holds attempt k's four draws in [0, 1): area, log aspect, top, left. Up to ten attempts
+    of area ~ U(scale) * height * width and log(aspect) ~ U(log ratio); the first crop that fits is placed
+    uniformly (top ~ U{0..height-h}); if none fits, the whole image clamped to the ratio range, centred.
+    Plain Python on purpose: numba compiles it unchanged for the FFCV decoder."""
+    area = height * width
+    log_lo = math.log(ratio[0])
+    log_hi = math.log(ratio[1])
+    for k in range(CROP_ATTEMPTS):
+        target_area = area * (scale[0] + (scale[1] - scale[0]) * uniforms[k][0])
+        aspect = math.exp(log_lo + (log_hi - log_lo) * uniforms[k][1])
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(uniforms[k][2] * (height - h + 1)), int(uniforms[k][3] * (width - w + 1)), h, w
+    in_ratio = width / height
+    lo, hi = min(ratio[0], ratio[1]), max(ratio[0], ratio[1])
+    if in_ratio < lo:
+        w = int(width)
+        h = round(w / lo)
+    elif in_ratio > hi:
+        h = int(height)
+        w = round(h * hi)
+    else:
+        w = int(width)
+        h = int(height)
+    return (int(height) - h) // 2, (int(width) - w) // 2, h, w
+
+
+# ---- workers -------------------------------------------------------------------------------------------
+
+_told: set = set()
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or a scheduler's limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                   # not Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(cfg, rank: int = 0) -> int:
+    """`data.workers` capped to the cores available to each rank of this node (torchrun's LOCAL_WORLD_SIZE
+    ranks share the node's cores), with one line saying so. Asking numba (FFCV) or DALI for more threads
+    than there are cores is an error there, and oversubscription only slows the decode down."""
+    requested = cfg.data.workers
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cap = max(1, available_cores() // ranks_here)
+    if requested <= cap:
+        return requested
+    if rank == 0 and (requested, cap) not in _told:
+        _told.add((requested, cap))
+        per = f" for each of {ranks_here} ranks" if ranks_here > 1 else ""
+        print(f"[loaders] data.workers={requested}: {cap} CPU core(s) available{per}; using {cap} workers",
+              flush=True)
+    return cap
+
+
+# ---- paths ---------------------------------------------------------------------------------------------
+
+BUILTIN = "builtin"
+
+
+def builtin_split(path: str) -> str | None:
+    """'builtin' -> 'train', 'builtin:test' -> 'test', anything else -> None."""
+    if path == BUILTIN:
+        return "train"
+    if path.startswith(BUILTIN + ":"):
+        split = path.split(":", 1)[1]
+        if split not in datasets.SPLITS:
+            raise DatasetError(f"data path {path!r}: the built-in set has splits 'train' and 'test'")
+        return split
+    return None
+
+
+def resolve_path(kind: str, path: str) -> str:
+    """The dataset path a back end opens. For the built-in set: the ImageFolder tree, or the converted copy
+    at its conventional place for a loader that reads only a converted format. Converting on the fly is
+    not done here: under DDP every rank (and every node) would race to write the same file, and a
+    conversion is a step a user should see; the error says the exact command instead."""
+    path = os.fspath(path)
+    split = builtin_split(path)
+    if split is None:
+        if not Path(path).exists():
+            raise DatasetError(f"{path}: dataset not found (data.loader={kind})")
+        return path
+    fmt = LOADERS[kind].reads[0]
+    if fmt == "folder":
+        return str(datasets.builtin_root() / split)
+    converted, converter = BUILTIN_CONVERTED[fmt]
+    converted = converted.format(split=split)
+    for candidate in (Path(converted), REPO_ROOT / converted):
+        if candidate.exists():
+            return str(candidate)
+    raise DatasetError(f"data path {path!r} with data.loader={kind} needs the converted set {converted}: run "
+                       f"`python {converter} --split {split}` (writes {converted}), "
+                       f"or set data.loader=torch to read the built-in images directly")
+
+
+def check_format(kind: str, path: str, key: str = "data path") -> None:
+    """One line if `path` (resolved) is not a format `kind` reads, naming what it is and the loader that
+    reads it."""
+    fmt = path_format(path)
+    spec = LOADERS[kind]
+    if fmt in spec.reads:
+        return
+    what = FORMATS[fmt] if fmt else "neither a .beton file, a DALI shard folder nor an image folder"
+    readers = [k for k, s in LOADERS.items() if fmt in s.reads and k != "gpu_resident"]
+    hint = f"; set data.loader={readers[0]}" if readers else ""
+    if kind == "gpu_resident" and readers:
+        hint += " and data.gpu_resident=false"
+    raise DatasetError(f"{key} = {path!r} is {what}; data.loader={kind} reads "
+                       f"{' or '.join(FORMATS[f] for f in spec.reads)}{hint}")
+
+
+def scan_folder(root: str, rank: int = 0) -> datasets.FolderSource:
+    """An image folder as every loader lists it (datasets.scan_image_folder: the converters' rules for
+    hidden entries, symlink loops and empty classes, so a folder gives the same labels whatever reads it).
+    A folder without class sub-folders is an unlabeled set: every image, label -1."""
+    labeled = bool(datasets.class_folders(Path(root)))
+    try:
+        source = datasets.scan_image_folder(Path(root), labeled=labeled)
+    except datasets.SourceError as exc:
+        raise DatasetError(str(exc)) from None
+    if rank == 0 and not labeled:
+        print(f"[loaders] {root}: no class folders, read as an unlabeled set of {len(source)} images", flush=True)
+    if rank == 0 and source.empty_classes:
+        print(f"[loaders] {root}: empty class folder(s) {', '.join(source.empty_classes)} keep their label "
+              f"indices", flush=True)
+    return source
+
+
+def is_labeled(labels: np.ndarray) -> bool:
+    """False for an unlabeled set (every label -1)."""
+    return bool((np.asarray(labels) != UNLABELED).any())
+
+
+# ---- the base classes ----------------------------------------------------------------------------------
+
+def augment_views(a_u8: torch.Tensor, b_u8: torch.Tensor, policies, generator: torch.Generator):
+    """Both geometric views (uint8 [N, S, S, 3] on the device) -> photometrically augmented, each with its
+    view's policy: the one photometric implementation of every loader (augment.photometric)."""
+    return augment.photometric(a_u8, policies[0], generator), augment.photometric(b_u8, policies[1], generator)
+
+
+class TrainLoader:
+    """`len(loader)` batches per epoch on this rank; `loader.epoch(e, start_batch=k)` yields batches k.. of
+    epoch e as (a_u8, b_u8, labels): uint8 [N, S, S, 3] views on the training device, photometrically
+    augmented, and int64 [N] labels on the host (the training step does not read them: no copy per batch).
+
+    Subclasses set `kind` and implement `open` and `crops`."""
+
+    kind = ""
+
+    def __init__(self, cfg, rank: int, world_size: int, device):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.seed = cfg.train.seed
+        self.batch_size = per_rank_batch(cfg, world_size)
+        self.workers = loader_workers(cfg, rank)
+        self.policies = augment.policy_for(cfg)
+        self.path = resolve_path(self.kind, cfg.data.train)
+        check_format(self.kind, self.path, "data.train")
+        self.num_samples, self.labeled = self.open(self.path)
+
+    def open(self, path: str) -> tuple[int, bool]:
+        """Read the dataset's header; return (number of samples, whether it is labeled)."""
+        raise NotImplementedError
+
+    def crops(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches start_batch.. of `epoch`: (a_u8, b_u8, labels), geometric views only."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return (self.num_samples // self.world_size) // self.batch_size       # as rank_order cuts it
+
+    def order(self, epoch: int, start_batch: int = 0) -> np.ndarray:
+        """The sample indices of batches start_batch.. of `epoch` on this rank."""
+        return rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size,
+                          start_batch)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Exactly len(self) - start_batch batches (see the class docstring); raises here, not at the first
+        batch, for a start_batch outside [0, len]."""
+        if not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch = {start_batch} is not in [0, {len(self)}]")
+        return self._augmented(epoch, start_batch)
+
+    def _augmented(self, epoch: int, start_batch: int):
+        batch_index = start_batch
+        for a_u8, b_u8, labels in self.crops(epoch, start_batch):
+            g = photometric_generator(self.seed, epoch, batch_index, self.rank, self.device)
+            a_u8, b_u8 = augment_views(a_u8, b_u8, self.policies, g)
+            yield a_u8, b_u8, labels
+            batch_index += 1
+
+
+class EvalLoader:
+    """One centre-cropped view per sample, no drop_last, each sample exactly once over the ranks:
+    `for x_u8, labels in loader`, x_u8 uint8 [N, S, S, 3] on the device, labels int64 [N] on the host.
+
+    Subclasses set `kind` and implement `open` and `batches`; `shard` says which samples this rank reads."""
+
+    kind = ""
+
+    def __init__(self, cfg, path: str, rank: int, world_size: int, device):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.size = cfg.data.image_size
+        self.batch_size = per_rank_batch(cfg, world_size)
+        self.workers = loader_workers(cfg, rank)
+        self.path = resolve_path(self.kind, path)
+        check_format(self.kind, self.path)
+        self.num_samples, self.labeled = self.open(self.path)
+        self.indices = self.shard()
+
+    def open(self, path: str) -> tuple[int, bool]:
+        raise NotImplementedError
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def shard(self) -> np.ndarray:
+        """The sample indices this rank reads, in file order."""
+        return eval_shard(self.num_samples, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        return (len(self.indices) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        return self.batches()
+
+
+# ---- throughput ----------------------------------------------------------------------------------------
+
+def _sync(t: torch.Tensor) -> None:
+    if t.device.type == "cuda":
+        torch.cuda.synchronize(t.device)
+
+
+def loader_throughput(loader, batches: int, epoch: int = 0) -> float:
+    """Two-view images per second (source images, each delivered as two augmented views) over `batches`
+    batches after one warm-up batch (which pays for compilation, worker start-up and the first reads).
+
+    Works for the train protocol (`loader.epoch`) and, counting one view, for eval loaders (iterables).
+    Raises if the epoch has fewer than batches + 1 batches."""
+    it = iter(loader.epoch(epoch)) if hasattr(loader, "epoch") else iter(loader)
+    first = next(it)
+    _sync(first[0])
+    images, t0, last = 0, time.perf_counter(), first
+    for _ in range(batches):
+        last = next(it)
+        images += last[0].shape[0]
+    _sync(last[0])
+    seconds = time.perf_counter() - t0
+    close = getattr(it, "close", None)
+    if close is not None:
+        close()
+    return images / seconds
