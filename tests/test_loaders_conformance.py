@@ -9,7 +9,6 @@ across back ends, the worker cap, and an unlabeled set.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from bsim_fast.loaders.base import (CROP_ATTEMPTS, DatasetError, EvalLoader, Tra
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from data_prep import common, write_dali, write_ffcv  # noqa: E402
+from data_prep import write_dali, write_ffcv  # noqa: E402
 
 N, BATCH, SIZE = 40, 8, 16
 NO_PHOTOMETRIC = {"jitter_p": 0.0, "gray_p": 0.0, "blur_p": (0.0, 0.0), "solarize_p": (0.0, 0.0)}
@@ -482,24 +481,16 @@ def test_torch_loader_lists_folders_as_the_converters_do(tmp_path):
 
 @pytest.fixture(scope="module")
 def unlabeled(tmp_path_factory):
-    """24 images in a flat folder, and the same converted with label -1 (as an unlabeled conversion writes
-    them: FFCV IntField -1, DALI `.cls` "-1")."""
+    """24 images in a flat folder, and the same converted with `--no-labels` (FFCV IntField -1, DALI `.cls`
+    "-1" and meta.json "labeled": false)."""
     root = tmp_path_factory.mktemp("unlabeled")
     flat = root / "photos"
     flat.mkdir()
     for f in tiny_folder(root / "tree", per_class=6, classes=4).rglob("*.jpg"):
         (flat / f"{f.parent.name}_{f.name}").write_bytes(f.read_bytes())
-    scan = functools.partial(datasets.scan_image_folder, labeled=False)
-    original = common.scan_image_folder
-    common.scan_image_folder = scan
-    try:
-        assert write_ffcv.main(["--source", str(flat), "--output", str(root / "u.beton"), "--workers", "1"]) == 0
-        assert write_dali.main(["--source", str(flat), "--output", str(root / "u_dali"), "--workers", "1"]) == 0
-    finally:
-        common.scan_image_folder = original
-    meta = json.loads((root / "u_dali" / "meta.json").read_text())
-    meta["labeled"] = False
-    (root / "u_dali" / "meta.json").write_text(json.dumps(meta))
+    for main, out in ((write_ffcv.main, root / "u.beton"), (write_dali.main, root / "u_dali")):
+        assert main(["--source", str(flat), "--no-labels", "--output", str(out), "--workers", "1"]) == 0
+    assert json.loads((root / "u_dali" / "meta.json").read_text())["labeled"] is False
     return {"ffcv": str(root / "u.beton"), "dali": str(root / "u_dali"), "torch": str(flat), "gpu_resident": str(flat)}
 
 
