@@ -1,5 +1,8 @@
 """Typed recipes: YAML files validated against dataclasses, with `section.key=value` overrides.
 
+A recipe names its bases (`base: [...]`, relative to the file) and holds only its differences from them
+(docs/RECIPES.md). Each field carries its allowed values beside it (`setting(default, ge=0, ...)`); `method:`
+holds the name, the mode and the named method's own settings, which the method declares in its module.
 Every error is a `ConfigError` whose message is one line naming the file, the key and the value, because
 a typo in a recipe must never silently fall back to a default on a multi-day run.
 """
@@ -39,98 +42,158 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
+def _no_duplicate_keys(loader, node, deep=False):
+    """A key written twice in one mapping is refused: YAML would silently keep the last one."""
+    seen = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
+                              f"(first on line {seen[key] + 1})")
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
+
+
 def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-@dataclass
+MODES = ("sim", "bsim", "wbsim")       # which views the online side sees in each: docs/METHOD.md
+
+
+def setting(default: Any, *, choices: Any = None, gt: Optional[float] = None, ge: Optional[float] = None,
+            lt: Optional[float] = None, le: Optional[float] = None, ordered: bool = False) -> Any:
+    """A config field with its allowed values beside it: bounds apply to every element of a tuple, `ordered`
+    asks a tuple to be non-decreasing (a range), `choices` is a tuple or a function returning one (for names
+    that live in a registry elsewhere)."""
+    rules = dict(choices=choices, gt=gt, ge=ge, lt=lt, le=le, ordered=ordered)
+    return field(default=default, metadata={k: v for k, v in rules.items() if v is not None and v is not False})
+
+
+def choices(section: str, key: str) -> Tuple[str, ...]:
+    """The allowed values of a key with a fixed set, e.g. `choices("data", "loader")`, from its field's rule."""
+    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
+    allowed = {f.name: f.metadata for f in dataclasses.fields(section_cls)}[key]["choices"]
+    return tuple(allowed() if callable(allowed) else allowed)
+
+
+def method_names() -> Tuple[str, ...]:
+    from .methods import METHODS      # imported when needed: the methods import this module
+    return tuple(METHODS)
+
+
+def arch_names() -> Tuple[str, ...]:
+    from .models import backbone_names
+    return backbone_names()
+
+
+@dataclass(eq=False)
 class MethodCfg:
-    name: str = "byol"            # byol | simsiam | moco | simclr
-    mode: str = "bsim"            # sim | bsim | wbsim
+    """`method:` holds the name, the mode and the named method's own settings, which each method declares
+    beside its code (a `Settings` dataclass, e.g. in bsim_fast/methods/moco.py) with defaults and ranges."""
+    name: str = setting("byol", choices=method_names)
+    mode: str = setting("bsim", choices=MODES)
+    _settings: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def settings(self) -> Any:
+        """The named method's settings: its defaults until a recipe or the caller sets them."""
+        if self.name not in self._settings:
+            from .methods import METHODS
+            if self.name not in METHODS:
+                raise ConfigError(f"method.name = {self.name!r} is not one of {', '.join(METHODS)}")
+            self._settings[self.name] = METHODS[self.name].Settings()
+        return self._settings[self.name]
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, MethodCfg) and (self.name, self.mode) == (other.name, other.mode)
+                and self.settings == other.settings)
 
 
 @dataclass
 class BsimCfg:
-    alpha: float = 1.0            # Beta(alpha, alpha) for the CutMix box
-    weight: float = 1.0           # w in L_SIM + w * L_BSIM (wbsim only)
+    alpha: float = setting(1.0, gt=0)       # lambda0 ~ Beta(alpha, alpha) for the CutMix box
+    weight: float = setting(1.0, ge=0)      # w in L_SIM + w * L_BSIM (wbsim only)
 
 
 @dataclass
 class ModelCfg:
-    arch: str = "resnet50"        # any torchvision resnet
+    """The networks' shapes (what a checkpoint's tensors depend on); method settings live in `method:`."""
+    arch: str = setting("resnet50", choices=arch_names)
     cifar_stem: bool = False      # 3x3 stride-1 conv1 and no max-pool, for 32x32 images
-    proj_hidden: int = 4096
-    proj_dim: int = 256
-    pred_hidden: int = 4096       # BYOL / SimSiam predictor (SimSiam: 512 in the paper)
+    proj_hidden: int = setting(4096, gt=0)
+    proj_dim: int = setting(256, gt=0)
+    pred_hidden: int = setting(4096, gt=0)     # predictor width, for the methods with one (BYOL, SimSiam)
     sync_bn: bool = True
-    tau_base: float = 0.996       # BYOL target EMA, scheduled to 1 with a cosine
-    moco_momentum: float = 0.999
-    queue_size: int = 65536
-    temperature: float = 0.2      # MoCo v2 / SimCLR
-    shuffle_bn: bool = True       # MoCo: shuffle the key encoder's batch across ranks (off in one process)
+    queue_size: int = setting(65536, gt=0)     # MoCo's queue of keys (a buffer of the model)
 
 
 @dataclass
 class AugCfg:
-    crop_scale: Tuple[float, float] = (0.08, 1.0)
-    crop_ratio: Tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    gray_p: float = 0.2
-    blur_p: Tuple[float, float] = (1.0, 0.1)      # per view: (t', t'')
-    blur_sigma: Tuple[float, float] = (0.1, 2.0)
-    solarize_p: Tuple[float, float] = (0.0, 0.2)
+    crop_scale: Tuple[float, float] = setting((0.08, 1.0), gt=0, le=1, ordered=True)
+    crop_ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
+    flip_p: float = setting(0.5, ge=0, le=1)
+    jitter_p: float = setting(0.8, ge=0, le=1)
+    brightness: float = setting(0.4, ge=0)     # torchvision's ColorJitter ranges
+    contrast: float = setting(0.4, ge=0)
+    saturation: float = setting(0.2, ge=0)
+    hue: float = setting(0.1, ge=0, le=0.5)
+    gray_p: float = setting(0.2, ge=0, le=1)
+    blur_p: Tuple[float, float] = setting((1.0, 0.1), ge=0, le=1)      # per view: (t', t'')
+    blur_sigma: Tuple[float, float] = setting((0.1, 2.0), gt=0, ordered=True)
+    solarize_p: Tuple[float, float] = setting((0.0, 0.2), ge=0, le=1)
 
 
 @dataclass
 class DataCfg:
-    loader: str = "ffcv"          # ffcv | dali | torch
+    loader: str = setting("ffcv", choices=LOADER_KINDS)     # the registry in bsim_fast/loaders/__init__.py
     train: str = "builtin"        # .beton (ffcv), shard folder (dali), ImageFolder (torch); builtin = bundled set
     val: str = ""                 # held-out split for the k-NN monitor ("" = none)
-    image_size: int = 224
-    batch_size: int = 256         # global, over all ranks and accumulation steps
-    workers: int = 8
-    mean: Tuple[float, float, float] = (123.675, 116.28, 103.53)   # 0..255 units
-    std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
-    dali_hw_decoder_load: float = 0.65
+    image_size: int = setting(224, ge=8)       # below 8 px a CutMix box is a pixel or two
+    batch_size: int = setting(256, gt=0)       # global, over all ranks and accumulation steps
+    workers: int = setting(8, ge=0)
+    mean: Tuple[float, float, float] = setting((123.675, 116.28, 103.53), ge=0, le=255)   # 0..255 units
+    std: Tuple[float, float, float] = setting((58.395, 57.12, 57.375), gt=0)
+    dali_hw_decoder_load: float = setting(0.65, ge=0, le=1)
     gpu_resident: bool = False    # small datasets: keep every decoded image on the GPU
 
 
 @dataclass
 class OptimCfg:
-    name: str = "lars"            # lars | sgd | adamw
-    lr: float = 0.2               # base learning rate for a batch of `lr_batch`
-    lr_batch: int = 256           # lr is scaled by batch_size / lr_batch
-    weight_decay: float = 1.5e-6
-    momentum: float = 0.9
-    betas: Tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 10.0
-    min_lr_ratio: float = 0.0
-    exclude_bias_norm: bool = True   # biases and norm weights: no weight decay, no LARS adaptation
+    name: str = setting("lars", choices=("lars", "sgd", "adamw"))
+    lr: float = setting(0.2, ge=0)             # base learning rate for a batch of `lr_batch`
+    lr_batch: int = setting(256, gt=0)         # lr is scaled by batch_size / lr_batch
+    weight_decay: float = setting(1.5e-6, ge=0)
+    momentum: float = setting(0.9, ge=0, lt=1)
+    betas: Tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
+    warmup_epochs: float = setting(10.0, ge=0)
+    min_lr_ratio: float = setting(0.0, ge=0, le=1)
+    exclude_bias_norm: bool = True    # biases and norm weights: no weight decay, no LARS adaptation
     fixed_predictor_lr: bool = False  # SimSiam: predictor keeps the base lr
+    trust_coefficient: float = setting(0.001, gt=0)   # LARS: eta in eta * |w| / (|g| + wd |w|)
+    clip_lr: bool = False             # LARS: the adapted lr never exceeds the scheduled one (LARC clipping)
 
 
 @dataclass
 class TrainCfg:
-    epochs: int = 300
-    max_steps: int = 0            # > 0: stop after this many optimiser steps (smoke runs)
-    precision: str = "bf16"       # bf16 | fp16 | fp32
+    epochs: int = setting(300, gt=0)
+    max_steps: int = setting(0, ge=0)          # > 0: stop after this many optimiser steps (smoke runs)
+    precision: str = setting("bf16", choices=("bf16", "fp16", "fp32"))
     channels_last: bool = True
-    compile: str = "auto"         # auto (on with CUDA) | on | off
-    accum_steps: int = 1
+    compile: str = setting("auto", choices=("auto", "on", "off"))     # auto: on with CUDA
+    accum_steps: int = setting(1, gt=0)
     seed: int = 0
     out_dir: str = "runs/default"
-    ckpt_every_steps: int = 500
-    keep_checkpoints: int = 2
-    log_every: int = 20
-    knn_every_epochs: int = 10
-    knn_k: int = 200
-    knn_t: float = 0.07
-    nan_policy: str = "stop"      # stop | skip
+    ckpt_every_steps: int = setting(500, gt=0)
+    keep_checkpoints: int = setting(2, gt=0)
+    log_every: int = setting(20, gt=0)
+    knn_every_epochs: int = setting(10, ge=0)
+    knn_k: int = setting(200, gt=0)
+    knn_t: float = setting(0.07, gt=0)
+    nan_policy: str = setting("stop", choices=("stop", "skip"))
     tensorboard: bool = True
 
 
@@ -149,21 +212,9 @@ class Config:
         return self.method.name if self.method.mode == "sim" else f"{self.method.name}_{self.method.mode}"
 
 
-CHOICES = {
-    ("method", "name"): ("byol", "simsiam", "moco", "simclr"),
-    ("method", "mode"): ("sim", "bsim", "wbsim"),
-    ("data", "loader"): LOADER_KINDS,     # the loader registry, bsim_fast/loaders/__init__.py
-    ("optim", "name"): ("lars", "sgd", "adamw"),
-    ("train", "precision"): ("bf16", "fp16", "fp32"),
-    ("train", "compile"): ("auto", "on", "off"),
-    ("train", "nan_policy"): ("stop", "skip"),
-}
-POSITIVE = {("data", "image_size"), ("data", "batch_size"), ("train", "epochs"), ("train", "accum_steps"),
-            ("train", "ckpt_every_steps"), ("train", "log_every"), ("model", "proj_dim"),
-            ("model", "proj_hidden"), ("model", "pred_hidden"), ("model", "queue_size"),
-            ("train", "keep_checkpoints"), ("train", "knn_k")}
-NON_NEGATIVE = {("data", "workers"), ("train", "max_steps"), ("train", "knn_every_epochs"),
-                ("optim", "lr"), ("optim", "weight_decay"), ("optim", "warmup_epochs"), ("bsim", "weight")}
+# keys that moved out of `model:` when each method took its own settings; named in the unknown-key error
+MOVED = {"model.tau_base": "method.tau_base", "model.moco_momentum": "method.tau_base and method.tau_final",
+         "model.temperature": "method.temperature", "model.shuffle_bn": "method.shuffle_bn"}
 
 
 def _type_name(tp) -> str:
@@ -205,49 +256,93 @@ def _coerce(value: Any, tp, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, found {type(value).__name__} {value!r}")
 
 
-def _apply(cfg: Config, data: Any, source: str) -> None:
-    if data is None:
-        return
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, found {type(data).__name__}")
-    sections = {f.name: f for f in dataclasses.fields(cfg)}
-    for sec_name, sec_val in data.items():
-        if sec_name not in sections:
-            raise ConfigError(f"{source}: unknown section '{sec_name}' (known: {', '.join(sections)})")
-        if not isinstance(sec_val, dict):
-            raise ConfigError(f"{source}: section '{sec_name}' must be a mapping, found {sec_val!r}")
-        section = getattr(cfg, sec_name)
-        hints = typing.get_type_hints(type(section))
-        for key, val in sec_val.items():
+class _Builder:
+    """Applies layers (bases, recipe, overrides, or a checkpoint's dict) to a Config, remembering which layer
+    set each key so that a bad value is reported against the file or override it came from."""
+
+    def __init__(self, default_source: str):
+        self.cfg = Config()
+        self.default_source = default_source
+        self.origin = {}                 # "section.key" -> where it was last set
+        self.method_settings = []        # (key, value, where): resolved once the method's name is final
+
+    def apply(self, data: Any, source: str) -> None:
+        if data is None:
+            return
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections, found {type(data).__name__}")
+        sections = {f.name for f in dataclasses.fields(self.cfg)}
+        for sec_name, sec_val in data.items():
+            if sec_name not in sections:
+                raise ConfigError(f"{source}: unknown section '{sec_name}' (known: {', '.join(sections)})")
+            if not isinstance(sec_val, dict):
+                raise ConfigError(f"{source}: section '{sec_name}' must be a mapping, found {sec_val!r}")
+            section = getattr(self.cfg, sec_name)
+            hints = {k: tp for k, tp in typing.get_type_hints(type(section)).items() if not k.startswith("_")}
+            for key, val in sec_val.items():
+                if sec_name == "method" and key not in hints:
+                    self.method_settings.append((key, val, source))
+                    continue
+                if key not in hints:
+                    moved = MOVED.get(f"{sec_name}.{key}")
+                    raise ConfigError(f"{source}: unknown key '{sec_name}.{key}'"
+                                      + (f" (now {moved})" if moved else ""))
+                setattr(section, key, _coerce(val, hints[key], f"{source}: {sec_name}.{key}"))
+                self.origin[f"{sec_name}.{key}"] = source
+
+    def _where(self, key: str) -> str:
+        return self.origin.get(key, self.default_source)
+
+    def finish(self) -> Config:
+        method = self.cfg.method
+        _check(method, "method", self._where)             # the name first: the settings depend on it
+        settings = method.settings
+        hints = typing.get_type_hints(type(settings))
+        for key, val, source in self.method_settings:
             if key not in hints:
-                raise ConfigError(f"{source}: unknown key '{sec_name}.{key}'")
-            setattr(section, key, _coerce(val, hints[key], f"{source}: {sec_name}.{key}"))
+                known = ", ".join(["name", "mode", *hints])
+                raise ConfigError(f"{source}: method.{key} is not a setting of {method.name} (known: {known})")
+            setattr(settings, key, _coerce(val, hints[key], f"{source}: method.{key}"))
+            self.origin[f"method.{key}"] = source
+        _check(settings, "method", self._where)
+        for f in dataclasses.fields(self.cfg):
+            if f.name != "method":
+                _check(getattr(self.cfg, f.name), f.name, self._where)
+        return self.cfg
 
 
-def _validate(cfg: Config, source: str) -> None:
-    for (sec, key), allowed in CHOICES.items():
-        val = getattr(getattr(cfg, sec), key)
-        if val not in allowed:
-            raise ConfigError(f"{source}: {sec}.{key} = {val!r} is not one of {', '.join(allowed)}")
-    for sec, key in POSITIVE:
-        val = getattr(getattr(cfg, sec), key)
-        if val <= 0:
-            raise ConfigError(f"{source}: {sec}.{key} must be > 0, found {val!r}")
-    for sec, key in NON_NEGATIVE:
-        val = getattr(getattr(cfg, sec), key)
-        if val < 0:
-            raise ConfigError(f"{source}: {sec}.{key} must be >= 0, found {val!r}")
-    lo, hi = cfg.aug.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"{source}: aug.crop_scale must satisfy 0 < lo <= hi <= 1, found {cfg.aug.crop_scale!r}")
-    if cfg.bsim.alpha <= 0:
-        raise ConfigError(f"{source}: bsim.alpha must be > 0, found {cfg.bsim.alpha!r}")
-    for name in ("flip_p", "jitter_p", "gray_p"):
-        if not 0 <= getattr(cfg.aug, name) <= 1:
-            raise ConfigError(f"{source}: aug.{name} must be in [0, 1], found {getattr(cfg.aug, name)!r}")
-    for name in ("blur_p", "solarize_p"):
-        if not all(0 <= p <= 1 for p in getattr(cfg.aug, name)):
-            raise ConfigError(f"{source}: aug.{name} must be in [0, 1], found {getattr(cfg.aug, name)!r}")
+def _describe(rules: dict) -> str:
+    lo, hi = ("ge", "gt"), ("le", "lt")
+    low = next(((k, rules[k]) for k in lo if k in rules), None)
+    high = next(((k, rules[k]) for k in hi if k in rules), None)
+    if low and high:
+        return f"in {'[' if low[0] == 'ge' else '('}{low[1]:g}, {high[1]:g}{']' if high[0] == 'le' else ')'}"
+    k, v = low or high
+    return f"{dict(ge='>=', gt='>', le='<=', lt='<')[k]} {v:g}"
+
+
+def _check(section: Any, prefix: str, where) -> None:
+    """Every field against the rules `setting(...)` put beside it; the message names the key, the value and
+    the file or override that set it."""
+    tests = dict(gt=lambda v, b: v > b, ge=lambda v, b: v >= b, lt=lambda v, b: v < b, le=lambda v, b: v <= b)
+    for f in dataclasses.fields(section):
+        rules = f.metadata
+        if not rules:
+            continue
+        key = f"{prefix}.{f.name}"
+        value = getattr(section, f.name)
+        if "choices" in rules:
+            allowed = rules["choices"]() if callable(rules["choices"]) else rules["choices"]
+            if value not in allowed:
+                raise ConfigError(f"{where(key)}: {key} = {value!r} is not one of {', '.join(allowed)}")
+        values = value if isinstance(value, tuple) else (value,)
+        bounds = {k: b for k, b in rules.items() if k in tests}
+        if not all(tests[k](v, b) for v in values for k, b in bounds.items()):
+            what = "every element " if isinstance(value, tuple) else ""
+            raise ConfigError(f"{where(key)}: {key} must have {what}{_describe(bounds)}, found {value!r}"
+                              if what else f"{where(key)}: {key} must be {_describe(bounds)}, found {value!r}")
+        if rules.get("ordered") and list(values) != sorted(values):
+            raise ConfigError(f"{where(key)}: {key} must be (low, high) with low <= high, found {value!r}")
 
 
 def parse_override(text: str) -> Tuple[str, str, Any]:
@@ -260,42 +355,77 @@ def parse_override(text: str) -> Tuple[str, str, Any]:
         value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as e:
+        raise ConfigError(f"override {text!r}: {e}") from None
     return sec, key, value
 
 
+def _read_yaml(path: Path, where: str) -> Any:
+    try:
+        return _yaml(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{where}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _recipe_layers(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[dict, str]]:
+    """A recipe as (mapping, file) layers, its bases first: `base: FILE` or `base: [FILE, ...]`, each path
+    relative to the file that names it. Later layers override earlier ones key by key, so a recipe holds only
+    its differences from its bases."""
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved):], resolved))
+        raise ConfigError(f"{path}: base files form a cycle: {cycle}")
+    data = _read_yaml(path, str(path))
+    if data is None:
+        return []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, found {type(data).__name__}")
+    bases = data.pop("base", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: base must be a file name or a list of file names, found {bases!r}")
+    layers = []
+    for name in bases:
+        base = path.parent / name
+        if not base.is_file():
+            raise ConfigError(f"{path}: base {name!r} not found ({base})")
+        layers += _recipe_layers(base, (*chain, resolved))
+    return layers + [(data, str(path))]
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
-    cfg = Config()
-    source = "defaults"
+    """A recipe (its bases first) and `section.key=value` overrides, checked; every error is one line."""
+    builder = _Builder("defaults")
     if path is not None:
         p = Path(path)
-        source = str(p)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        try:
-            data = _yaml(p.read_text())
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p}:{where} invalid YAML ({getattr(e, 'problem', e)})") from None
-        _apply(cfg, data, source)
+        builder.default_source = str(p)
+        for data, where in _recipe_layers(p):
+            builder.apply(data, where)
     for text in overrides or []:
         sec, key, value = parse_override(text)
-        _apply(cfg, {sec: {key: value}}, f"override {text!r}")
-    _validate(cfg, source if not overrides else f"{source} (with overrides)")
-    return cfg
+        builder.apply({sec: {key: value}}, f"override {text!r}")
+    return builder.finish()
 
 
 def to_dict(cfg: Config) -> dict:
     def plain(v):
-        if isinstance(v, tuple):
-            return [plain(x) for x in v]
-        return v
-    return {f.name: {k: plain(v) for k, v in dataclasses.asdict(getattr(cfg, f.name)).items()}
-            for f in dataclasses.fields(cfg)}
+        return [plain(x) for x in v] if isinstance(v, tuple) else v
+
+    def section(obj):
+        return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+    out = {f.name: section(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    out["method"].update(section(cfg.method.settings))
+    return out
 
 
 def from_dict(data: dict, source: str = "checkpoint") -> Config:
-    cfg = Config()
-    _apply(cfg, data, source)
-    _validate(cfg, source)
-    return cfg
+    builder = _Builder(source)
+    builder.apply(data, source)
+    return builder.finish()

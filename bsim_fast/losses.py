@@ -1,4 +1,4 @@
-"""BSIM losses (SPEC section 2): one function per family, single process, float32 inside.
+"""BSIM losses (docs/METHOD.md, "Losses"): one function per family, single process, float32 inside.
 
 A mixed view i keeps a fraction lam[i] of its own image and takes 1 - lam[i] from image partner[i], so it
 is pulled towards both targets in proportion. `partner=None, lam=None` is SIM: the identity partner with
@@ -62,11 +62,13 @@ def simsiam_loss(p: torch.Tensor, z: torch.Tensor, partner: Optional[torch.Tenso
 @_float32
 def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, partner: Optional[torch.Tensor] = None,
               lam: Optional[torch.Tensor] = None, tau: float = 0.2) -> torch.Tensor:
-    """MoCo(-BSIM) InfoNCE against a queue [K, D] of normalized keys; each positive has its own denominator."""
+    """MoCo(-BSIM) InfoNCE of queries q against keys k and a queue [K, D] of negative keys (normalised here, as
+    every input); each positive has its own denominator (docs/METHOD.md, "MoCo v2")."""
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)
+    queue = F.normalize(queue.detach().float(), dim=1)
     partner, lam = _partner_and_lam(q.shape[0], partner, lam, q.device)
-    log_neg = torch.logsumexp(q @ queue.detach().float().t() / tau, dim=1)
+    log_neg = torch.logsumexp(q @ queue.t() / tau, dim=1)
 
     def nce(pos):   # -log(e^pos / (e^pos + sum_n e^neg_n)), the cross entropy with the positive at index 0
         return torch.logaddexp(pos, log_neg) - pos

@@ -7,16 +7,19 @@ import torch.nn as nn
 import torchvision
 
 
+def backbone_names() -> Tuple[str, ...]:
+    """The torchvision ResNets `model.arch` may name (resnet18 ... resnet152, wide_resnet50_2, ...)."""
+    return tuple(n for n in torchvision.models.list_models(module=torchvision.models) if "resnet" in n)
+
+
 def build_backbone(arch: str, cifar_stem: bool) -> Tuple[nn.Module, int]:
     """A randomly initialised torchvision ResNet returning pooled features, and their width.
 
     cifar_stem: a 3x3 stride-1 first conv and no max-pool, so 32x32 inputs keep their resolution.
     """
-    builder = getattr(torchvision.models, arch, None) if "resnet" in arch else None
-    if builder is None:
-        raise ValueError(f"model.arch: {arch!r} is not a torchvision ResNet (e.g. resnet18, resnet50, "
-                         f"wide_resnet50_2)")
-    net = builder(weights=None)
+    if arch not in backbone_names():
+        raise ValueError(f"model.arch: {arch!r} is not a torchvision ResNet (one of {', '.join(backbone_names())})")
+    net = getattr(torchvision.models, arch)(weights=None)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
     if cifar_stem:
@@ -48,4 +51,4 @@ def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int = 2, last_bn: bo
     return nn.Sequential(*layers)
 
 
-__all__ = ["build_backbone", "mlp"]
+__all__ = ["backbone_names", "build_backbone", "mlp"]

@@ -1,13 +1,18 @@
 """Optimisers and the learning-rate schedule.
 
-LARS comes from timm (well kept, and it skips the trust-ratio adaptation for groups without weight
-decay, which is exactly how biases and norm weights are excluded). SGD and AdamW use PyTorch's fused
+LARS is timm's `Lars`, which computes the same update as solo-learn's LARS (the anchor of the CIFAR recipes,
+docs/RECIPES.md): trust ratio `eta * |w| / (|g| + wd * |w| + eps)` (`optim.trust_coefficient`), clipped to at
+most 1 relative to the scheduled lr when `optim.clip_lr` (timm's `trust_clip`), applied to (g + wd * w),
+then SGD momentum. Which tensors it adapts is set per group: every group but the excluded biases and norm
+weights (timm's `always_adapt`), as solo-learn's `exclude_bias_n_norm`; the excluded ones get neither weight
+decay nor adaptation. (The one difference: for a tensor whose weight or gradient is all zero, timm applies
+weight decay with ratio 1 where solo-learn leaves the gradient as it is.) SGD and AdamW use PyTorch's fused
 CUDA implementations when the parameters live on a GPU: that is what apex's FusedSGD/FusedAdam gave.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterable, List
+from typing import List
 
 import torch
 from torch import nn
@@ -16,8 +21,8 @@ from .config import Config
 
 
 def param_groups(model: nn.Module, cfg: Config) -> List[dict]:
-    """Split parameters so biases and norm weights get no weight decay (and so no LARS adaptation), and
-    SimSiam's predictor can keep a fixed learning rate."""
+    """Split parameters so biases and norm weights get no weight decay and no LARS adaptation (when
+    `optim.exclude_bias_norm`), and SimSiam's predictor can keep a fixed learning rate."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -27,7 +32,7 @@ def param_groups(model: nn.Module, cfg: Config) -> List[dict]:
         key = (no_decay, fixed)
         if key not in groups:
             groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay,
-                           "fixed_lr": fixed}
+                           "fixed_lr": fixed, "always_adapt": not no_decay}
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -41,7 +46,8 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     if cfg.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas, fused=fused or None)
     from timm.optim import Lars
-    return Lars(groups, lr=lr, momentum=cfg.optim.momentum)
+    return Lars(groups, lr=lr, momentum=cfg.optim.momentum, trust_coeff=cfg.optim.trust_coefficient,
+                trust_clip=cfg.optim.clip_lr)
 
 
 def scaled_lr(cfg: Config) -> float:
@@ -60,7 +66,3 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_ra
 def set_lr(optimizer: torch.optim.Optimizer, lr: float, base_lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = base_lr if group.get("fixed_lr") else lr
-
-
-def trainable(params: Iterable[nn.Parameter]) -> int:
-    return sum(p.numel() for p in params if p.requires_grad)

@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 recipe=${1:-}
 if [ -z "$recipe" ] || [ ! -f "configs/${recipe%.yaml}.yaml" ]; then
-  avail=$(cd configs && find . -name '*.yaml' | sed 's|^\./||; s|\.yaml$||' | sort | tr '\n' ' ')
+  avail=$(cd configs && find . -name '*.yaml' -not -path './_base/*' | sed 's|^\./||; s|\.yaml$||' | sort | tr '\n' ' ')
   echo "error: unknown recipe '${recipe}'; choose one of: ${avail}" >&2
   exit 2
 fi

@@ -73,7 +73,8 @@ def _worker(rank_, init_file, out_dir, data):
         # 3. MoCo: keys of both ranks enter the queue, in rank order, identically on every rank
         torch.manual_seed(0)
         cfg = tiny_cfg("moco", "bsim")
-        cfg.model.shuffle_bn = False           # local keys, recomputed below (ShuffleBN: test_shuffle_bn.py)
+        cfg.method.settings.symmetric = True        # keys of a and b (one direction: test_methods.py)
+        cfg.method.settings.shuffle_bn = False      # local keys, recomputed below (ShuffleBN: test_shuffle_bn.py)
         moco = build_method(cfg)
         moco(a, b, ma, mb, partner, lam_a, lam_b)
         with torch.no_grad():

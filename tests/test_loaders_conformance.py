@@ -23,7 +23,7 @@ from helpers import TINY, tiny_folder
 from PIL import Image
 
 from bsim_fast import augment, datasets
-from bsim_fast.config import CHOICES, Config
+from bsim_fast.config import Config, choices
 from bsim_fast.loaders import (KINDS, LOADERS, base, build_eval_loader, build_train_loader, check_dataset,
                                check_datasets, kind_for_path)
 from bsim_fast.loaders.base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, random_resized_crop_params,
@@ -390,7 +390,7 @@ def test_one_seed_mixer():
 
 
 def test_registry_is_the_one_list_of_loaders():
-    assert CHOICES[("data", "loader")] == KINDS == ("ffcv", "dali", "torch", "gpu_resident")
+    assert choices("data", "loader") == KINDS == ("ffcv", "dali", "torch", "gpu_resident")
     import importlib
     for spec in LOADERS.values():
         module = importlib.import_module(f"bsim_fast.loaders.{spec.module}")

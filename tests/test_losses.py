@@ -62,6 +62,16 @@ def test_moco_by_hand():
     assert losses.moco_loss(q, k, queue, tau=tau).item() == pytest.approx(sim)
 
 
+def test_moco_normalises_the_queue_it_is_given():
+    """Inputs need not be normalised, the queue included: a queue of length-3 keys gives the same loss."""
+    q = k = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    tau = 0.5
+    sim = (math.log(math.e ** 2 + math.e ** -2) - 2 + math.log(math.e ** 2 + 1) - 2) / 2   # as above
+    assert losses.moco_loss(q, k, torch.tensor([[-3.0, 0.0]]), tau=tau).item() == pytest.approx(sim)
+    queue = _rand(7, 2, seed=9)
+    assert torch.allclose(losses.moco_loss(q, 4 * k, 5 * queue, tau=tau), losses.moco_loss(q, k, queue, tau=tau))
+
+
 def test_simclr_by_hand():
     e = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     got = losses.simclr_loss(e, e, e, e, PARTNER, torch.tensor([0.5, 1.0]), torch.ones(2), tau=1.0)

@@ -3,9 +3,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsim_fast import mix
+from bsim_fast import losses, mix
 from bsim_fast.config import Config
-from bsim_fast.methods import BYOL, MoCo, build_method
+from bsim_fast.methods import METHODS, build_method
+from bsim_fast.methods.byol import BYOL
+from bsim_fast.methods.moco import MoCo
 from bsim_fast.models import build_backbone, mlp
 
 N, SIZE = 4, 8
@@ -20,14 +22,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
-def tiny_cfg(name, mode="bsim", **model):
+def tiny_cfg(name, mode="bsim", **keys):
+    """A tiny network; `keys` set model shapes or the method's own settings, by name."""
     cfg = Config()
     cfg.method.name, cfg.method.mode = name, mode
     m = cfg.model
     m.arch, m.cifar_stem = "resnet18", True
     m.proj_hidden, m.proj_dim, m.pred_hidden, m.queue_size = 16, 8, 16, 10
-    for key, value in model.items():
-        setattr(m, key, value)
+    for key, value in keys.items():
+        setattr(m if hasattr(m, key) else cfg.method.settings, key, value)
     return cfg
 
 
@@ -63,7 +66,7 @@ def test_cifar_backbone_and_heads():
 
 # ---------------------------------------------------------------- every method x mode
 
-@pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "simclr"])
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_and_mode_trains(name):
     batch = tiny_batch()
     torch.manual_seed(0)
@@ -90,16 +93,21 @@ def test_bsim_needs_mixed_views():
 
 
 def test_unknown_method_is_an_error():
+    cfg = tiny_cfg("byol")
+    cfg.method.name = "swav"
     with pytest.raises(ValueError, match="method.name"):
-        build_method(tiny_cfg("swav"))
+        build_method(cfg)
 
 
-@pytest.mark.parametrize("name", ["byol", "simsiam", "moco", "simclr"])
-def test_bsim_with_lam_one_equals_sim_on_plain_views(name):
+CASES = [(name, {}) for name in sorted(METHODS)] + [("moco", {"symmetric": True})]
+
+
+@pytest.mark.parametrize("name,settings", CASES)
+def test_bsim_with_lam_one_equals_sim_on_plain_views(name, settings):
     """Feeding the plain views as 'mixed' with lam = 1 must reproduce the SIM loss (eval-mode BN)."""
     batch = tiny_batch()
     torch.manual_seed(0)
-    method = build_method(tiny_cfg(name, "sim")).eval()
+    method = build_method(tiny_cfg(name, "sim", **settings)).eval()
     ones = torch.ones(N)
     expected = method(batch["plain_a"], batch["plain_b"])["loss"]
     method.mode = "bsim"
@@ -155,20 +163,49 @@ def test_moco_enqueue_pointer_and_wrap_around():
     assert sorted(moco.queue[:, 0].tolist()) == [0.0, 4.0, 5.0, 6.0, 7.0]
 
 
-def test_moco_forward_enqueues_only_plain_keys():
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_forward_enqueues_only_plain_keys(symmetric):
+    """MoCo v2 (one direction) enqueues the N keys of view b; the symmetric form the 2N keys of a and b."""
     batch = tiny_batch()
     torch.manual_seed(0)
-    moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=2 * N + 3))
+    moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=2 * N + 3, symmetric=symmetric))
     start = moco.queue.clone()
     moco(**batch)["loss"].backward()
+    plain = [batch["plain_a"], batch["plain_b"]] if symmetric else [batch["plain_b"]]
     with torch.no_grad():
-        expected = F.normalize(moco.key_encoder(torch.cat([batch["plain_a"], batch["plain_b"]])), dim=1)
-    assert moco.queue_ptr.item() == 2 * N
-    assert torch.allclose(moco.queue[:2 * N], expected, atol=1e-5)
-    assert torch.equal(moco.queue[2 * N:], start[2 * N:])
+        expected = F.normalize(moco.key_encoder(torch.cat(plain)), dim=1)
+    n_keys = len(plain) * N
+    assert moco.queue_ptr.item() == n_keys
+    assert torch.allclose(moco.queue[:n_keys], expected, atol=1e-5)
+    assert torch.equal(moco.queue[n_keys:], start[n_keys:])
     moco.eval()
     moco(**batch)                              # evaluation leaves the queue alone
-    assert moco.queue_ptr.item() == 2 * N
+    assert moco.queue_ptr.item() == n_keys
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_moco_routing_by_hand(symmetric):
+    """The method's loss equals losses.moco_loss on the views docs/METHOD.md routes: one direction (query a,
+    keys of b) or the mean of both; SIM on plain views, BSIM on mixed ones with the partner and lambda."""
+    batch = tiny_batch()
+    torch.manual_seed(0)
+    moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=16, symmetric=symmetric)).eval()
+    queue = moco.queue.clone()
+    out = moco(**batch)
+    with torch.no_grad():
+        q = {k: moco.head(moco.backbone(batch[k])) for k in ("plain_a", "plain_b", "mixed_a", "mixed_b")}
+        key_a, key_b = (F.normalize(moco.key_encoder(batch[k]), dim=1) for k in ("plain_a", "plain_b"))
+        tau = moco.settings.temperature
+
+        def nce(view, keys, partner=None, lam=None):
+            return losses.moco_loss(q[view], keys, queue, partner, lam, tau)
+        p = batch["partner"]
+        if symmetric:
+            sim = (nce("plain_a", key_b) + nce("plain_b", key_a)) / 2
+            bsim = (nce("mixed_a", key_b, p, batch["lam_a"]) + nce("mixed_b", key_a, p, batch["lam_b"])) / 2
+        else:
+            sim, bsim = nce("plain_a", key_b), nce("mixed_a", key_b, p, batch["lam_a"])
+    assert torch.allclose(out["loss_sim"], sim, atol=1e-5) and torch.allclose(out["loss_bsim"], bsim, atol=1e-5)
 
 
 def test_simsiam_targets_are_stop_gradient():
@@ -185,3 +222,34 @@ def test_simsiam_targets_are_stop_gradient():
     manual = -0.5 * (F.cosine_similarity(p_a, z_b.detach()).mean() + F.cosine_similarity(p_b, z_a.detach()).mean())
     manual.backward()
     assert torch.allclose(got, simsiam.backbone.conv1.weight.grad, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the registry
+
+def test_a_new_method_registers_itself_and_its_settings():
+    """What a fifth method needs from the rest of the package: a class with `@register` and its `Settings`;
+    the config then accepts its name and checks its settings with the rules written beside them."""
+    from dataclasses import dataclass
+
+    from bsim_fast.config import ConfigError, load_config, setting
+    from bsim_fast.methods import Method, register
+
+    @dataclass
+    class ToySettings:
+        scale: float = setting(1.0, gt=0)
+
+    @register("toy")
+    class Toy(Method):
+        Settings = ToySettings
+
+    try:
+        cfg = load_config(None, ["method.name=toy", "method.mode=bsim"])
+        assert cfg.method.name == "toy" and cfg.method.settings == ToySettings(1.0)
+        assert load_config(None, ["method.name=toy", "method.scale=2.5"]).method.settings.scale == 2.5
+        with pytest.raises(ConfigError, match="method.scale must be > 0"):
+            load_config(None, ["method.name=toy", "method.scale=0"])
+        assert isinstance(build_method(load_config(None, ["method.name=toy", "model.arch=resnet18"])), Toy)
+        with pytest.raises(ValueError, match="registered twice"):
+            register("toy")(Toy)
+    finally:
+        del METHODS["toy"]

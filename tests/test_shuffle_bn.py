@@ -20,7 +20,9 @@ def tiny_cfg(shuffle_bn, mode="bsim"):
     cfg.method.name, cfg.method.mode = "moco", mode
     m = cfg.model
     m.arch, m.cifar_stem = "resnet18", True
-    m.proj_hidden, m.proj_dim, m.queue_size, m.shuffle_bn = 16, 8, 4 * N * WORLD, shuffle_bn
+    m.proj_hidden, m.proj_dim, m.queue_size = 16, 8, 4 * N * WORLD
+    cfg.method.settings.shuffle_bn = shuffle_bn
+    cfg.method.settings.symmetric = True      # keys of a and b in one shuffled batch
     return cfg
 
 

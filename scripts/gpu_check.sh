@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The acceptance run on one GPU in about 10 minutes: pytest -m gpu, an ImageNet-like JPEG set written to FFCV
+# and DALI, the benchmark, and OUT_DIR/report.md + report.json + bench.png (docs/BENCHMARKS.md says what).
+#   bash scripts/gpu_check.sh OUT_DIR [--tiny] [--budget-s S] [--skip-tests] [bench options, e.g. --methods byol]
+# Without a GPU it runs the --tiny CPU version. Uses .venv (scripts/install.sh) or $PYTHON; installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
+  echo "usage: bash scripts/gpu_check.sh OUT_DIR [--tiny] [--budget-s S] [--skip-tests] [bench options]" >&2
+  exit 2
+fi
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+exec "$PY" -m bsim_fast.gpu_check "$@"
