@@ -36,7 +36,8 @@ def test_gpu_check_tiny_writes_a_complete_report(tmp_path):
     env = report["environment"]
     assert env["torch"] and env["commit"] is not None and "device" in env
     md = (out / "report.md").read_text()
-    for words in ("## Targets", "## Stages", "## Every row", "pytest -m gpu", bench.TARGETS[0]["what"]):
+    for words in ("## Targets", "## Stages", "## Every row", "pytest -m gpu", bench.TARGETS[0]["what"],
+                  "python -m bsim_fast.speedrun"):
         assert words in md
     assert (out / "bench.png").stat().st_size > 1000
 
