@@ -445,7 +445,8 @@ def run_recipe(name: str, path: Path, plan: Plan, data: cifar10.Cifar10, knn: Kn
         clock.start()
         final = train(cfg, resume="none", config_path=str(path), callback=watch)
         t_end, step_end = watch.last
-        if not watch.curve or watch.curve[-1]["step"] != final["step"]:   # ended where no pass was due (preempted)
+        ended_unseen = watch.method is not None and (not watch.curve or watch.curve[-1]["step"] != final["step"])
+        if ended_unseen:   # stopped where no pass was due (preempted): the last model still gets one
             watch.evaluate(SimpleNamespace(step=final["step"], epoch=final["epoch"], batches_read=0), t_end, t_end,
                            "end")
         result["stopped"] = final.get("stopped")
@@ -456,8 +457,10 @@ def run_recipe(name: str, path: Path, plan: Plan, data: cifar10.Cifar10, knn: Kn
                       first_step_s=first_t, eval_s=watch.eval_s, evals=len(watch.curve),
                       images_s=step_end * cfg.data.batch_size / t_end if t_end > 0 else None,
                       steady_images_s=steady)
-    except (ConfigError, RuntimeError, ValueError, OSError) as e:   # ConfigError also covers data and checkpoints
-        if not isinstance(e, ConfigError):
+    except Exception as e:  # noqa: BLE001 - one recipe's failure is its row; the next recipe still runs
+        from .checkpoint import CheckpointError
+        from .train import TrainError
+        if not isinstance(e, (ConfigError, TrainError, CheckpointError)):   # not a user-facing one-liner: a bug
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         result["error"] = f"{type(e).__name__}: {first}"
