@@ -1,4 +1,4 @@
-"""Batched photometric augmentation on the training device (SPEC §1 views, DESIGN `augment`).
+"""Batched photometric augmentation on the training device (docs/METHOD.md "Views", docs/DESIGN.md).
 
 The loaders hand over uint8 NHWC views that already carry their geometric augmentation (random resized
 crop + flip, done where the image is decoded). Everything photometric happens here, on the whole batch at

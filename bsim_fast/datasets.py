@@ -88,7 +88,8 @@ def builtin_root() -> Path:
     try:
         with tarfile.open(BUILTIN_ARCHIVE, "r:gz") as archive:
             members = [_checked_member(m) for m in archive.getmembers()]
-            # filter="data" also refuses absolute paths, "..", links and device files (SPEC §6).
+            # filter="data" also refuses absolute paths, "..", links and device files: nothing read from an
+            # archive decides where anything is written outside the cache
             archive.extractall(tmp, members=members, filter="data")
         try:
             os.replace(tmp / BUILTIN_NAME, final)

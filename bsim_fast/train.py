@@ -224,8 +224,11 @@ def build(cfg: Config, config_path: str = "config") -> Run:
 
 def config_differences(saved: dict, cfg: Config) -> list:
     """'section.key old -> new' for every key whose value differs from the checkpoint's config, except those
-    in RESUMABLE_CHANGES. A key the checkpoint does not have (added since) counts if it is not the default."""
-    now, default = to_dict(cfg), to_dict(Config())
+    in RESUMABLE_CHANGES. A key the checkpoint does not have (added since, or a setting of another method)
+    counts if it is not the default."""
+    defaults = Config()
+    defaults.method.name = cfg.method.name   # `method:` holds the named method's own settings
+    now, default = to_dict(cfg), to_dict(defaults)
     diffs = []
     for sec, values in now.items():
         for key, value in values.items():

@@ -15,7 +15,10 @@ if $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; 
 else
   args=${QUICK_ARGS:-"train.epochs=1 train.max_steps=12 data.batch_size=128 data.workers=2"}
 fi
-bash scripts/train_8gpu.sh small/byol_bsim train.out_dir=runs/quickstart $args --resume none
+# runs/quickstart is this script's own scratch run: each quickstart starts it afresh (a real run resumes or,
+# with --resume none, keeps the earlier run in out_dir/previous_N/)
+rm -rf runs/quickstart
+bash scripts/train_8gpu.sh small/byol_bsim train.out_dir=runs/quickstart $args
 $PY - <<'PY'
 import json; r = json.load(open("runs/quickstart/final.json"))
 print(f"k-NN top-1 on the built-in test split: {r['knn_top1']:.2f}% (step {r['step']})")

@@ -269,8 +269,8 @@ def _ffcv_view_uniforms(seed: int, epoch: int, index: int, view: int):
     from bsim_fast.loaders import ffcv_loader as fl
     uniform = fl._make_uniform(fl._splitmix64)
     entry = np.uint64(index) | (np.uint64(epoch) << fl._EPOCH_SHIFT)
-    key = fl._splitmix64(fl._splitmix64(np.uint64(base.mix_seed(seed, bits=64)) ^ entry) + np.uint64(view))
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore"):   # the hash wraps modulo 2**64 by design (numba does not warn)
+        key = fl._splitmix64(fl._splitmix64(np.uint64(base.mix_seed(seed, bits=64)) ^ entry) + np.uint64(view))
         return key, np.array([[uniform(key, 4 * k + d) for d in range(4)] for k in range(CROP_ATTEMPTS)]), \
             uniform(key, 4 * CROP_ATTEMPTS)
 

@@ -240,9 +240,9 @@ def test_resume_allows_bookkeeping_changes_and_force(data, one_step_run, tmp_pat
     out = copy_run(one_step_run, tmp_path / "forced")
     result = run(data, out, "train.max_steps=2", "optim.lr=0.1", resume="force")
     assert result["step"] == 2 and "--resume force: continuing" in capsys.readouterr().out
-    out = copy_run(one_step_run, tmp_path / "other_recipe")
+    out = copy_run(one_step_run, tmp_path / "other_model")
     with pytest.raises(CheckpointError, match="do not fit this model"):   # one line, not torch's key dump
-        run(data, out, "method.name=simclr", "train.max_steps=2", resume="force")
+        run(data, out, "model.proj_dim=8", "train.max_steps=2", resume="force")
 
 
 def test_resume_none_moves_the_earlier_run_aside(data, one_step_run, tmp_path, capsys):
