@@ -364,7 +364,8 @@ class Watch:
         self.last = (t, state.step)
         over = t >= self.budget_s
         # The mark a pass stands for: the latest interval mark or budget it passed (a pass is taken at the
-        # first step boundary after it, so it credits the model of clock t to a mark at most one step earlier),
+        # first step boundary the host sees after it, so it credits the model of clock t to a mark a few steps
+        # earlier at most: the host decides on its unsynchronised clock and runs a few steps ahead of the GPU),
         # or its own clock when the schedule ended between marks.
         mark, why = t, "end of schedule"
         if due:
