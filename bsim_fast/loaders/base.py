@@ -252,6 +252,20 @@ def augment_views(a_u8: torch.Tensor, b_u8: torch.Tensor, policies, generator: t
     return augment.photometric(a_u8, policies[0], generator), augment.photometric(b_u8, policies[1], generator)
 
 
+def _open_dataset(loader, cfg, path: str, key: str, rank: int, world_size: int, device) -> None:
+    """What every loader sets up the same way: rank, device, per-rank batch, workers, the checked path, and
+    the back end's `open` (number of samples, labeled)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, {world_size})")
+    loader.cfg, loader.rank, loader.world_size = cfg, rank, world_size
+    loader.device = torch.device(device)
+    loader.batch_size = per_rank_batch(cfg, world_size)
+    loader.workers = loader_workers(cfg, rank)
+    loader.path = resolve_path(loader.kind, path)
+    check_format(loader.kind, loader.path, key)
+    loader.num_samples, loader.labeled = loader.open(loader.path)
+
+
 class TrainLoader:
     """`len(loader)` batches per epoch on this rank; `loader.epoch(e, start_batch=k)` yields batches k.. of
     epoch e as (a_u8, b_u8, labels): uint8 [N, S, S, 3] views on the training device, photometrically
@@ -262,17 +276,9 @@ class TrainLoader:
     kind = ""
 
     def __init__(self, cfg, rank: int, world_size: int, device):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device = torch.device(device)
         self.seed = cfg.train.seed
-        self.batch_size = per_rank_batch(cfg, world_size)
-        self.workers = loader_workers(cfg, rank)
         self.policies = augment.policy_for(cfg)
-        self.path = resolve_path(self.kind, cfg.data.train)
-        check_format(self.kind, self.path, "data.train")
-        self.num_samples, self.labeled = self.open(self.path)
+        _open_dataset(self, cfg, cfg.data.train, "data.train", rank, world_size, device)
 
     def open(self, path: str) -> tuple[int, bool]:
         """Read the dataset's header; return (number of samples, whether it is labeled)."""
@@ -315,16 +321,8 @@ class EvalLoader:
     kind = ""
 
     def __init__(self, cfg, path: str, rank: int, world_size: int, device):
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.device = torch.device(device)
         self.size = cfg.data.image_size
-        self.batch_size = per_rank_batch(cfg, world_size)
-        self.workers = loader_workers(cfg, rank)
-        self.path = resolve_path(self.kind, path)
-        check_format(self.kind, self.path)
-        self.num_samples, self.labeled = self.open(self.path)
+        _open_dataset(self, cfg, path, "data path", rank, world_size, device)
         self.indices = self.shard()
 
     def open(self, path: str) -> tuple[int, bool]:
