@@ -10,8 +10,8 @@ import contextlib
 import errno
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 
 class DiskFullError(OSError):

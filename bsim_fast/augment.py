@@ -25,7 +25,6 @@ samples that drew it (the same result, a quarter of the work). The kernels branc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,11 +45,11 @@ class ViewPolicy:
     hue: float
     gray_p: float
     blur_p: float
-    blur_sigma: Tuple[float, float]
+    blur_sigma: tuple[float, float]
     solarize_p: float
 
 
-def policy_for(cfg) -> Tuple[ViewPolicy, ViewPolicy]:
+def policy_for(cfg) -> tuple[ViewPolicy, ViewPolicy]:
     """(t', t'') from `cfg.aug`. The recipes decide the numbers (BYOL asymmetric: blur 1.0 / 0.1, solarize
     0.0 / 0.2; SimCLR, MoCo v2, SimSiam symmetric); this only reads them."""
     aug = cfg.aug

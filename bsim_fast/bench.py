@@ -25,8 +25,8 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
@@ -66,7 +66,7 @@ FULL_SIZE = 224   # the targets are for this resolution and ResNet-50
 VIEW_PATH = "augment_cutmix_normalize_two_views"   # bsim_fast.kernels.bench's row for the whole view path
 
 
-def _one(rows, **match) -> Optional[dict]:
+def _one(rows, **match) -> dict | None:
     """The measured row (not skipped) whose fields equal `match`, or None."""
     for r in rows:
         if "skipped" not in r and "error" not in r and all(r.get(k) == v for k, v in match.items()):
@@ -90,13 +90,17 @@ def _bsim_overhead(rows):
     return sim["images_s"] / bsim["images_s"] - 1.0   # extra step time of BSIM, as a fraction of SIM's
 
 
+def _e2e_ratio(rows, loader):
+    return _field(_one(rows, kind="end_to_end", loader=loader, size=FULL_SIZE), "ratio_to_model")
+
+
 def _e2e_vs_torch(rows):
     best = [_field(_one(rows, kind="end_to_end", loader=k, size=FULL_SIZE), "images_s") for k in ("dali", "ffcv")]
     best = max((b for b in best if b is not None), default=None)
     return _ratio(best, _field(_one(rows, kind="end_to_end", loader="torch", size=FULL_SIZE), "images_s"))
 
 
-METRICS: Dict[str, Callable[[List[dict]], Optional[float]]] = {
+METRICS: dict[str, Callable[[list[dict]], float | None]] = {
     "cutmix_speedup": lambda rows: _field(_one(rows, kind="kernel", name="cutmix_normalize"), "speedup"),
     "cutmix_bandwidth": lambda rows: _field(_one(rows, kind="kernel", name="cutmix_normalize"), "frac_of_copy"),
     "view_pipeline_ms": lambda rows: _field(_one(rows, kind="kernel", name=VIEW_PATH), "ms"),
@@ -106,8 +110,8 @@ METRICS: Dict[str, Callable[[List[dict]], Optional[float]]] = {
     "byol_bsim_model": lambda rows: _field(_one(rows, kind="model", method="byol", mode="bsim", arch="resnet50",
                                                 size=FULL_SIZE, compile=True), "images_s"),
     "bsim_overhead": _bsim_overhead,
-    "e2e_ratio_dali": lambda rows: _field(_one(rows, kind="end_to_end", loader="dali", size=FULL_SIZE), "ratio_to_model"),
-    "e2e_ratio_ffcv": lambda rows: _field(_one(rows, kind="end_to_end", loader="ffcv", size=FULL_SIZE), "ratio_to_model"),
+    "e2e_ratio_dali": lambda rows: _e2e_ratio(rows, "dali"),
+    "e2e_ratio_ffcv": lambda rows: _e2e_ratio(rows, "ffcv"),
     "e2e_vs_torch": _e2e_vs_torch,
 }
 
@@ -118,7 +122,7 @@ def target_text(t: dict) -> str:
     return f"{'≥' if t['op'] == '>=' else '≤'} {value}{sep}{t['unit']}"
 
 
-def evaluate(rows: List[dict], applicable: bool) -> List[dict]:
+def evaluate(rows: list[dict], applicable: bool) -> list[dict]:
     """Each target with its measured value and `pass` / `miss` / `not measured`. On a CPU or at tiny sizes
     the targets do not apply (`n/a`): they are for one H100 at full sizes."""
     out = []
@@ -150,7 +154,7 @@ def _sync(device: torch.device) -> None:
 class Budget:
     """Rows that would end after the deadline are skipped (reported, not run). `None`: no deadline."""
 
-    def __init__(self, deadline: Optional[float]):
+    def __init__(self, deadline: float | None):
         self.deadline = deadline
 
     def allows(self, seconds: float) -> bool:
@@ -175,7 +179,7 @@ def reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_mem_gb(device: torch.device) -> Optional[float]:
+def peak_mem_gb(device: torch.device) -> float | None:
     """Peak allocated device memory since the last reset; None (n/a) on a CPU, where it is not tracked."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -267,9 +271,9 @@ class Settings:
 class Bench:
     """Runs rows in order and keeps them; every row is written to `<out>/bench.json` as soon as it exists."""
 
-    def __init__(self, settings: Settings, paths: Dict[str, str], out: Path, budget: Budget, env: dict):
+    def __init__(self, settings: Settings, paths: dict[str, str], out: Path, budget: Budget, env: dict):
         self.s, self.paths, self.out, self.budget, self.env = settings, paths, out, budget, env
-        self.rows: List[dict] = []
+        self.rows: list[dict] = []
 
     def add(self, row: dict) -> dict:
         self.rows.append(row)
@@ -343,7 +347,7 @@ class Bench:
                 loader = None
 
     # ---- model-only and end-to-end
-    def model_row(self, method, mode, arch, size, compile_on, step: Optional[Step] = None) -> Optional[Step]:
+    def model_row(self, method, mode, arch, size, compile_on, step: Step | None = None) -> Step | None:
         batch = self.s.batch_for(arch)
         base = {"kind": "model", "method": method, "mode": mode, "arch": arch, "size": size, "batch": batch,
                 "compile": compile_on}
@@ -452,7 +456,7 @@ class Bench:
                     torch.cuda.empty_cache()
 
 
-def loader_images_s(loader, warmup: int, batches: int, device, step: Optional[Step] = None):
+def loader_images_s(loader, warmup: int, batches: int, device, step: Step | None = None):
     """(two-view images/s, seconds, batches) over `batches` batches after `warmup`, across epochs as needed;
     with `step`, each batch also goes through a training step (end-to-end)."""
     it = _batches(loader, warmup + batches)
@@ -484,7 +488,7 @@ def _batches(loader, n: int) -> Iterator:
         epoch += 1
 
 
-def bench_kernels(tiny: bool, device: torch.device) -> List[dict]:
+def bench_kernels(tiny: bool, device: torch.device) -> list[dict]:
     """Kernel rows (kind="kernel": name, ms, ref_ms, speedup, gbps, copy_gbps, frac_of_copy, launches per view,
     bytes) from `bsim_fast.kernels.bench`: CutMix + normalise, each view's photometric policy, and the whole
     two-view path against their PyTorch references and a device copy. Without CUDA: one skipped row (the
@@ -518,11 +522,11 @@ def describe(r: dict) -> str:
     return f"{r['loader']}@{r['size']} b{r['batch']} w{r['workers']}"
 
 
-def fmt_gb(v: Optional[float]) -> str:
+def fmt_gb(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: list[dict]) -> str:
     lines = [f"{'kind':<11} {'what':<44} {'images/s':>12} {'peak GB':>8}  note"]
     for r in rows:
         what = describe(r)
@@ -544,7 +548,7 @@ def table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], path: Path, env: dict) -> None:
+def plot(rows: list[dict], path: Path, env: dict) -> None:
     """One panel per kind of row, each on its own (log) scale with the value printed at every bar, so no
     kind hides another; device, commit and versions in the title."""
     import matplotlib
@@ -594,7 +598,7 @@ def plot(rows: List[dict], path: Path, env: dict) -> None:
     plt.close(fig)
 
 
-def _version(dist: str) -> Optional[str]:
+def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
     try:
         return version(dist)

@@ -10,9 +10,10 @@ JPEG quality (searched per image, 50–98) that brings it closest to a size draw
 is drawn from (seed, index), so a set is the same on every machine with the same photographs.
 
 The photographs are the colour ones bundled in scikit-image's package (astronaut, coffee, chelsea, rocket,
-motorcycle, Hubble deep field, immunohistochemistry; read as files) when scikit-image is installed; without it, procedural photo-like images: coloured noise with a natural
-image's 1/f² power spectrum plus hard-edged shapes, which JPEG-compress like photographs. The content used
-is recorded in the summary, so a report says which it was. No network is needed either way.
+motorcycle, Hubble deep field, immunohistochemistry; read as files) when scikit-image is installed; without
+it, procedural photo-like images: coloured noise with a natural image's 1/f² power spectrum plus hard-edged
+shapes, which JPEG-compress like photographs. The content used is recorded in the summary, so a report says
+which it was. No network is needed either way.
 """
 from __future__ import annotations
 

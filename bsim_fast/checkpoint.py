@@ -10,8 +10,8 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -62,7 +62,7 @@ def list_checkpoints(out_dir: Path) -> list:
     return sorted(p for p in out_dir.iterdir() if CKPT_RE.match(p.name))
 
 
-def verify(path: Path) -> Optional[str]:
+def verify(path: Path) -> str | None:
     """None if `path` matches its `.sha256`, else what is wrong with it."""
     sidecar = path.with_name(path.name + ".sha256")
     if not sidecar.is_file():
@@ -115,7 +115,7 @@ def load_checkpoint(path: Path, map_location="cpu", require_hash: bool = True,
     return state
 
 
-def latest_valid(out_dir: Path, log: Callable[[str], None] = print) -> Tuple[Optional[Path], Optional[dict]]:
+def latest_valid(out_dir: Path, log: Callable[[str], None] = print) -> tuple[Path | None, dict | None]:
     """The newest checkpoint that verifies and loads, damaged ones reported (one line each) and skipped;
     (None, None) if there is none. If there are checkpoints but none is valid, a run would silently start
     over: CheckpointError instead, saying what to do."""

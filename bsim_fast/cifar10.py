@@ -19,10 +19,10 @@ import pickle
 import socket
 import tarfile
 import zlib
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 from urllib.parse import urlparse
 
 import numpy as np
@@ -147,7 +147,7 @@ def _unpickle(data: bytes, where: str):
 
 
 # ------------------------------------------------------------------------------------- the python version
-def find_python_version(path: Path) -> Optional[Path]:
+def find_python_version(path: Path) -> Path | None:
     """The archive or batches folder at or directly inside `path`, or None."""
     for candidate in (path, path / BATCHES, path / ARCHIVE):
         if candidate.is_file() and candidate.name.endswith((".tar.gz", ".tgz", ".tar")):
@@ -320,7 +320,7 @@ def find(data: str, download_missing: bool = False) -> Found:
     return Found("download", path)
 
 
-def prepare(found: Found, cache: Optional[Path] = None, workers: int = 8,
+def prepare(found: Found, cache: Path | None = None, workers: int = 8,
             log: Callable[[str], None] = print) -> Cifar10:
     """CIFAR-10 as train/ and test/ image folders: as found, or downloaded, or the python version converted
     once to PNG folders in `cache` (found there by its sha256 the next time)."""

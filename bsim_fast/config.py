@@ -14,11 +14,11 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any
 
 import yaml
 
-from .loaders import KINDS as LOADER_KINDS   # the registry module imports no back end (and not torch)
+from .loaders import KINDS as LOADER_KINDS  # the registry module imports no back end (and not torch)
 
 
 class ConfigError(ValueError):
@@ -64,8 +64,8 @@ def _yaml(text: str):
 MODES = ("sim", "bsim", "wbsim")       # which views the online side sees in each: docs/METHOD.md
 
 
-def setting(default: Any, *, choices: Any = None, gt: Optional[float] = None, ge: Optional[float] = None,
-            lt: Optional[float] = None, le: Optional[float] = None, ordered: bool = False) -> Any:
+def setting(default: Any, *, choices: Any = None, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None, ordered: bool = False) -> Any:
     """A config field with its allowed values beside it: bounds apply to every element of a tuple, `ordered`
     asks a tuple to be non-decreasing (a range), `choices` is a tuple or a function returning one (for names
     that live in a registry elsewhere)."""
@@ -73,19 +73,19 @@ def setting(default: Any, *, choices: Any = None, gt: Optional[float] = None, ge
     return field(default=default, metadata={k: v for k, v in rules.items() if v is not None and v is not False})
 
 
-def choices(section: str, key: str) -> Tuple[str, ...]:
+def choices(section: str, key: str) -> tuple[str, ...]:
     """The allowed values of a key with a fixed set, e.g. `choices("data", "loader")`, from its field's rule."""
     section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
     allowed = {f.name: f.metadata for f in dataclasses.fields(section_cls)}[key]["choices"]
     return tuple(allowed() if callable(allowed) else allowed)
 
 
-def method_names() -> Tuple[str, ...]:
-    from .methods import METHODS      # imported when needed: the methods import this module
+def method_names() -> tuple[str, ...]:
+    from .methods import METHODS  # imported when needed: the methods import this module
     return tuple(METHODS)
 
 
-def arch_names() -> Tuple[str, ...]:
+def arch_names() -> tuple[str, ...]:
     from .models import backbone_names
     return backbone_names()
 
@@ -133,8 +133,8 @@ class ModelCfg:
 
 @dataclass
 class AugCfg:
-    crop_scale: Tuple[float, float] = setting((0.08, 1.0), gt=0, le=1, ordered=True)
-    crop_ratio: Tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1, ordered=True)
+    crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
     flip_p: float = setting(0.5, ge=0, le=1)
     jitter_p: float = setting(0.8, ge=0, le=1)
     brightness: float = setting(0.4, ge=0)     # torchvision's ColorJitter ranges
@@ -142,9 +142,9 @@ class AugCfg:
     saturation: float = setting(0.2, ge=0)
     hue: float = setting(0.1, ge=0, le=0.5)
     gray_p: float = setting(0.2, ge=0, le=1)
-    blur_p: Tuple[float, float] = setting((1.0, 0.1), ge=0, le=1)      # per view: (t', t'')
-    blur_sigma: Tuple[float, float] = setting((0.1, 2.0), gt=0, ordered=True)
-    solarize_p: Tuple[float, float] = setting((0.0, 0.2), ge=0, le=1)
+    blur_p: tuple[float, float] = setting((1.0, 0.1), ge=0, le=1)      # per view: (t', t'')
+    blur_sigma: tuple[float, float] = setting((0.1, 2.0), gt=0, ordered=True)
+    solarize_p: tuple[float, float] = setting((0.0, 0.2), ge=0, le=1)
 
 
 @dataclass
@@ -155,8 +155,8 @@ class DataCfg:
     image_size: int = setting(224, ge=8)       # below 8 px a CutMix box is a pixel or two
     batch_size: int = setting(256, gt=0)       # global, over all ranks and accumulation steps
     workers: int = setting(8, ge=0)
-    mean: Tuple[float, float, float] = setting((123.675, 116.28, 103.53), ge=0, le=255)   # 0..255 units
-    std: Tuple[float, float, float] = setting((58.395, 57.12, 57.375), gt=0)
+    mean: tuple[float, float, float] = setting((123.675, 116.28, 103.53), ge=0, le=255)   # 0..255 units
+    std: tuple[float, float, float] = setting((58.395, 57.12, 57.375), gt=0)
     dali_hw_decoder_load: float = setting(0.65, ge=0, le=1)
     gpu_resident: bool = False    # small datasets: keep every decoded image on the GPU
 
@@ -168,7 +168,7 @@ class OptimCfg:
     lr_batch: int = setting(256, gt=0)         # lr is scaled by batch_size / lr_batch
     weight_decay: float = setting(1.5e-6, ge=0)
     momentum: float = setting(0.9, ge=0, lt=1)
-    betas: Tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
+    betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
     warmup_epochs: float = setting(10.0, ge=0)
     min_lr_ratio: float = setting(0.0, ge=0, le=1)
     exclude_bias_norm: bool = True    # biases and norm weights: no weight decay, no LARS adaptation
@@ -229,12 +229,12 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where)
-    if origin in (tuple, Tuple):
+    if origin in (tuple, tuple):
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, found {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (list, List):
+    if origin in (list, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, found {value!r}")
         (arg,) = typing.get_args(tp)
@@ -345,7 +345,7 @@ def _check(section: Any, prefix: str, where) -> None:
             raise ConfigError(f"{where(key)}: {key} must be (low, high) with low <= high, found {value!r}")
 
 
-def parse_override(text: str) -> Tuple[str, str, Any]:
+def parse_override(text: str) -> tuple[str, str, Any]:
     """`section.key=value` -> (section, key, value parsed as YAML, so 0.1 is a float and [1,2] a list)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
         raise ConfigError(f"override {text!r}: expected section.key=value")
@@ -371,7 +371,7 @@ def _read_yaml(path: Path, where: str) -> Any:
         raise ConfigError(f"{where}: {e}") from None
 
 
-def _recipe_layers(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[dict, str]]:
+def _recipe_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict, str]]:
     """A recipe as (mapping, file) layers, its bases first: `base: FILE` or `base: [FILE, ...]`, each path
     relative to the file that names it. Later layers override earlier ones key by key, so a recipe holds only
     its differences from its bases."""
@@ -398,7 +398,7 @@ def _recipe_layers(path: Path, chain: Tuple[Path, ...] = ()) -> List[Tuple[dict,
     return layers + [(data, str(path))]
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Optional[List[str]] = None) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """A recipe (its bases first) and `section.key=value` overrides, checked; every error is one line."""
     builder = _Builder("defaults")
     if path is not None:

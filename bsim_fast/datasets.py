@@ -491,7 +491,7 @@ def check_shards(folder: str | os.PathLike, deep: bool = False) -> dict:
                                      f"{shard['num_samples']}")
         with open(tar_path, "rb") if deep else contextlib.nullcontext() as tar:
             for components in samples:
-                for ext, offset, length, name in components:
+                for _ext, offset, length, name in components:
                     if offset + length > size:
                         raise CorruptOutputError(f"{tar_path}: member {name} ends at byte "
                                                  f"{offset + length}, shard has {size}")

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -89,7 +89,7 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def set_cpu_threads(local_processes: int, log: Optional[Callable[[str], None]] = print) -> int:
+def set_cpu_threads(local_processes: int, log: Callable[[str], None] | None = print) -> int:
     """Set torch's thread count by `cpu_threads` unless OMP_NUM_THREADS says otherwise; says so in one line."""
     if os.environ.get("OMP_NUM_THREADS", "").strip():
         return torch.get_num_threads()
@@ -108,6 +108,7 @@ def launch(argv: list) -> int:
     one line handed over through BSIM_ERROR_DIR) is printed once however many ranks raised it, any other
     failure gets one line naming the rank and code after the child's own output."""
     import logging
+
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run

@@ -1,7 +1,8 @@
 """Evaluation of a frozen backbone: weighted k-NN (InstDisc: k=200, cosine, T=0.07), a linear probe on cached
 features, and export of the backbone as a plain torchvision state_dict.
 
-    python -m bsim_fast.eval knn    --checkpoint runs/x/backbone.pt --train data_out/train.beton --val data_out/test.beton
+    python -m bsim_fast.eval knn    --checkpoint runs/x/backbone.pt \
+        --train data_out/train.beton --val data_out/test.beton
     python -m bsim_fast.eval linear --checkpoint runs/x/ckpt_00001000.pt --train ... --val ...
 """
 from __future__ import annotations
@@ -9,17 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .mix import cutmix_normalize
 from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint, torch_load
 from .config import Config, ConfigError, from_dict
+from .mix import cutmix_normalize
 
 
 def is_labeled(loader) -> bool:
@@ -44,7 +45,7 @@ def _gather_varsize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, mean, std, dtype=torch.float32) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(backbone: nn.Module, loader, mean, std, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features and labels of every sample of `loader` (all ranks gathered)."""
     was_training = backbone.training
     backbone.eval()
@@ -109,7 +110,7 @@ def linear_probe(train_f, train_y, test_f, test_y, epochs: int = 100, lr: float 
 
 
 def knn_monitor(backbone: nn.Module, cfg: Config, build_eval_loader: Callable, rank: int, world: int,
-                device: torch.device, dtype=torch.float32, log: Callable[[str], None] = print) -> Optional[dict]:
+                device: torch.device, dtype=torch.float32, log: Callable[[str], None] = print) -> dict | None:
     """k-NN top-1/top-5 of the current backbone: training split (no augmentation) as the bank, data.val as
     queries. None, after one line through `log`, when either set is unlabeled (nothing is extracted)."""
     bank = build_eval_loader(cfg, cfg.data.train, rank, world, device)
@@ -133,7 +134,8 @@ def export_backbone(backbone: nn.Module, cfg: Config, path: Path) -> Path:
     """The online encoder as a torchvision resnet state_dict (no `fc`), plus `<name>.json` saying how to
     rebuild it: `m = torchvision.models.resnet50(); m.fc = nn.Identity(); m.load_state_dict(sd)`."""
     path = Path(path)
-    sd = {k.replace("_orig_mod.", ""): v.detach().cpu().clone() for k, v in _plain_module(backbone).state_dict().items()}
+    state = _plain_module(backbone).state_dict()
+    sd = {k.replace("_orig_mod.", ""): v.detach().cpu().clone() for k, v in state.items()}
     atomic_torch_save(sd, path)
     meta = {"arch": cfg.model.arch, "cifar_stem": cfg.model.cifar_stem, "recipe": cfg.recipe,
             "image_size": cfg.data.image_size, "mean": list(cfg.data.mean), "std": list(cfg.data.std)}
@@ -141,7 +143,7 @@ def export_backbone(backbone: nn.Module, cfg: Config, path: Path) -> Path:
     return path
 
 
-def load_backbone(path: Path, log: Callable[[str], None] = print) -> Tuple[nn.Module, Config]:
+def load_backbone(path: Path, log: Callable[[str], None] = print) -> tuple[nn.Module, Config]:
     """A backbone from an exported `backbone.pt` (with the `backbone.json` written beside it) or from a training
     checkpoint (verified by its .sha256 when it has one; without, loaded after a one-line warning)."""
     from .models import build_backbone

@@ -7,7 +7,6 @@ lam = 1, which reduces every loss to the original method through the same code p
 from __future__ import annotations
 
 import functools
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +22,8 @@ def _float32(loss_fn):
     return wrapper
 
 
-def _partner_and_lam(n: int, partner: Optional[torch.Tensor], lam: Optional[torch.Tensor],
-                     device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _partner_and_lam(n: int, partner: torch.Tensor | None, lam: torch.Tensor | None,
+                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     if partner is None:
         partner = torch.arange(n, device=device)
     if lam is None:
@@ -44,24 +43,24 @@ def _cosines(p: torch.Tensor, z: torch.Tensor, partner, lam):
 
 
 @_float32
-def byol_loss(p: torch.Tensor, z: torch.Tensor, partner: Optional[torch.Tensor] = None,
-              lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+def byol_loss(p: torch.Tensor, z: torch.Tensor, partner: torch.Tensor | None = None,
+              lam: torch.Tensor | None = None) -> torch.Tensor:
     """One direction of BYOL(-BSIM): mean_i lam_i (2 - 2cos(p_i, z_i)) + (1 - lam_i)(2 - 2cos(p_i, z_p[i]))."""
     own, other, lam = _cosines(p, z, partner, lam)
     return (lam * (2 - 2 * own) + (1 - lam) * (2 - 2 * other)).mean()
 
 
 @_float32
-def simsiam_loss(p: torch.Tensor, z: torch.Tensor, partner: Optional[torch.Tensor] = None,
-                 lam: Optional[torch.Tensor] = None) -> torch.Tensor:
+def simsiam_loss(p: torch.Tensor, z: torch.Tensor, partner: torch.Tensor | None = None,
+                 lam: torch.Tensor | None = None) -> torch.Tensor:
     """One direction of SimSiam(-BSIM), 0.5 factor included: 0.5 mean_i [lam_i D(p_i, z_i) + ...]."""
     own, other, lam = _cosines(p, z, partner, lam)
     return 0.5 * (lam * -own + (1 - lam) * -other).mean()
 
 
 @_float32
-def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, partner: Optional[torch.Tensor] = None,
-              lam: Optional[torch.Tensor] = None, tau: float = 0.2) -> torch.Tensor:
+def moco_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, partner: torch.Tensor | None = None,
+              lam: torch.Tensor | None = None, tau: float = 0.2) -> torch.Tensor:
     """MoCo(-BSIM) InfoNCE of queries q against keys k and a queue [K, D] of negative keys (normalised here, as
     every input); each positive has its own denominator (docs/METHOD.md, "MoCo v2")."""
     q = F.normalize(q.float(), dim=1)
@@ -87,8 +86,8 @@ def _content(partner: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 @_float32
 def simclr_loss(zm_a: torch.Tensor, zm_b: torch.Tensor, z_a: torch.Tensor, z_b: torch.Tensor,
-                partner: Optional[torch.Tensor] = None, lam_a: Optional[torch.Tensor] = None,
-                lam_b: Optional[torch.Tensor] = None, tau: float = 0.2) -> torch.Tensor:
+                partner: torch.Tensor | None = None, lam_a: torch.Tensor | None = None,
+                lam_b: torch.Tensor | None = None, tau: float = 0.2) -> torch.Tensor:
     """Soft-target InfoNCE of the anchors zm_a, zm_b (mixed views) against the candidates z_a, z_b.
 
     Targets sit on the other augmentation's views of the anchor's source images, weighted by lam; views of

@@ -10,7 +10,6 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Dict
 
 from .checkpoint import atomic_write_bytes
 
@@ -72,7 +71,7 @@ class MetricsLogger:
             except ImportError:
                 print("[metrics] tensorboard is not installed; logging to metrics.csv only")
 
-    def log(self, step: int, values: Dict[str, float], kind: str = "train") -> None:
+    def log(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         if not self.enabled:
             return
         # long format (one row per value) so a resumed run appends to the same file whatever it logs

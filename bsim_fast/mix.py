@@ -12,7 +12,8 @@ outputs are that fp32 value rounded to nearest-even.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,19 +23,19 @@ from .kernels import use_triton
 if TYPE_CHECKING:
     from .config import Config
 
-Stats = Union[Sequence[float], torch.Tensor]
-Floats3 = Tuple[float, float, float]
+Stats = Sequence[float] | torch.Tensor
+Floats3 = tuple[float, float, float]
 OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _rng_device(generator: Optional[torch.Generator], device) -> torch.device:
+def _rng_device(generator: torch.Generator | None, device) -> torch.device:
     # Random draws must happen on the generator's own device; results then move to `device`.
     if generator is not None:
         return generator.device
     return torch.device("cpu")
 
 
-def derangement(n: int, generator: Optional[torch.Generator] = None, device=None) -> torch.Tensor:
+def derangement(n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """A random permutation with no fixed point: one cycle through a shuffled order of 0..n-1."""
     if n < 2:
         raise ValueError(f"derangement: n must be >= 2 (a single image has no partner), found n={n}")
@@ -45,7 +46,7 @@ def derangement(n: int, generator: Optional[torch.Generator] = None, device=None
 
 
 def sample_boxes(n: int, height: int, width: int, alpha: float,
-                 generator: Optional[torch.Generator] = None, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard CutMix boxes, one per sample.
 
     Returns boxes IntTensor[n, 4] as (y0, y1, x0, x1), half-open and clipped to the image, and
@@ -101,8 +102,8 @@ def _stats_on(values: Floats3, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def check_cutmix_inputs(views_u8: torch.Tensor, partner: Optional[torch.Tensor], boxes: Optional[torch.Tensor],
-                        mean: Stats, std: Stats, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+def check_cutmix_inputs(views_u8: torch.Tensor, partner: torch.Tensor | None, boxes: torch.Tensor | None,
+                        mean: Stats, std: Stats, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the arguments of `cutmix_normalize` (both implementations call this).
 
     Returns (mean, inv_std): 3 Python floats each, fp32 values, inv_std = 1/std computed in fp32 (what both
@@ -155,9 +156,9 @@ def check_cutmix_inputs(views_u8: torch.Tensor, partner: Optional[torch.Tensor],
     return mean_f, inv_f
 
 
-def cutmix_normalize_reference(views_u8: torch.Tensor, partner: Optional[torch.Tensor],
-                               boxes: Optional[torch.Tensor], mean: Stats, std: Stats,
-                               dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def cutmix_normalize_reference(views_u8: torch.Tensor, partner: torch.Tensor | None,
+                               boxes: torch.Tensor | None, mean: Stats, std: Stats,
+                               dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pure-PyTorch normalise + CutMix: float32 throughout, one cast at the end."""
     mean_f, inv_f = check_cutmix_inputs(views_u8, partner, boxes, mean, std, dtype)
     return _reference(views_u8, partner, boxes, mean_f, inv_f, dtype)
@@ -183,9 +184,9 @@ def _reference(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3, dtype)
     return plain, mixed
 
 
-def cutmix_normalize(views_u8: torch.Tensor, partner: Optional[torch.Tensor], boxes: Optional[torch.Tensor],
+def cutmix_normalize(views_u8: torch.Tensor, partner: torch.Tensor | None, boxes: torch.Tensor | None,
                      mean: Stats, std: Stats,
-                     dtype: torch.dtype = torch.bfloat16) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised plain views and their CutMix-ed versions, [N, 3, H, W] in `dtype`, channels_last.
 
     mixed[i] is plain[i] outside boxes[i] and plain[partner[i]] inside it. `boxes=None` (SIM) returns
@@ -211,7 +212,7 @@ def _normalize_checked(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3
     return kernel.cutmix_normalize(views_u8, partner, boxes, mean, inv_std, dtype)
 
 
-def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> List[torch.Tensor]:
+def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """The tensors on `device`, host ones through ONE host-to-device copy: packed into one pinned staging
     buffer and copied with non_blocking=True, so the host does not wait (the caching host allocator keeps
     the buffer until the copy has run). Tensors already there pass through; off CUDA this is `.to(device)`."""
@@ -236,7 +237,7 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> List[tor
     return out
 
 
-def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: "Config", gen: torch.Generator,
+def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator,
                dtype: torch.dtype) -> dict:
     """The step's views: plain_a, plain_b and, in BSIM/WBSIM, mixed_a, mixed_b, partner, lam_a, lam_b.
 

@@ -1,18 +1,16 @@
 """Backbones (torchvision ResNets without the classifier) and the MLP heads the methods put on them."""
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch.nn as nn
 import torchvision
 
 
-def backbone_names() -> Tuple[str, ...]:
+def backbone_names() -> tuple[str, ...]:
     """The torchvision ResNets `model.arch` may name (resnet18 ... resnet152, wide_resnet50_2, ...)."""
     return tuple(n for n in torchvision.models.list_models(module=torchvision.models) if "resnet" in n)
 
 
-def build_backbone(arch: str, cifar_stem: bool) -> Tuple[nn.Module, int]:
+def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
     """A randomly initialised torchvision ResNet returning pooled features, and their width.
 
     cifar_stem: a 3x3 stride-1 first conv and no max-pool, so 32x32 inputs keep their resolution.

@@ -12,7 +12,6 @@ CUDA implementations when the parameters live on a GPU: that is what apex's Fuse
 from __future__ import annotations
 
 import math
-from typing import List
 
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from torch import nn
 from .config import Config
 
 
-def param_groups(model: nn.Module, cfg: Config) -> List[dict]:
+def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
     """Split parameters so biases and norm weights get no weight decay and no LARS adaptation (when
     `optim.exclude_bias_norm`), and SimSiam's predictor can keep a fixed learning rate."""
     groups = {}

@@ -46,10 +46,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Callable, List, Optional
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ def default_eval_every(minutes: float) -> float:
     return 1.0 if minutes <= 10 else 2.5 if minutes <= 60 else 5.0
 
 
-def known_recipes() -> List[str]:
+def known_recipes() -> list[str]:
     return sorted(f"small/{p.stem}" for p in (REPO_ROOT / "configs" / "small").glob("*.yaml"))
 
 
@@ -158,15 +158,15 @@ def recipe_path(name: str) -> Path:
 
 @dataclass
 class Plan:
-    recipes: List[tuple]          # (name, path, Config)
+    recipes: list[tuple]          # (name, path, Config)
     minutes: float
     eval_every: float
-    epochs: Optional[int]
+    epochs: int | None
     bank: int
     queries: int
-    calibrate_steps: Optional[int]
+    calibrate_steps: int | None
     out: Path
-    overrides: List[str]
+    overrides: list[str]
     data: cifar10.Found
 
 
@@ -215,7 +215,7 @@ def check_arguments(args) -> Plan:
 
 
 # ------------------------------------------------------------------------------------------- the config
-def speedrun_config(path: Path, overrides: List[str], data: cifar10.Cifar10, out_dir: Path, device) -> Config:
+def speedrun_config(path: Path, overrides: list[str], data: cifar10.Cifar10, out_dir: Path, device) -> Config:
     """The recipe with the speedrun's settings: GPU-resident data, the k-NN left to the speedrun (data.val
     empty, so `train` does not run its own), no checkpoints before the end, compile resolved (the calibration
     must compile exactly when the run does)."""
@@ -244,8 +244,8 @@ class Schedule:
     how: str
 
 
-def fit_schedule(cfg: Config, train_images: int, budget_s: float, images_s: Optional[float] = None,
-                 startup_s: float = 0.0, epochs: Optional[int] = None) -> Schedule:
+def fit_schedule(cfg: Config, train_images: int, budget_s: float, images_s: float | None = None,
+                 startup_s: float = 0.0, epochs: int | None = None) -> Schedule:
     """Whole epochs that fit the budget at `images_s` (or `epochs` as given); warm-up keeps the recipe's
     fraction of its schedule; the cosine ends with the last step (optim.lr_at)."""
     spe = steps_per_epoch(cfg, train_images)
@@ -260,7 +260,7 @@ def fit_schedule(cfg: Config, train_images: int, budget_s: float, images_s: Opti
     return Schedule(epochs, warmup, spe, epochs * spe, how)
 
 
-def calibrate(cfg: Config, device: torch.device, steps: Optional[int]) -> dict:
+def calibrate(cfg: Config, device: torch.device, steps: int | None) -> dict:
     """End-to-end images/s of the real step (bench.Step: views, forward, backward, optimiser; compiled when the
     run is) on batches of the GPU-resident loader, after a warm-up that pays for compilation."""
     from .bench import Step, loader_images_s
@@ -344,13 +344,13 @@ class Watch:
         self.budget_s, self.every_s, self.csv, self.log, self.name = budget_s, every_s, curve_csv, log, name
         self.last_step = min(cfg.train.max_steps or schedule.total_steps, schedule.total_steps)
         self.next_mark = every_s
-        self.curve: List[dict] = []
+        self.curve: list[dict] = []
         self.method = None
         self.first = None          # (clock, step) at the first callback: compilation is behind it
         self.last = (0.0, 0)       # (clock, step) at the latest callback
         self.eval_s = 0.0
 
-    def __call__(self, state, method) -> Optional[str]:
+    def __call__(self, state, method) -> str | None:
         self.method = method
         t = self.clock.now()
         self.last = (t, state.step)
@@ -401,7 +401,7 @@ class Watch:
         return point
 
 
-def write_csv(path: Path, rows: List[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
@@ -411,7 +411,7 @@ def write_csv(path: Path, rows: List[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- one recipe
-def time_to(curve: List[dict], top1: float) -> Optional[dict]:
+def time_to(curve: list[dict], top1: float) -> dict | None:
     """The first k-NN pass at or above `top1`: its clock minutes and the mark it was taken for."""
     return next((p for p in curve if p["knn_top1"] >= top1), None)
 
@@ -477,7 +477,7 @@ def run_recipe(name: str, path: Path, plan: Plan, data: cifar10.Cifar10, knn: Kn
 
 
 # ---------------------------------------------------------------------------------------------- targets
-def evaluate_targets(results: List[dict], applicable: bool) -> List[dict]:
+def evaluate_targets(results: list[dict], applicable: bool) -> list[dict]:
     """Each target against its runs (the best counts): `pass` when a k-NN pass taken for a mark within the
     target's minutes reached its top-1; `miss` when a run whose budget was those minutes did not; `not measured`
     when only shorter or longer runs are there (a 30-minute schedule is not a 5-minute one: run --minutes 5),
@@ -518,7 +518,7 @@ def targets_markdown() -> str:
     return "\n".join(lines)
 
 
-def applicability(device: torch.device, data: cifar10.Cifar10, knn: KnnEval) -> Optional[str]:
+def applicability(device: torch.device, data: cifar10.Cifar10, knn: KnnEval) -> str | None:
     """Why the targets do not apply to this run, or None when they do."""
     if device.type != "cuda":
         return "not a GPU run"
@@ -538,7 +538,7 @@ def _num(v, digits=0) -> str:
     return "—" if v is None else f"{v:,.{digits}f}"
 
 
-def at_minutes(curve: List[dict], minutes: float) -> Optional[float]:
+def at_minutes(curve: list[dict], minutes: float) -> float | None:
     """Top-1 at `minutes` of training clock: the last pass taken for a mark at or before it, when the run got
     that far (a pass at or after it exists); else None."""
     before = [p for p in curve if p["mark_min"] <= minutes + 1e-6]
@@ -546,8 +546,8 @@ def at_minutes(curve: List[dict], minutes: float) -> Optional[float]:
     return before[-1]["knn_top1"] if before and reached else None
 
 
-def write_report(plan: Plan, env: dict, data: cifar10.Cifar10, knn: KnnEval, setup: dict, results: List[dict],
-                 not_applicable: Optional[str]) -> dict:
+def write_report(plan: Plan, env: dict, data: cifar10.Cifar10, knn: KnnEval, setup: dict, results: list[dict],
+                 not_applicable: str | None) -> dict:
     targets = evaluate_targets(results, not_applicable is None)
     settings = {"minutes": plan.minutes, "eval_every_min": plan.eval_every, "epochs": plan.epochs,
                 "overrides": plan.overrides, "order": "sequential",
@@ -610,7 +610,7 @@ def write_report(plan: Plan, env: dict, data: cifar10.Cifar10, knn: KnnEval, set
     return report
 
 
-def plot(results: List[dict], path: Path, env: dict) -> None:
+def plot(results: list[dict], path: Path, env: dict) -> None:
     """k-NN top-1 against training minutes, one line per recipe (images/s in the legend), the targets'
     levels and minutes dashed."""
     import matplotlib
@@ -681,7 +681,7 @@ def run(args) -> int:
     not_applicable = applicability(device, data, knn)
     if not_applicable:
         print(f"[speedrun] the targets do not apply: {not_applicable}", flush=True)
-    results: List[dict] = []
+    results: list[dict] = []
     for name, path, _ in plan.recipes:
         results.append(run_recipe(name, path, plan, data, knn, device))
         write_report(plan, env, data, knn, setup, results, not_applicable)

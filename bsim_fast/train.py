@@ -19,17 +19,24 @@ import signal
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .checkpoint import (CheckpointError, atomic_write_bytes, latest_valid, list_checkpoints, load_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    latest_valid,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .config import Config, ConfigError, load_config, to_dict
 from .dist import set_cpu_threads
 from .metrics import MetricsLogger
@@ -64,7 +71,8 @@ def setup_distributed() -> tuple[int, int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     return rank, world, local_rank, device
 
 
@@ -129,7 +137,7 @@ class TrainState:
     micro: int = 0          # micro-batches accumulated towards the next step (0 at every checkpoint)
 
     @classmethod
-    def from_checkpoint(cls, ckpt: dict, accum_steps: int) -> "TrainState":
+    def from_checkpoint(cls, ckpt: dict, accum_steps: int) -> TrainState:
         if "batches_read" in ckpt:
             return cls(**{f.name: int(ckpt[f.name]) for f in dataclasses.fields(cls)})
         # checkpoints from before TrainState counted optimiser steps in the epoch (exact without skipped steps)
@@ -156,7 +164,7 @@ class Run:
     knn: bool                       # the k-NN monitor runs (data.val is set and the data has labels)
     model: torch.nn.Module = None   # `method`, wrapped in DDP when world > 1 (set by `start`)
     logger: MetricsLogger = None
-    preempt: "Preemption" = None
+    preempt: Preemption = None
     sums: torch.Tensor = None       # loss, lam, non-finite count, micro-batches since the last log line
     images_since: int = 0
     t_last: float = 0.0
@@ -258,7 +266,7 @@ def load_into(run: Run, ckpt: dict, path: Path) -> None:
     run.scaler.load_state_dict(ckpt["scaler"])
 
 
-def set_aside_previous_run(out_dir: Path) -> Optional[Path]:
+def set_aside_previous_run(out_dir: Path) -> Path | None:
     """Move an earlier run's checkpoints, metrics and exports into out_dir/previous_N/, so that a run started
     over (--resume none) neither mixes its files with them nor deletes them."""
     ckpts = list_checkpoints(out_dir)
@@ -401,7 +409,7 @@ def step(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) ->
     return True
 
 
-def train_one_epoch(run: Run, state: TrainState, callback: Optional[Callable] = None) -> Optional[str]:
+def train_one_epoch(run: Run, state: TrainState, callback: Callable | None = None) -> str | None:
     """Steps over the rest of epoch `state.epoch` until it ends or train.max_steps; returns a stop reason
     (preemption, the callback's) or None."""
     if state.batches_read >= len(run.loader):   # resumed at the very end of the epoch
@@ -453,7 +461,7 @@ def checkpoint(run: Run, state: TrainState) -> None:
     run.last_ckpt_step = run.saved_step = state.step
 
 
-def after_step(run: Run, state: TrainState, callback: Optional[Callable] = None) -> Optional[str]:
+def after_step(run: Run, state: TrainState, callback: Callable | None = None) -> str | None:
     """At a step boundary: the callback, preemption, logging and checkpoints; returns a stop reason or None."""
     cfg = run.cfg.train
     stop = None
@@ -492,7 +500,7 @@ def end_epoch(run: Run, state: TrainState) -> None:
         monitor_knn(run, state)
 
 
-def finish(run: Run, state: TrainState, stop: Optional[str]) -> dict:
+def finish(run: Run, state: TrainState, stop: str | None) -> dict:
     """A finished run writes its last checkpoint, k-NN, backbone.pt and final.json; a stopped one (its
     checkpoint already written) only says why."""
     if stop is None:
@@ -517,7 +525,7 @@ def finish(run: Run, state: TrainState, stop: Optional[str]) -> dict:
 
 # ---------------------------------------------------------------------------------------------- main
 def train(cfg: Config, resume: str = "auto", config_path: str = "config",
-          callback: Optional[Callable[[TrainState, torch.nn.Module], Optional[str]]] = None) -> dict:
+          callback: Callable[[TrainState, torch.nn.Module], str | None] | None = None) -> dict:
     """Train `cfg` to its end (or train.max_steps); returns {"step", "epoch", "loss", knn_top1/5 if data.val}.
 
     resume: auto | force | none | a checkpoint path (see `resume_run`).

@@ -24,17 +24,32 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
 from bsim_fast.atomic import DiskFullError, atomic_outputs, disk_bytes
-from bsim_fast.datasets import (BUILTIN_NAME, FILE_SIZE_KEY, SPLITS, UNLABELED, CorruptOutputError, FolderSource,
-                                NoClassFoldersError, SampleError, Source, SourceError, builtin_root, fit_size,
-                                open_image, rgb_array, scan_image_folder, short_reason)
+from bsim_fast.datasets import (
+    BUILTIN_NAME,
+    FILE_SIZE_KEY,
+    SPLITS,
+    UNLABELED,
+    CorruptOutputError,
+    FolderSource,
+    NoClassFoldersError,
+    SampleError,
+    Source,
+    SourceError,
+    builtin_root,
+    fit_size,
+    open_image,
+    rgb_array,
+    scan_image_folder,
+    short_reason,
+)
 
 DEFAULT_MAX_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 90

@@ -26,8 +26,8 @@ import json
 import re
 import sys
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

@@ -25,8 +25,8 @@ import os
 import queue
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

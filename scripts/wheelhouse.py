@@ -246,7 +246,8 @@ def finish(dest: Path, split_mb: float | None) -> None:
         shutil.move(str(f), dest / "part-00" / f.name)
     for part in sorted(dest.glob("part-*")):
         size = sum(f.stat().st_size for f in part.iterdir())
-        print(f"[wheelhouse]   {part.name}: {size / 2**20:.1f} MiB ({', '.join(sorted(f.name for f in part.iterdir()))})")
+        names = ", ".join(sorted(f.name for f in part.iterdir()))
+        print(f"[wheelhouse]   {part.name}: {size / 2**20:.1f} MiB ({names})")
 
 
 def assemble(src: Path, stage: Path) -> list:

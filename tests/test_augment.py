@@ -92,14 +92,14 @@ def reference_photometric(x_u8, policy, seed):
     u = torch.rand(x_u8.shape[0], 13, generator=torch.Generator().manual_seed(seed))
     outs = []
     for img, r in zip(as_float(x_u8) / 255.0, u):
-        def factor(col, s):
+        def factor(col, s, r=r):
             lo = max(0.0, 1.0 - s)
             return float(lo + (1.0 + s - lo) * r[col])
         if r[0] < policy.jitter_p:
             ops = [lambda t: TF.adjust_brightness(t, factor(1, policy.brightness)),
                    lambda t: TF.adjust_contrast(t, factor(2, policy.contrast)),
                    lambda t: TF.adjust_saturation(t, factor(3, policy.saturation)),
-                   lambda t: TF.adjust_hue(t, float((r[4] * 2 - 1) * policy.hue))]
+                   lambda t, r=r: TF.adjust_hue(t, float((r[4] * 2 - 1) * policy.hue))]
             for op in r[5:9].argsort():
                 img = ops[int(op)](img)
         if r[9] < policy.gray_p:

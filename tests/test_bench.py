@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import tiny_folder
 
 from bsim_fast import bench
-from helpers import tiny_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,9 @@ def test_bench_tiny_smoke(tmp_path):
     report = json.loads((tmp_path / "out" / "bench.json").read_text())
     rows = report["rows"]
     kinds = {(row["kind"], row.get("loader"), row.get("mode")) for row in rows if "skipped" not in row}
-    assert {("loader", "torch", None), ("model", None, "sim"), ("model", None, "bsim"), ("end_to_end", "torch", None)} <= kinds
+    expected = {("loader", "torch", None), ("model", None, "sim"), ("model", None, "bsim"),
+                ("end_to_end", "torch", None)}
+    assert expected <= kinds
     assert all(row["images_s"] > 0 for row in rows if "images_s" in row)
     # no dataset for ffcv/dali, no CUDA for the kernel: skipped rows with their reason, not errors
     skipped = {(row["kind"], row.get("loader") or row.get("name")): row["skipped"] for row in rows if "skipped" in row}
@@ -50,7 +52,8 @@ def test_rows_past_the_deadline_are_skipped_not_run(tmp_path):
     r = run_bench(tmp_path, "--deadline", str(time.time() - 1))
     assert r.returncode == 0, r.stderr[-3000:]
     rows = json.loads((tmp_path / "out" / "bench.json").read_text())["rows"]
-    model = [row for row in rows if row["kind"] in ("model", "loader", "end_to_end") and "no dataset" not in row.get("skipped", "")]
+    model = [row for row in rows
+             if row["kind"] in ("model", "loader", "end_to_end") and "no dataset" not in row.get("skipped", "")]
     assert model and all(row.get("skipped") == "time budget" for row in model), model
 
 

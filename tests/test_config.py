@@ -42,10 +42,12 @@ def test_recorded_values_cover_every_recipe():
 
 def test_paper_defaults_are_in_the_recipes():
     byol = load_config("configs/byol_bsim.yaml")
-    assert (byol.model.arch, byol.optim.name, byol.optim.lr, byol.method.settings.tau_base) == ("resnet50", "lars", 0.2, 0.996)
+    assert (byol.model.arch, byol.optim.name, byol.optim.lr) == ("resnet50", "lars", 0.2)
+    assert byol.method.settings.tau_base == 0.996
     assert byol.aug.blur_p == (1.0, 0.1) and byol.aug.solarize_p == (0.0, 0.2)
     moco = load_config("configs/moco_wbsim.yaml")
-    assert (moco.optim.name, moco.optim.lr, moco.model.queue_size, moco.method.settings.temperature) == ("sgd", 0.03, 65536, 0.2)
+    assert (moco.optim.name, moco.optim.lr, moco.model.queue_size) == ("sgd", 0.03, 65536)
+    assert moco.method.settings.temperature == 0.2
     assert moco.method.mode == "wbsim" and moco.bsim.weight == 1.0
 
 

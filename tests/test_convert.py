@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from convert_helpers import read_beton, read_shards_with_dali, tmp_leftovers
 from PIL import Image
 
 from bsim_fast import atomic, datasets
-from convert_helpers import read_beton, read_shards_with_dali, tmp_leftovers
 from data_prep import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
@@ -259,5 +259,6 @@ def test_dali_shards_are_shuffled_by_default_with_labels_intact(tmp_path, builti
     assert sorted(shard_labels) == sorted(labels) and shard_labels != list(labels)
     assert len(set(shard_labels[:64])) == 10          # the first shard already holds every class
     again = tmp_path / "again"
-    assert write_dali.main(["--subset", str(SUBSET), "--workers", "1", "--shard-size", "64", "--output", str(again)]) == 0
+    args = ["--subset", str(SUBSET), "--workers", "1", "--shard-size", "64", "--output", str(again)]
+    assert write_dali.main(args) == 0
     assert (again / "shard-000000.tar").read_bytes() == (out / "shard-000000.tar").read_bytes()   # reproducible

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from convert_helpers import read_beton, tmp_leftovers
 from PIL import Image
 
 from bsim_fast import atomic
-from convert_helpers import read_beton, tmp_leftovers
 from data_prep import common, write_dali, write_ffcv
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from convert_helpers import read_beton, read_shards_with_dali, tmp_leftovers
 from PIL import Image
 
 from bsim_fast import datasets
-from convert_helpers import read_beton, read_shards_with_dali, tmp_leftovers
 from data_prep import common, write_dali, write_ffcv
 
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from bsim_fast.eval import knn_classify, linear_probe
-from bsim_fast.config import load_config
-from bsim_fast.train import train
 from helpers import TINY, tiny_folder
+
+from bsim_fast.config import load_config
+from bsim_fast.eval import knn_classify, linear_probe
+from bsim_fast.train import train
 
 
 def test_knn_weighted_vote_by_hand():
@@ -76,7 +76,8 @@ def test_cli_export_and_bad_paths(run_dir, tmp_path):
     original = torch.load(root / "run" / "backbone.pt", weights_only=True)
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in exported)
     for args in (["--checkpoint", str(tmp_path / "missing.pt"), "--train", str(tr), "--val", str(va)],
-                 ["--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tmp_path / "nope"), "--val", str(va)]):
+                 ["--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tmp_path / "nope"),
+                  "--val", str(va)]):
         r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "knn", *args], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 

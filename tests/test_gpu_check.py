@@ -17,7 +17,8 @@ def test_gpu_check_tiny_writes_a_complete_report(tmp_path):
     out = tmp_path / "check"
     r = subprocess.run(["bash", "scripts/gpu_check.sh", str(out), "--tiny", "--images", "16", "--workers", "2",
                         "--methods", "byol", "--modes", "bsim", "--size", "16", "--iters", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHON": sys.executable})
+                       cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHON": sys.executable})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     stages = {s["stage"]: s for s in report["stages"]}

@@ -7,17 +7,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_folder
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
 from bsim_fast import datasets
 from bsim_fast.config import Config, ConfigError
-from bsim_fast.loaders import build_eval_loader, build_train_loader
+from bsim_fast.loaders import build_eval_loader, build_train_loader, gpu_resident
 from bsim_fast.loaders.base import rank_order
-from bsim_fast.loaders import gpu_resident
-from bsim_fast.loaders.gpu_resident import (GpuResidentEvalLoader, GpuResidentTrainLoader, crop_resize,
-                                            random_resized_boxes)
-from helpers import tiny_folder
+from bsim_fast.loaders.gpu_resident import (
+    GpuResidentEvalLoader,
+    GpuResidentTrainLoader,
+    crop_resize,
+    random_resized_boxes,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8

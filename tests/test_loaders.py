@@ -11,10 +11,10 @@ import pytest
 import torch
 
 from bsim_fast import datasets
-from data_prep import common
 from bsim_fast.config import Config
 from bsim_fast.loaders import build_eval_loader, build_train_loader
 from bsim_fast.loaders.base import DatasetError, eval_shard, loader_throughput, rank_order, resolve_path
+from data_prep import common
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 20          # 10 classes -> 200 images

@@ -24,10 +24,24 @@ from PIL import Image
 
 from bsim_fast import augment, datasets
 from bsim_fast.config import Config, choices
-from bsim_fast.loaders import (KINDS, LOADERS, base, build_eval_loader, build_train_loader, check_dataset,
-                               check_datasets, kind_for_path)
-from bsim_fast.loaders.base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, random_resized_crop_params,
-                                    rank_order)
+from bsim_fast.loaders import (
+    KINDS,
+    LOADERS,
+    base,
+    build_eval_loader,
+    build_train_loader,
+    check_dataset,
+    check_datasets,
+    kind_for_path,
+)
+from bsim_fast.loaders.base import (
+    CROP_ATTEMPTS,
+    DatasetError,
+    EvalLoader,
+    TrainLoader,
+    random_resized_crop_params,
+    rank_order,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -327,7 +341,9 @@ def test_gpu_resident_boxes_are_the_reference():
 def _ks(x: np.ndarray, y: np.ndarray) -> float:
     """Two-sample Kolmogorov-Smirnov statistic."""
     grid = np.sort(np.concatenate([x, y]))
-    cdf = lambda s: np.searchsorted(np.sort(s), grid, side="right") / len(s)
+
+    def cdf(s):
+        return np.searchsorted(np.sort(s), grid, side="right") / len(s)
     return float(np.abs(cdf(x) - cdf(y)).max())
 
 

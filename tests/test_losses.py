@@ -90,7 +90,8 @@ N, D = 6, 5
 @pytest.fixture
 def views():
     return dict(p=_rand(N, D, seed=1), z=_rand(N, D, seed=2), q=_rand(N, D, seed=3), k=_rand(N, D, seed=4),
-                queue=F.normalize(_rand(11, D, seed=5), dim=1), partner=mix.derangement(N, torch.Generator().manual_seed(6)))
+                queue=F.normalize(_rand(11, D, seed=5), dim=1),
+                partner=mix.derangement(N, torch.Generator().manual_seed(6)))
 
 
 @pytest.mark.parametrize("loss", [losses.byol_loss, losses.simsiam_loss])

@@ -4,7 +4,6 @@ import torch
 
 from bsim_fast import mix
 
-
 # ---------------------------------------------------------------- derangement
 
 @pytest.mark.parametrize("n", [2, 3, 5, 64])

@@ -12,10 +12,10 @@ import time
 
 import pytest
 import torch
+from helpers import TINY, tiny_folder
 
 from bsim_fast.checkpoint import CheckpointError, latest_valid, list_checkpoints
 from bsim_fast.dist import cpu_threads, set_cpu_threads
-from helpers import TINY, tiny_folder
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -176,8 +176,8 @@ def test_cpu_thread_count_leaves_room_and_says_so(monkeypatch):
 
 
 def script(*args, env=None):
-    return subprocess.run(["bash", "scripts/train_8gpu.sh", *args], env={**ENV, "PYTHON": sys.executable, **(env or {})},
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(["bash", "scripts/train_8gpu.sh", *args], capture_output=True, text=True, timeout=600,
+                          env={**ENV, "PYTHON": sys.executable, **(env or {})})
 
 
 @pytest.mark.parametrize("args,env,needle", [

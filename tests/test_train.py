@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torchvision
+from helpers import TINY, tiny_folder
 
 from bsim_fast import train as tr
-from bsim_fast.config import load_config
 from bsim_fast.checkpoint import CheckpointError, latest_valid
+from bsim_fast.config import load_config
 from bsim_fast.eval import knn_monitor
-from bsim_fast.train import make_views as real_make_views, train
-from helpers import TINY, tiny_folder
+from bsim_fast.train import make_views as real_make_views
+from bsim_fast.train import train
 
 RECIPES = [f"{m}{'' if mode == 'sim' else '_' + mode}" for m in ("byol", "simclr", "moco", "simsiam")
            for mode in ("sim", "bsim", "wbsim")]

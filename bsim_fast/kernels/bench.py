@@ -32,7 +32,7 @@ import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
-from typing import Callable, Dict, List  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -60,7 +60,7 @@ class _AtenOps(TorchDispatchMode):
     def __init__(self, paused: Callable[[], bool]):
         super().__init__()
         self.paused = paused
-        self.ops: List[tuple] = []
+        self.ops: list[tuple] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -78,7 +78,7 @@ class _KernelTraffic:
     """Patches Triton's launchers (and, under the interpreter, its loads and stores) while active."""
 
     def __init__(self):
-        self.launches: List[dict] = []
+        self.launches: list[dict] = []
         self.inside = False
 
     def _unique_bytes(self, chunks) -> int:
@@ -144,7 +144,7 @@ class _KernelTraffic:
                     delattr(owner, name)
 
 
-def count_launches(fn: Callable[[], object]) -> Dict[str, object]:
+def count_launches(fn: Callable[[], object]) -> dict[str, object]:
     """Run ``fn`` once and count what it asks of the device: ``launches`` (Triton kernels + aten ops that
     launch a kernel) and their names; under the interpreter also ``bytes``, every byte the kernels load and
     store (what DRAM moves if no re-read hits a cache: an upper bound), and ``unique_bytes``, each distinct
@@ -217,9 +217,10 @@ def ptx_stats(ptx: str) -> dict:
                 cvt_rn_bf16=any(op.startswith("cvt.rn.bf16") for op in ops))
 
 
-def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.bfloat16) -> List[dict]:
+def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Per kernel: PTX instructions (static), per input byte for the CutMix kernel, access widths, mma count."""
-    from . import cutmix, photometric as ph
+    from . import cutmix
+    from . import photometric as ph
 
     n = 4
     x = torch.zeros((n, height, width, 3), dtype=torch.uint8)
@@ -315,7 +316,7 @@ def _reference_path():
             os.environ["BSIM_FAST_TRITON"] = saved
 
 
-def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> List[dict]:
+def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list[dict]:
     """One row per kernel (and per (BLOCK, num_warps) with ``sweep``), ``kind="kernel"``: ``ms`` (the
     dispatching call), ``ref_ms`` (the PyTorch reference), ``speedup``, ``gbps`` and ``copy_gbps`` over
     ``min_bytes`` (the uint8 input read once and every output written once), ``frac_of_copy``, and per view
@@ -413,7 +414,8 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> List
     rows.append(step)
 
     if sweep and gpu:
-        from . import cutmix, photometric as ph
+        from . import cutmix
+        from . import photometric as ph
         saved = cutmix.BLOCK, cutmix.NUM_WARPS, ph.BLOCK_PIXELS, ph.NUM_WARPS
         try:
             for block in (2048, 4096, 8192, 16384):
@@ -435,11 +437,11 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> List
     return rows
 
 
-def table(rows: List[dict]) -> str:
+def table(rows: list[dict]) -> str:
     lines = [f"{'kernel':<44}{'ms':>9}{'ref ms':>9}{'x ref':>7}{'GB/s':>8}{'% copy':>7}{'launch/view':>12}"
              f"{'bytes/view':>12}"]
     for r in rows:
-        def f(key, fmt, scale=1.0):
+        def f(key, fmt, scale=1.0, r=r):
             v = r.get(key)
             return format(scale * v, fmt) if isinstance(v, (int, float)) and v == v else "-"
         lines.append(f"{r['name']:<44}{f('ms', '9.3f')}{f('ref_ms', '9.3f')}{f('speedup', '7.1f')}"

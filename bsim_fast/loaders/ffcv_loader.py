@@ -34,8 +34,16 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
 from .. import datasets
-from .base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, eval_crop_ratio, is_labeled, mix_seed,
-                   random_resized_crop_params)
+from .base import (
+    CROP_ATTEMPTS,
+    DatasetError,
+    EvalLoader,
+    TrainLoader,
+    eval_crop_ratio,
+    is_labeled,
+    mix_seed,
+    random_resized_crop_params,
+)
 
 
 def _quiet_numba_finalizer_keyerror() -> None:

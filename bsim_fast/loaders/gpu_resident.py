@@ -39,8 +39,16 @@ import torch.nn.functional as F
 
 from .. import datasets
 from ..config import ConfigError
-from .base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, batch_generator, eval_crop_ratio, is_labeled,
-                   scan_folder)
+from .base import (
+    CROP_ATTEMPTS,
+    DatasetError,
+    EvalLoader,
+    TrainLoader,
+    batch_generator,
+    eval_crop_ratio,
+    is_labeled,
+    scan_folder,
+)
 
 CPU_BUDGET_BYTES = 4 << 30       # the device is the CPU (tests, debugging): host memory is shared with all else
 GPU_BUDGET_FRACTION = 0.25       # of the free memory: the model, activations and optimiser need the rest

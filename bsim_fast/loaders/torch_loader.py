@@ -17,8 +17,17 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import datasets
-from .base import (CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, eval_crop_ratio, is_labeled,
-                   random_resized_crop_params, scan_folder, seed_sequence)
+from .base import (
+    CROP_ATTEMPTS,
+    DatasetError,
+    EvalLoader,
+    TrainLoader,
+    eval_crop_ratio,
+    is_labeled,
+    random_resized_crop_params,
+    scan_folder,
+    seed_sequence,
+)
 
 # Every pixel: the converters cap the stored side (--max-resolution), a folder read directly keeps it.
 FULL_RESOLUTION = 1 << 30

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Dict, List, Optional, Tuple, Type
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn as nn
@@ -21,12 +21,12 @@ from bsim_fast.models import build_backbone
 if TYPE_CHECKING:
     from bsim_fast.config import Config
 
-METHODS: Dict[str, Type["Method"]] = {}
+METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
     """Class decorator: make a Method buildable as `method.name: <name>`."""
-    def add(cls: Type[Method]) -> Type[Method]:
+    def add(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__module__}, {cls.__module__})")
         cls.name = name
@@ -55,7 +55,7 @@ def ema_rate(base: float, final: float, progress: float) -> float:
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, online: List[nn.Module], rate: float) -> None:
+def ema_update(target: nn.Module, online: list[nn.Module], rate: float) -> None:
     """target <- rate * target + (1 - rate) * online, parameter by parameter, in one foreach kernel."""
     params = [p for m in online for p in m.parameters()]
     torch._foreach_lerp_(list(target.parameters()), params, 1 - rate)
@@ -67,7 +67,7 @@ class Method(nn.Module):
 
     name: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
-    networks: ClassVar[Tuple[str, ...]] = ("encode",)
+    networks: ClassVar[tuple[str, ...]] = ("encode",)
     symmetric: bool = True        # both directions (a against b's targets, b against a's); one if False
 
     def __init__(self, cfg: Config):
@@ -88,7 +88,7 @@ class Method(nn.Module):
         if self.mode != "sim" and (mixed_a is None or mixed_b is None):
             raise ValueError(f"method.mode={self.mode!r} needs mixed_a and mixed_b, got None")
 
-    def _result(self, loss_sim: Optional[torch.Tensor], loss_bsim: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def _result(self, loss_sim: torch.Tensor | None, loss_bsim: torch.Tensor | None) -> dict[str, torch.Tensor]:
         if self.mode == "sim":
             return {"loss": loss_sim, "loss_sim": loss_sim.detach()}
         if self.mode == "bsim":
@@ -98,11 +98,11 @@ class Method(nn.Module):
 
     # BYOL, SimSiam and MoCo share one shape: encode the online views, get targets of the plain views, and
     # add the directions (view ' against the targets of '', and, when symmetric, '' against those of ').
-    def encode(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction / query, projection) of a batch of online views."""
         raise NotImplementedError
 
-    def targets(self, plain_a, plain_b, projections) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def targets(self, plain_a, plain_b, projections) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(targets of a, targets of b); the targets of a may be None when the method runs one direction."""
         raise NotImplementedError
 
