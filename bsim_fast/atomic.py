@@ -4,6 +4,7 @@ Checkpoints (bsim_fast/checkpoint.py) and the dataset converters (data_prep/) wr
 everything goes to `<final>.tmp-<pid>` beside the final path, is fsynced, and is renamed into place. A killed
 writer leaves only its temporary, which the next writer of the same path removes (its pid no longer runs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,11 +26,12 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         if not self.installed:
-            return (f"no space left on device while writing {self.path} "
-                    f"(temporary output removed; previous output kept)")
+            return f"no space left on device while writing {self.path} (temporary output removed; previous output kept)"
         done = ", ".join(str(p) for p in self.installed)
-        return (f"no space left on device while installing {self.path}: {done} already replaced by the new "
-                f"version, the rest not (rerun once there is space)")
+        return (
+            f"no space left on device while installing {self.path}: {done} already replaced by the new "
+            f"version, the rest not (rerun once there is space)"
+        )
 
 
 def temp_name(final: Path) -> Path:

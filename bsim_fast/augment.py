@@ -22,6 +22,7 @@ drew for slot k. On an accelerator every op runs on the whole batch at every slo
 the scheduled samples (no host synchronisation, 4x the arithmetic); on the CPU each op runs only on the
 samples that drew it (the same result, a quarter of the work). The kernels branch per sample instead.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ import torch.nn.functional as F
 
 from .kernels import use_triton
 
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)   # torchvision's rgb_to_grayscale
-SOLARIZE_THRESHOLD = 128                 # uint8 units: v >= 128 -> 255 - v
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+SOLARIZE_THRESHOLD = 128  # uint8 units: v >= 128 -> 255 - v
 
 
 @dataclass(frozen=True)
 class ViewPolicy:
     """The photometric distribution of one view (t' or t''); the numbers come from `cfg.aug` (policy_for)."""
+
     jitter_p: float
     brightness: float
     contrast: float
@@ -53,11 +55,19 @@ def policy_for(cfg) -> tuple[ViewPolicy, ViewPolicy]:
     """(t', t'') from `cfg.aug`. The recipes decide the numbers (BYOL asymmetric: blur 1.0 / 0.1, solarize
     0.0 / 0.2; SimCLR, MoCo v2, SimSiam symmetric); this only reads them."""
     aug = cfg.aug
-    common = dict(jitter_p=aug.jitter_p, brightness=aug.brightness, contrast=aug.contrast,
-                  saturation=aug.saturation, hue=aug.hue, gray_p=aug.gray_p,
-                  blur_sigma=tuple(aug.blur_sigma))
-    return (ViewPolicy(blur_p=aug.blur_p[0], solarize_p=aug.solarize_p[0], **common),
-            ViewPolicy(blur_p=aug.blur_p[1], solarize_p=aug.solarize_p[1], **common))
+    common = dict(
+        jitter_p=aug.jitter_p,
+        brightness=aug.brightness,
+        contrast=aug.contrast,
+        saturation=aug.saturation,
+        hue=aug.hue,
+        gray_p=aug.gray_p,
+        blur_sigma=tuple(aug.blur_sigma),
+    )
+    return (
+        ViewPolicy(blur_p=aug.blur_p[0], solarize_p=aug.solarize_p[0], **common),
+        ViewPolicy(blur_p=aug.blur_p[1], solarize_p=aug.solarize_p[1], **common),
+    )
 
 
 def blur_kernel_size(side: int) -> int:
@@ -67,6 +77,7 @@ def blur_kernel_size(side: int) -> int:
 
 
 # ---- single ops on float [N, 3, H, W] in 0..255; per-sample parameters are float [N] tensors -------------
+
 
 def _per_sample(v: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, 1, 1, 1)
@@ -105,9 +116,8 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     minc = torch.minimum(torch.minimum(r, g), b)
     chroma = maxc - minc
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    h6 = torch.where(maxc == r, (g - b) / safe,
-                     torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-    h = torch.remainder(h6 / 6.0 + shift.reshape(-1, 1, 1), 1.0) * 6.0      # [N,H,W] in [0, 6)
+    h6 = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    h = torch.remainder(h6 / 6.0 + shift.reshape(-1, 1, 1), 1.0) * 6.0  # [N,H,W] in [0, 6)
     ramp_r = ((h - 3.0).abs() - 1.0).clamp_(0.0, 1.0)
     ramp_g = (2.0 - (h - 2.0).abs()).clamp_(0.0, 1.0)
     ramp_b = (2.0 - (h - 4.0).abs()).clamp_(0.0, 1.0)
@@ -115,19 +125,20 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return minc.unsqueeze(1) + chroma.unsqueeze(1) * ramps
 
 
-def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int,
-                  apply: torch.Tensor | None = None) -> torch.Tensor:
+def gaussian_blur(
+    x: torch.Tensor, sigma: torch.Tensor, kernel_size: int, apply: torch.Tensor | None = None
+) -> torch.Tensor:
     """Separable Gaussian blur with a per-sample sigma, as one grouped conv per axis (reflect padding, as
     torchvision). Samples with apply == False get a delta kernel, which is an exact identity."""
     n, c, hgt, wid = x.shape
     half = (kernel_size - 1) / 2.0
     taps = torch.linspace(-half, half, kernel_size, device=x.device, dtype=x.dtype)
-    kernel = torch.softmax(-(taps[None, :] / sigma[:, None].to(x.dtype)) ** 2 / 2.0, dim=1)   # [N, k]
+    kernel = torch.softmax(-((taps[None, :] / sigma[:, None].to(x.dtype)) ** 2) / 2.0, dim=1)  # [N, k]
     if apply is not None:
         delta = torch.zeros_like(kernel)
         delta[:, kernel_size // 2] = 1.0
         kernel = torch.where(apply[:, None], kernel, delta)
-    kernel = kernel.repeat_interleave(c, dim=0)                        # [N*C, k], one row per plane
+    kernel = kernel.repeat_interleave(c, dim=0)  # [N*C, k], one row per plane
     pad = kernel_size // 2
     planes = x.reshape(1, n * c, hgt, wid)
     planes = F.conv2d(F.pad(planes, (pad, pad, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n * c)
@@ -157,7 +168,7 @@ def _apply_to(x: torch.Tensor, mask: torch.Tensor, fn, param: torch.Tensor) -> t
     if _gather_subsets(x.device):
         idx = mask.nonzero().squeeze(1)
         if idx.numel():
-            x[idx] = fn(x[idx], param[idx])        # x is photometric's own float buffer
+            x[idx] = fn(x[idx], param[idx])  # x is photometric's own float buffer
         return x
     return torch.where(_per_sample(mask), fn(x, param), x)
 
@@ -184,9 +195,10 @@ def photometric(x_u8: torch.Tensor, policy: ViewPolicy, generator: torch.Generat
     CUDA tensors (and CPU tensors under BSIM_FAST_TRITON=1) run the Triton kernels, others the reference."""
     u = _draw(x_u8, generator)
     if _is_identity(policy):
-        return x_u8.contiguous()        # nothing to do; the draw above keeps the generator in step
+        return x_u8.contiguous()  # nothing to do; the draw above keeps the generator in step
     if use_triton(x_u8.device):
         from .kernels.photometric import photometric as photometric_triton
+
         _, hgt, wid, _ = x_u8.shape
         return photometric_triton(x_u8, u, policy, blur_kernel_size(min(hgt, wid)))
     return _transform(x_u8, u, policy)
@@ -201,18 +213,26 @@ def photometric_reference(x_u8: torch.Tensor, policy: ViewPolicy, generator: tor
 def _transform(x_u8: torch.Tensor, u: torch.Tensor, policy: ViewPolicy) -> torch.Tensor:
     _, hgt, wid, _ = x_u8.shape
 
-    def factor(col: int, strength: float) -> torch.Tensor:   # torchvision: U(max(0, 1-s), 1+s)
+    def factor(col: int, strength: float) -> torch.Tensor:  # torchvision: U(max(0, 1-s), 1+s)
         lo = max(0.0, 1.0 - strength)
         return lo + (1.0 + strength - lo) * u[:, col]
 
-    x = x_u8.permute(0, 3, 1, 2).float().contiguous()           # NCHW planes: channel ops are contiguous
+    x = x_u8.permute(0, 3, 1, 2).float().contiguous()  # NCHW planes: channel ops are contiguous
 
     jitter = u[:, 0] < policy.jitter_p
-    params = (factor(1, policy.brightness), factor(2, policy.contrast), factor(3, policy.saturation),
-              (u[:, 4] * 2.0 - 1.0) * policy.hue)
-    order = u[:, 5:9].argsort(dim=1, stable=True)               # per-sample permutation of the 4 ops
-    ops = ((_BRIGHTNESS, adjust_brightness, policy.brightness), (_CONTRAST, adjust_contrast, policy.contrast),
-           (_SATURATION, adjust_saturation, policy.saturation), (_HUE, adjust_hue, policy.hue))
+    params = (
+        factor(1, policy.brightness),
+        factor(2, policy.contrast),
+        factor(3, policy.saturation),
+        (u[:, 4] * 2.0 - 1.0) * policy.hue,
+    )
+    order = u[:, 5:9].argsort(dim=1, stable=True)  # per-sample permutation of the 4 ops
+    ops = (
+        (_BRIGHTNESS, adjust_brightness, policy.brightness),
+        (_CONTRAST, adjust_contrast, policy.contrast),
+        (_SATURATION, adjust_saturation, policy.saturation),
+        (_HUE, adjust_hue, policy.hue),
+    )
     if policy.jitter_p > 0:
         for slot in range(4):
             for op, fn, strength in ops:

@@ -16,6 +16,7 @@ reason, never an error of the others.
 The targets (`TARGETS`) are the one source of the table in docs/BENCHMARKS.md and of the pass/miss column of
 the acceptance report (`bsim_fast.gpu_check`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,31 +40,97 @@ from .optim import build_optimizer
 # must compare with `value`. Sources: the project's product targets (BYOL-BSIM 2,200 images/s follows from
 # ~116 ms per ResNet-50 step at batch 256) and the view-pipeline budget (docs/BENCHMARKS.md, kernels).
 TARGETS = [
-    dict(id="cutmix_speedup", what="CutMix + normalise kernel vs its PyTorch reference, N=256, 224², bf16",
-         metric="cutmix_speedup", op=">=", value=3.0, unit="×"),
-    dict(id="cutmix_bandwidth", what="CutMix + normalise kernel, fraction of device-copy bandwidth",
-         metric="cutmix_bandwidth", op=">=", value=0.70, unit="of copy"),
-    dict(id="view_pipeline_ms", what="photometric + CutMix + normalise of a 256 × 224² two-view batch",
-         metric="view_pipeline_ms", op="<=", value=2.0, unit="ms"),
-    dict(id="view_pipeline_launches", what="kernel launches of that path, per view (outside the model)",
-         metric="view_pipeline_launches", op="<=", value=6, unit="launches"),
-    dict(id="dali_loader", what="DALI loader-only, two-view images/s at 224 (recipe policy)",
-         metric="loader_dali", op=">=", value=12000, unit="images/s"),
-    dict(id="ffcv_loader", what="FFCV loader-only (one decode, two views), images/s at 224, 16 cores",
-         metric="loader_ffcv", op=">=", value=3300, unit="images/s"),
-    dict(id="byol_bsim_model", what="model-only BYOL-BSIM ResNet-50 224, batch 256, compiled, bf16",
-         metric="byol_bsim_model", op=">=", value=2200, unit="images/s"),
-    dict(id="bsim_overhead", what="BSIM step time over SIM, BYOL ResNet-50 224 compiled",
-         metric="bsim_overhead", op="<=", value=0.03, unit="fraction"),
-    dict(id="e2e_dali", what="end-to-end DALI / model-only (BYOL-BSIM ResNet-50 224)",
-         metric="e2e_ratio_dali", op=">=", value=0.95, unit="× model-only"),
-    dict(id="e2e_ffcv", what="end-to-end FFCV / model-only (BYOL-BSIM ResNet-50 224)",
-         metric="e2e_ratio_ffcv", op=">=", value=0.90, unit="× model-only"),
-    dict(id="e2e_vs_torchvision", what="best end-to-end (DALI or FFCV) / torchvision DataLoader end-to-end",
-         metric="e2e_vs_torch", op=">=", value=8.0, unit="×"),
+    dict(
+        id="cutmix_speedup",
+        what="CutMix + normalise kernel vs its PyTorch reference, N=256, 224², bf16",
+        metric="cutmix_speedup",
+        op=">=",
+        value=3.0,
+        unit="×",
+    ),
+    dict(
+        id="cutmix_bandwidth",
+        what="CutMix + normalise kernel, fraction of device-copy bandwidth",
+        metric="cutmix_bandwidth",
+        op=">=",
+        value=0.70,
+        unit="of copy",
+    ),
+    dict(
+        id="view_pipeline_ms",
+        what="photometric + CutMix + normalise of a 256 × 224² two-view batch",
+        metric="view_pipeline_ms",
+        op="<=",
+        value=2.0,
+        unit="ms",
+    ),
+    dict(
+        id="view_pipeline_launches",
+        what="kernel launches of that path, per view (outside the model)",
+        metric="view_pipeline_launches",
+        op="<=",
+        value=6,
+        unit="launches",
+    ),
+    dict(
+        id="dali_loader",
+        what="DALI loader-only, two-view images/s at 224 (recipe policy)",
+        metric="loader_dali",
+        op=">=",
+        value=12000,
+        unit="images/s",
+    ),
+    dict(
+        id="ffcv_loader",
+        what="FFCV loader-only (one decode, two views), images/s at 224, 16 cores",
+        metric="loader_ffcv",
+        op=">=",
+        value=3300,
+        unit="images/s",
+    ),
+    dict(
+        id="byol_bsim_model",
+        what="model-only BYOL-BSIM ResNet-50 224, batch 256, compiled, bf16",
+        metric="byol_bsim_model",
+        op=">=",
+        value=2200,
+        unit="images/s",
+    ),
+    dict(
+        id="bsim_overhead",
+        what="BSIM step time over SIM, BYOL ResNet-50 224 compiled",
+        metric="bsim_overhead",
+        op="<=",
+        value=0.03,
+        unit="fraction",
+    ),
+    dict(
+        id="e2e_dali",
+        what="end-to-end DALI / model-only (BYOL-BSIM ResNet-50 224)",
+        metric="e2e_ratio_dali",
+        op=">=",
+        value=0.95,
+        unit="× model-only",
+    ),
+    dict(
+        id="e2e_ffcv",
+        what="end-to-end FFCV / model-only (BYOL-BSIM ResNet-50 224)",
+        metric="e2e_ratio_ffcv",
+        op=">=",
+        value=0.90,
+        unit="× model-only",
+    ),
+    dict(
+        id="e2e_vs_torchvision",
+        what="best end-to-end (DALI or FFCV) / torchvision DataLoader end-to-end",
+        metric="e2e_vs_torch",
+        op=">=",
+        value=8.0,
+        unit="×",
+    ),
 ]
-FULL_SIZE = 224   # the targets are for this resolution and ResNet-50
-VIEW_PATH = "augment_cutmix_normalize_two_views"   # bsim_fast.kernels.bench's row for the whole view path
+FULL_SIZE = 224  # the targets are for this resolution and ResNet-50
+VIEW_PATH = "augment_cutmix_normalize_two_views"  # bsim_fast.kernels.bench's row for the whole view path
 
 
 def _one(rows, **match) -> dict | None:
@@ -87,7 +154,7 @@ def _bsim_overhead(rows):
     bsim = _one(rows, kind="model", method="byol", mode="bsim", arch="resnet50", size=FULL_SIZE, compile=True)
     if sim is None or bsim is None:
         return None
-    return sim["images_s"] / bsim["images_s"] - 1.0   # extra step time of BSIM, as a fraction of SIM's
+    return sim["images_s"] / bsim["images_s"] - 1.0  # extra step time of BSIM, as a fraction of SIM's
 
 
 def _e2e_ratio(rows, loader):
@@ -107,8 +174,9 @@ METRICS: dict[str, Callable[[list[dict]], float | None]] = {
     "view_pipeline_launches": lambda rows: _field(_one(rows, kind="kernel", name=VIEW_PATH), "launches"),
     "loader_dali": lambda rows: _field(_one(rows, kind="loader", loader="dali", size=FULL_SIZE), "images_s"),
     "loader_ffcv": lambda rows: _field(_one(rows, kind="loader", loader="ffcv", size=FULL_SIZE), "images_s"),
-    "byol_bsim_model": lambda rows: _field(_one(rows, kind="model", method="byol", mode="bsim", arch="resnet50",
-                                                size=FULL_SIZE, compile=True), "images_s"),
+    "byol_bsim_model": lambda rows: _field(
+        _one(rows, kind="model", method="byol", mode="bsim", arch="resnet50", size=FULL_SIZE, compile=True), "images_s"
+    ),
     "bsim_overhead": _bsim_overhead,
     "e2e_ratio_dali": lambda rows: _e2e_ratio(rows, "dali"),
     "e2e_ratio_ffcv": lambda rows: _e2e_ratio(rows, "ffcv"),
@@ -190,9 +258,16 @@ def recipe_cfg(method: str, mode: str, arch: str, size: int, batch: int, compile
     Its `aug` section is the photometric policy the loader and end-to-end rows use."""
     recipe = method if mode == "sim" else f"{method}_{mode}"
     small = size <= 64
-    cfg = load_config(f"configs/{'small/' if small else ''}{recipe}.yaml",
-                      [f"model.arch={arch}", f"data.image_size={size}", f"data.batch_size={batch}",
-                       f"train.compile={'on' if compile_on else 'off'}", f"train.precision={precision}"])
+    cfg = load_config(
+        f"configs/{'small/' if small else ''}{recipe}.yaml",
+        [
+            f"model.arch={arch}",
+            f"data.image_size={size}",
+            f"data.batch_size={batch}",
+            f"train.compile={'on' if compile_on else 'off'}",
+            f"train.precision={precision}",
+        ],
+    )
     if cfg.model.queue_size < 4 * batch:
         cfg.model.queue_size = 4 * batch
     return cfg
@@ -204,6 +279,7 @@ class Step:
     def __init__(self, cfg: Config, device: torch.device):
         from .methods import build_method, compile_networks
         from .train import DTYPES
+
         self.cfg, self.device = cfg, device
         self.method = build_method(cfg).to(device).to(memory_format=torch.channels_last)
         if cfg.train.compile == "on":
@@ -212,7 +288,7 @@ class Step:
         self.amp = DTYPES[cfg.train.precision]
         self.use_amp = device.type == "cuda" and self.amp != torch.float32
         self.view_dtype = self.amp if device.type == "cuda" else torch.float32
-        self.gen = torch.Generator(device="cpu").manual_seed(0)   # as the trainer: partner/boxes on the host
+        self.gen = torch.Generator(device="cpu").manual_seed(0)  # as the trainer: partner/boxes on the host
         self.step = 0
 
     def __call__(self, a_u8: torch.Tensor, b_u8: torch.Tensor) -> int:
@@ -296,8 +372,12 @@ class Bench:
         os.replace(tmp, self.out / "bench.json")
 
     def report(self) -> dict:
-        return {"environment": self.env, "tiny": self.s.tiny, "rows": self.rows,
-                "targets": evaluate(self.rows, applicable=not self.s.tiny and self.s.device.type == "cuda")}
+        return {
+            "environment": self.env,
+            "tiny": self.s.tiny,
+            "rows": self.rows,
+            "targets": evaluate(self.rows, applicable=not self.s.tiny and self.s.device.type == "cuda"),
+        }
 
     # ---- kernels
     def kernels(self) -> None:
@@ -318,6 +398,7 @@ class Bench:
     def build_loader(self, kind: str, cfg: Config, base: dict):
         """The loader, or None after adding a skipped row (not installed) or an error row."""
         from .loaders import build_train_loader
+
         try:
             return build_train_loader(cfg, 0, 1, self.s.device)
         except ImportError as e:
@@ -328,8 +409,14 @@ class Bench:
 
     def loaders(self) -> None:
         for kind, path in self.paths.items():
-            base = {"kind": "loader", "loader": kind, "size": self.s.size, "batch": self.s.batch,
-                    "workers": self.s.workers, "policy": policy_name(self.s.size)}
+            base = {
+                "kind": "loader",
+                "loader": kind,
+                "size": self.s.size,
+                "batch": self.s.batch,
+                "workers": self.s.workers,
+                "policy": policy_name(self.s.size),
+            }
             if not self.budget.allows(20):
                 self.add({**base, "skipped": "time budget"})
                 continue
@@ -339,8 +426,15 @@ class Bench:
             try:
                 reset_peak(self.s.device)
                 ips, seconds, n = loader_images_s(loader, self.s.warmup, self.s.loader_batches, self.s.device)
-                self.add({**base, "images_s": ips, "batches": n, "seconds": seconds,
-                          "peak_mem_gb": peak_mem_gb(self.s.device)})
+                self.add(
+                    {
+                        **base,
+                        "images_s": ips,
+                        "batches": n,
+                        "seconds": seconds,
+                        "peak_mem_gb": peak_mem_gb(self.s.device),
+                    }
+                )
             except Exception as e:  # noqa: BLE001
                 self.add({**base, "error": f"{type(e).__name__}: {first_line(e)}"})
             finally:
@@ -349,8 +443,15 @@ class Bench:
     # ---- model-only and end-to-end
     def model_row(self, method, mode, arch, size, compile_on, step: Step | None = None) -> Step | None:
         batch = self.s.batch_for(arch)
-        base = {"kind": "model", "method": method, "mode": mode, "arch": arch, "size": size, "batch": batch,
-                "compile": compile_on}
+        base = {
+            "kind": "model",
+            "method": method,
+            "mode": mode,
+            "arch": arch,
+            "size": size,
+            "batch": batch,
+            "compile": compile_on,
+        }
         if _one(self.rows, **base) is not None:
             return step
         if step is None and not self.budget.allows(self.s.cost_s(arch, compile_on)):
@@ -362,8 +463,15 @@ class Bench:
             a, b = synthetic_views(batch, size, self.s.device)
             reset_peak(self.s.device)
             ips, seconds = timed(lambda: step(a, b), self.s.device, self.s.warmup, self.s.iters)
-            self.add({**base, "images_s": ips, "seconds": seconds, "steps": self.s.iters,
-                      "peak_mem_gb": peak_mem_gb(self.s.device)})
+            self.add(
+                {
+                    **base,
+                    "images_s": ips,
+                    "seconds": seconds,
+                    "steps": self.s.iters,
+                    "peak_mem_gb": peak_mem_gb(self.s.device),
+                }
+            )
             return step
         except Exception as e:  # noqa: BLE001
             self.add({**base, "error": f"{type(e).__name__}: {first_line(e)}"})
@@ -376,8 +484,15 @@ class Bench:
         s = self.s
         compile_on = True in s.compiles
         arch, size = s.e2e_arch, s.size
-        base = {"kind": "end_to_end", "size": size, "batch": s.batch, "workers": s.workers, "arch": arch,
-                "compile": compile_on, "policy": policy_name(size)}
+        base = {
+            "kind": "end_to_end",
+            "size": size,
+            "batch": s.batch,
+            "workers": s.workers,
+            "arch": arch,
+            "compile": compile_on,
+            "policy": policy_name(size),
+        }
         if not self.budget.allows(s.cost_s(arch, compile_on) + 15 * len(self.paths)):
             for kind in self.paths:
                 self.add({**base, "loader": kind, "skipped": "time budget"})
@@ -403,8 +518,9 @@ class Bench:
             try:
                 reset_peak(s.device)
                 ips, seconds, n = loader_images_s(loader, s.warmup, s.loader_batches, s.device, step)
-                results.append({**row, "images_s": ips, "batches": n, "seconds": seconds,
-                                "peak_mem_gb": peak_mem_gb(s.device)})
+                results.append(
+                    {**row, "images_s": ips, "batches": n, "seconds": seconds, "peak_mem_gb": peak_mem_gb(s.device)}
+                )
             except Exception as e:  # noqa: BLE001
                 results.append({**row, "error": f"{type(e).__name__}: {first_line(e)}"})
             loader = None
@@ -412,9 +528,21 @@ class Bench:
         model_ips.append(timed(lambda: step(a, b), s.device, s.warmup, s.loader_batches)[0])
         model = max(model_ips)
         # The same measurement is the model-only row of this configuration (no second compilation).
-        self.add({"kind": "model", "method": "byol", "mode": "bsim", "arch": arch, "size": size, "batch": s.batch,
-                  "compile": compile_on, "images_s": model, "steps": s.loader_batches,
-                  "peak_mem_gb": peak_mem_gb(s.device), "note": "measured with the end-to-end rows"})
+        self.add(
+            {
+                "kind": "model",
+                "method": "byol",
+                "mode": "bsim",
+                "arch": arch,
+                "size": size,
+                "batch": s.batch,
+                "compile": compile_on,
+                "images_s": model,
+                "steps": s.loader_batches,
+                "peak_mem_gb": peak_mem_gb(s.device),
+                "note": "measured with the end-to-end rows",
+            }
+        )
         for r in results:
             if "images_s" in r:
                 r["model_images_s"] = model
@@ -432,7 +560,7 @@ class Bench:
         compiled (each compiled ResNet-50 costs about a minute of compilation)."""
         s = self.s
         order = []
-        for compile_on in sorted(s.compiles, reverse=True):   # BYOL compiled first: the targets read it
+        for compile_on in sorted(s.compiles, reverse=True):  # BYOL compiled first: the targets read it
             for arch, size in s.archs[:1]:
                 for mode in ("bsim", "sim"):
                     if "byol" in s.methods and mode in s.modes:
@@ -450,7 +578,7 @@ class Bench:
             if compile_on not in s.compiles:
                 continue
             self.model_row(method, mode, arch, size, compile_on)
-            if compile_on:   # drop the compiled graphs (and the parameters they hold) before the next model
+            if compile_on:  # drop the compiled graphs (and the parameters they hold) before the next model
                 torch._dynamo.reset()
                 if s.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -517,8 +645,9 @@ def describe(r: dict) -> str:
     if r["kind"] == "kernel":
         return f"{r['name']}" + (f" N={r['n']} {r['size']}² {r['dtype']}" if "n" in r else "")
     if r["kind"] == "model":
-        return (f"{r['method']}/{r['mode']} {r['arch']}@{r['size']} b{r['batch']} "
-                f"{'compiled' if r['compile'] else 'eager'}")
+        return (
+            f"{r['method']}/{r['mode']} {r['arch']}@{r['size']} b{r['batch']} {'compiled' if r['compile'] else 'eager'}"
+        )
     return f"{r['loader']}@{r['size']} b{r['batch']} w{r['workers']}"
 
 
@@ -531,13 +660,17 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         what = describe(r)
         if "skipped" in r or "error" in r:
-            lines.append(f"{r['kind']:<11} {what:<44} {'-':>12} {'-':>8}  "
-                         f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']}")
+            lines.append(
+                f"{r['kind']:<11} {what:<44} {'-':>12} {'-':>8}  "
+                f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']}"
+            )
             continue
         if r["kind"] == "kernel":
-            lines.append(f"{'kernel':<11} {what:<44} {r['ms']:>10.4f}ms {'':>8}  ref {r['ref_ms']:.4f} ms, "
-                         f"{r['speedup']:.2f}x, {r['gbps']:.0f} GB/s = {100 * r['frac_of_copy']:.0f}% of copy"
-                         + (f", {r['launches']:g} launches/view" if r.get("launches") is not None else ""))
+            lines.append(
+                f"{'kernel':<11} {what:<44} {r['ms']:>10.4f}ms {'':>8}  ref {r['ref_ms']:.4f} ms, "
+                f"{r['speedup']:.2f}x, {r['gbps']:.0f} GB/s = {100 * r['frac_of_copy']:.0f}% of copy"
+                + (f", {r['launches']:g} launches/view" if r.get("launches") is not None else "")
+            )
             continue
         note = ""
         if "ratio_to_model" in r:
@@ -552,20 +685,24 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
     """One panel per kind of row, each on its own (log) scale with the value printed at every bar, so no
     kind hides another; device, commit and versions in the title."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     panels = []
     kernels = [r for r in rows if r["kind"] == "kernel" and "ms" in r]
     if kernels:
         bars = []
         for r in kernels:
             bars.append((f"{r['name']} (Triton)", r["ms"], "tab:purple"))
-            if r.get("ref_ms") and r["ref_ms"] == r["ref_ms"]:   # NaN: no reference for this row
+            if r.get("ref_ms") and r["ref_ms"] == r["ref_ms"]:  # NaN: no reference for this row
                 bars.append((f"{r['name']} (PyTorch ref.)", r["ref_ms"], "tab:gray"))
         panels.append(("kernels: ms per call (lower is better)", bars, "{:.3g} ms"))
-    for kind, title, colour in (("loader", "loader-only: two-view images/s", "tab:blue"),
-                                ("model", "model-only: images/s", "tab:orange"),
-                                ("end_to_end", "end-to-end: images/s (ratio to model-only)", "tab:green")):
+    for kind, title, colour in (
+        ("loader", "loader-only: two-view images/s", "tab:blue"),
+        ("model", "model-only: images/s", "tab:orange"),
+        ("end_to_end", "end-to-end: images/s (ratio to model-only)", "tab:green"),
+    ):
         bars = []
         for r in rows:
             if r["kind"] != kind or "images_s" not in r:
@@ -579,20 +716,24 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
     if not panels:
         return
     heights = [0.28 * len(b) + 0.9 for _, b, _ in panels]
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, sum(heights) + 0.8),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    fig, axes = plt.subplots(
+        len(panels), 1, figsize=(10, sum(heights) + 0.8), gridspec_kw={"height_ratios": heights}, squeeze=False
+    )
     for ax, (title, bars, fmt) in zip(axes[:, 0], panels):
         values = [v for _, v, _ in bars]
         ax.barh([n for n, _, _ in bars], values, color=[c for *_, c in bars])
         ax.set_xscale("log")
-        ax.set_xlim(min(values) / 2, max(values) * 6)   # room for the printed values
+        ax.set_xlim(min(values) / 2, max(values) * 6)  # room for the printed values
         for i, v in enumerate(values):
             ax.text(v * 1.05, i, fmt.format(v) if v >= 100 else f"{v:.3g}", va="center", fontsize=7)
         ax.set_title(title, fontsize=9, loc="left")
         ax.tick_params(axis="y", labelsize=7)
         ax.invert_yaxis()
-    fig.suptitle(f"bsim_fast bench · {env.get('device')} · commit {env.get('commit') or '?'} · "
-                 f"torch {env.get('torch')} · {env.get('time')}", fontsize=9)
+    fig.suptitle(
+        f"bsim_fast bench · {env.get('device')} · commit {env.get('commit') or '?'} · "
+        f"torch {env.get('torch')} · {env.get('time')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -600,6 +741,7 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
 
 def _version(dist: str) -> str | None:
     from importlib.metadata import PackageNotFoundError, version
+
     try:
         return version(dist)
     except PackageNotFoundError:
@@ -609,28 +751,54 @@ def _version(dist: str) -> str | None:
 def environment(device: torch.device) -> dict:
     """Device, versions and commit (`git`, or $BSIM_FAST_COMMIT where the tree was copied without .git)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+        ).stdout.strip()
         commit += "+changes" if commit and dirty else ""
     except OSError:
         commit = ""
     commit = commit or os.environ.get("BSIM_FAST_COMMIT", "")
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-           "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "commit": commit,
-           "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for name, dist in (("torchvision", "torchvision"), ("triton", "triton"), ("ffcv", "ffcv"),
-                       ("dali", "nvidia-dali-cuda120"), ("numba", "numba")):
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    for name, dist in (
+        ("torchvision", "torchvision"),
+        ("triton", "triton"),
+        ("ffcv", "ffcv"),
+        ("dali", "nvidia-dali-cuda120"),
+        ("numba", "numba"),
+    ):
         env[name] = _version(dist)
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
         env["multiprocessors"] = props.multi_processor_count
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.strip() or None
+            env["driver"] = (
+                subprocess.run(
+                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                ).stdout.strip()
+                or None
+            )
         except (OSError, subprocess.TimeoutExpired):
             env["driver"] = None
     return env
@@ -644,8 +812,13 @@ def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", default=not cuda, help="small sizes (default without a GPU)")
-    p.add_argument("--only", nargs="*", default=STAGES, choices=STAGES + ["cutmix"],
-                   help="stages to run (cutmix: old name of kernel)")
+    p.add_argument(
+        "--only",
+        nargs="*",
+        default=STAGES,
+        choices=STAGES + ["cutmix"],
+        help="stages to run (cutmix: old name of kernel)",
+    )
     p.add_argument("--methods", nargs="*", default=["byol", "simclr", "moco", "simsiam"])
     p.add_argument("--modes", nargs="*", default=["sim", "bsim", "wbsim"])
     p.add_argument("--ffcv", default="data_out/cifar10_mini_train.beton", help=".beton for the loader runs")
@@ -674,8 +847,16 @@ def main(argv=None) -> int:
     for kind, path in list(paths.items()):
         if path != "builtin" and not Path(path).exists():
             for row_kind in ("loader", "end_to_end"):
-                bench.add({"kind": row_kind, "loader": kind, "size": settings.size, "batch": settings.batch,
-                           "workers": settings.workers, "skipped": f"no dataset at {path}"})
+                bench.add(
+                    {
+                        "kind": row_kind,
+                        "loader": kind,
+                        "size": settings.size,
+                        "batch": settings.batch,
+                        "workers": settings.workers,
+                        "skipped": f"no dataset at {path}",
+                    }
+                )
             del paths[kind]
     if "kernel" in only:
         bench.kernels()
@@ -688,7 +869,7 @@ def main(argv=None) -> int:
     bench.save()
     try:
         plot(bench.rows, Path(args.out) / "bench.png", env)
-    except ImportError as e:   # matplotlib is optional for the numbers
+    except ImportError as e:  # matplotlib is optional for the numbers
         print(f"bench.png not written: {e}")
     print(table(bench.rows))
     print(json.dumps(bench.report()))

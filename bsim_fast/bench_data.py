@@ -15,6 +15,7 @@ it, procedural photo-like images: coloured noise with a natural image's 1/f² po
 shapes, which JPEG-compress like photographs. The content used is recorded in the summary, so a report says
 which it was. No network is needed either way.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,13 +32,21 @@ from PIL import Image
 LANDSCAPE = (500, 375)
 MEAN_KB = 110.0
 # Colour photographs shipped inside scikit-image's wheel (skimage/data/), read as files: nothing is fetched.
-SKIMAGE_PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png",
-                  "hubble_deep_field.jpg", "ihc.png")
+SKIMAGE_PHOTOS = (
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "motorcycle_left.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+)
 
 
 def skimage_photos() -> list:
     """RGB photographs bundled with scikit-image; [] without scikit-image (it is located, not imported)."""
     import importlib.util
+
     spec = importlib.util.find_spec("skimage")
     if spec is None or not spec.submodule_search_locations:
         return []
@@ -46,7 +55,7 @@ def skimage_photos() -> list:
     for name in SKIMAGE_PHOTOS:
         try:
             img = np.asarray(Image.open(folder / name).convert("RGB"))
-        except OSError:   # a photo missing from this version: left out
+        except OSError:  # a photo missing from this version: left out
             continue
         if min(img.shape[:2]) >= 256:
             photos.append(np.ascontiguousarray(img))
@@ -61,12 +70,12 @@ def procedural_photo(rng: np.random.Generator, size=(768, 576)) -> np.ndarray:
     fx = np.fft.rfftfreq(w)[None, :]
     f = np.sqrt(fx * fx + fy * fy)
     f[0, 0] = 1.0
-    amp = 1.0 / f ** rng.uniform(0.9, 1.15)   # amplitude ~ 1/f: power ~ 1/f²
+    amp = 1.0 / f ** rng.uniform(0.9, 1.15)  # amplitude ~ 1/f: power ~ 1/f²
     base = []
     for _ in range(3):
         phase = rng.uniform(0, 2 * np.pi, amp.shape)
         base.append(np.fft.irfft2(amp * np.exp(1j * phase), s=(h, w)))
-    mixing = rng.uniform(0.2, 1.0, (3, 3)) + np.eye(3) * rng.uniform(0.5, 1.5)   # correlated channels
+    mixing = rng.uniform(0.2, 1.0, (3, 3)) + np.eye(3) * rng.uniform(0.5, 1.5)  # correlated channels
     img = np.tensordot(mixing, np.stack(base), axes=1)
     img = (img - img.mean(axis=(1, 2), keepdims=True)) / (img.std(axis=(1, 2), keepdims=True) + 1e-9)
     img = img * rng.uniform(30, 55, (3, 1, 1)) + rng.uniform(70, 180, (3, 1, 1))
@@ -118,19 +127,19 @@ def make_image(index: int, seed: int) -> bytes:
     h, w = src.shape[:2]
     out_w, out_h = LANDSCAPE if rng.random() >= 0.2 else LANDSCAPE[::-1]
     aspect = out_w / out_h
-    scale = rng.uniform(0.35, 1.0)   # the crop's area fraction of the largest crop with this aspect
+    scale = rng.uniform(0.35, 1.0)  # the crop's area fraction of the largest crop with this aspect
     ch = min(h, int(w / aspect))
     ch = max(16, int(ch * np.sqrt(scale)))
     cw = min(w, int(ch * aspect))
     y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    crop = src[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
-    crop = crop * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20, 3)      # white balance / exposure
+    crop = src[y0 : y0 + ch, x0 : x0 + cw].astype(np.float32)
+    crop = crop * rng.uniform(0.8, 1.2, 3) + rng.uniform(-20, 20, 3)  # white balance / exposure
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     img = Image.fromarray(np.clip(crop, 0, 255).astype(np.uint8)).resize((out_w, out_h), Image.BICUBIC)
     arr = np.asarray(img).astype(np.float32) + rng.normal(0, rng.uniform(1.5, 4.0), (out_h, out_w, 1))
     img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
-    target = MEAN_KB * 1000 * float(np.exp(rng.normal(-0.08, 0.4)))   # log-normal, mean ~110 KB
+    target = MEAN_KB * 1000 * float(np.exp(rng.normal(-0.08, 0.4)))  # log-normal, mean ~110 KB
     return encode_near(img, target)
 
 
@@ -143,8 +152,9 @@ def _write_one(job) -> int:
     return len(data)
 
 
-def write_set(out_dir: Path, count: int, classes: int = 10, seed: int = 0, workers: int = 0,
-              content: str = "auto") -> dict:
+def write_set(
+    out_dir: Path, count: int, classes: int = 10, seed: int = 0, workers: int = 0, content: str = "auto"
+) -> dict:
     """Write `count` JPEGs as an ImageFolder tree (`classes` folders) under `out_dir`; return a summary
     (also written to `out_dir.with_suffix('.json')`). content: auto (scikit-image if installed), skimage,
     procedural."""
@@ -164,9 +174,16 @@ def write_set(out_dir: Path, count: int, classes: int = 10, seed: int = 0, worke
     else:
         _init(photos)
         sizes = [_write_one(j) for j in jobs]
-    summary = {"images": count, "classes": classes, "seed": seed, "width_height": list(LANDSCAPE),
-               "portrait_fraction": 0.2, "mean_kb": float(np.mean(sizes)) / 1000, "total_mb": sum(sizes) / 1e6,
-               "content": f"scikit-image photographs ({len(photos)})" if photos else "procedural 1/f² images"}
+    summary = {
+        "images": count,
+        "classes": classes,
+        "seed": seed,
+        "width_height": list(LANDSCAPE),
+        "portrait_fraction": 0.2,
+        "mean_kb": float(np.mean(sizes)) / 1000,
+        "total_mb": sum(sizes) / 1e6,
+        "content": f"scikit-image photographs ({len(photos)})" if photos else "procedural 1/f² images",
+    }
     Path(str(out_dir) + ".json").write_text(json.dumps(summary, indent=1))
     return summary
 

@@ -5,6 +5,7 @@ flushed and renamed, the hash last: a file whose hash does not match is damaged,
 unverified, and `latest_valid` falls back to the previous one, saying so in one line. Files are loaded with
 `weights_only=True`: a checkpoint holding pickled code is refused, never run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,20 +88,24 @@ def torch_load(path: Path, map_location="cpu"):
     would run that code), a file that is no PyTorch archive is named as such."""
     import pickle
     import zipfile
-    if not zipfile.is_zipfile(path):   # torch.save has written zip archives since torch 1.6
+
+    if not zipfile.is_zipfile(path):  # torch.save has written zip archives since torch 1.6
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a zip archive)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: holds pickled code or objects other than tensors; refused for safety "
-                              f"(loading it could run that code)") from None
+        raise CheckpointError(
+            f"{path}: holds pickled code or objects other than tensors; refused for safety "
+            f"(loading it could run that code)"
+        ) from None
     except (RuntimeError, EOFError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({first})") from None
 
 
-def load_checkpoint(path: Path, map_location="cpu", require_hash: bool = True,
-                    log: Callable[[str], None] = print) -> dict:
+def load_checkpoint(
+    path: Path, map_location="cpu", require_hash: bool = True, log: Callable[[str], None] = print
+) -> dict:
     """A verified checkpoint. Without its `.sha256` it is refused, or with require_hash=False (a file the user
     named) loaded after one line saying it is unverified."""
     path = Path(path)
@@ -110,7 +115,7 @@ def load_checkpoint(path: Path, map_location="cpu", require_hash: bool = True,
     if reason and not (reason == MISSING_HASH and not require_hash):
         raise CheckpointError(f"{path}: {reason}")
     state = torch_load(path, map_location)
-    if reason:   # after loading, so that a refused file gets one line, not two
+    if reason:  # after loading, so that a refused file gets one line, not two
         log(f"warning: {path}: {MISSING_HASH}; loaded it unverified")
     return state
 
@@ -126,11 +131,13 @@ def latest_valid(out_dir: Path, log: Callable[[str], None] = print) -> tuple[Pat
             return path, load_checkpoint(path)
         except Exception as e:  # a damaged file must not stop the resume: fall back to an older one
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            msg = msg[len(f"{path}: "):] if msg.startswith(f"{path}: ") else msg
+            msg = msg[len(f"{path}: ") :] if msg.startswith(f"{path}: ") else msg
             first_reason = first_reason or msg
             log(f"[resume] skipping {path}: {msg}")
     if found:
-        raise CheckpointError(f"{out_dir}: none of its {len(found)} checkpoint(s) can be resumed (newest: "
-                              f"{first_reason}); --resume PATH loads one unverified, --resume none starts over "
-                              f"(moving them to {Path(out_dir) / 'previous_N'})")
+        raise CheckpointError(
+            f"{out_dir}: none of its {len(found)} checkpoint(s) can be resumed (newest: "
+            f"{first_reason}); --resume PATH loads one unverified, --resume none starts over "
+            f"(moving them to {Path(out_dir) / 'previous_N'})"
+        )
     return None, None

@@ -10,6 +10,7 @@
 
 Every problem is a `CifarError`: one line naming the path and what was expected (the speedrun exits 2).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -39,8 +40,7 @@ META = "batches.meta"
 SIDE = 32
 # The full set: 50,000 training and 10,000 test images of 10 classes (the targets are stated for it).
 FULL = {"train": 50_000, "test": 10_000}
-ACCEPTED = (f"a folder with train/ and test/ image folders, {ARCHIVE}, or {BATCHES}/ "
-            f"(or a folder holding one of them)")
+ACCEPTED = f"a folder with train/ and test/ image folders, {ARCHIVE}, or {BATCHES}/ (or a folder holding one of them)"
 
 
 class CifarError(ConfigError):
@@ -50,8 +50,9 @@ class CifarError(ConfigError):
 @dataclass
 class Cifar10:
     """CIFAR-10 as two ImageFolder trees: `root/train` and `root/test`."""
+
     root: Path
-    origin: str                 # where it came from, for the report
+    origin: str  # where it came from, for the report
     train_images: int
     test_images: int
     classes: list
@@ -74,14 +75,18 @@ class Cifar10:
 def _reconstruct():
     try:
         from numpy._core.multiarray import _reconstruct as fn
-    except ImportError:   # numpy < 2
+    except ImportError:  # numpy < 2
         from numpy.core.multiarray import _reconstruct as fn
     return fn
 
 
 # What a pickled numpy array refers to (numpy 1 names its module numpy.core, numpy 2 numpy._core): nothing else.
-ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                   ("numpy", "ndarray"), ("numpy", "dtype")}
+ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+}
 
 
 class _ArraysOnly(pickle.Unpickler):
@@ -92,8 +97,10 @@ class _ArraysOnly(pickle.Unpickler):
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_GLOBALS:
-            raise CifarError(f"{self.where}: holds a reference to {module}.{name}; only numpy arrays are "
-                             f"allowed in a CIFAR-10 batch (refused for safety, nothing was run)")
+            raise CifarError(
+                f"{self.where}: holds a reference to {module}.{name}; only numpy arrays are "
+                f"allowed in a CIFAR-10 batch (refused for safety, nothing was run)"
+            )
         if name == "_reconstruct":
             return _reconstruct()
         return getattr(np, name)
@@ -107,8 +114,12 @@ def load_pickled_batch(data: bytes, where: str, num_classes: int = 10) -> tuple[
         raise CifarError(f"{where}: not a CIFAR-10 batch (a {type(batch).__name__}, expected a dict)")
     batch = {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in batch.items()}
     pixels, labels = batch.get("data"), batch.get("labels")
-    if not (isinstance(pixels, np.ndarray) and pixels.dtype == np.uint8 and pixels.ndim == 2
-            and pixels.shape[1] == 3 * SIDE * SIDE):
+    if not (
+        isinstance(pixels, np.ndarray)
+        and pixels.dtype == np.uint8
+        and pixels.ndim == 2
+        and pixels.shape[1] == 3 * SIDE * SIDE
+    ):
         got = f"{pixels.dtype} {list(pixels.shape)}" if isinstance(pixels, np.ndarray) else type(pixels).__name__
         raise CifarError(f"{where}: 'data' is {got}, expected uint8 [N, {3 * SIDE * SIDE}]")
     if not isinstance(labels, (list, np.ndarray)) or len(labels) != len(pixels):
@@ -119,7 +130,7 @@ def load_pickled_batch(data: bytes, where: str, num_classes: int = 10) -> tuple[
         raise CifarError(f"{where}: 'labels' holds values that are not class indices") from None
     if labels.size and not (0 <= labels.min() and labels.max() < num_classes):
         raise CifarError(f"{where}: labels outside 0..{num_classes - 1}")
-    images = pixels.reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1)   # channel planes -> HWC
+    images = pixels.reshape(-1, 3, SIDE, SIDE).transpose(0, 2, 3, 1)  # channel planes -> HWC
     return np.ascontiguousarray(images), labels
 
 
@@ -135,15 +146,17 @@ def load_class_names(data: bytes, where: str) -> list:
 
 
 def _unpickle(data: bytes, where: str):
-    unpickler = _ArraysOnly(io.BytesIO(data), encoding="latin1")   # Python 2 pickles, as the originals
+    unpickler = _ArraysOnly(io.BytesIO(data), encoding="latin1")  # Python 2 pickles, as the originals
     unpickler.where = where
     try:
         return unpickler.load()
     except CifarError:
         raise
     except Exception as exc:  # noqa: BLE001 - truncated or not a pickle: one line, whatever the cause
-        raise CifarError(f"{where}: not a readable CIFAR-10 batch ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})") from None
+        raise CifarError(
+            f"{where}: not a readable CIFAR-10 batch ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------- the python version
@@ -171,7 +184,7 @@ def _members(source: Path) -> Iterator[tuple[str, bytes]]:
     wanted, found = {f"{BATCHES}/{name}": name for name in names}, {}
     try:
         with tarfile.open(source) as archive:
-            for member in archive:   # one pass: a gzip stream re-reads from its start for every seek back
+            for member in archive:  # one pass: a gzip stream re-reads from its start for every seek back
                 name = wanted.get(member.name)
                 if name is None:
                     continue
@@ -182,8 +195,7 @@ def _members(source: Path) -> Iterator[tuple[str, bytes]]:
         raise CifarError(f"{source}: not a readable tar archive ({exc})") from None
     missing = [name for name in names if name not in found]
     if missing:
-        raise CifarError(f"{source}: no {BATCHES}/{missing[0]} inside; not the python version of CIFAR-10 "
-                         f"({ARCHIVE})")
+        raise CifarError(f"{source}: no {BATCHES}/{missing[0]} inside; not the python version of CIFAR-10 ({ARCHIVE})")
     for name in names:
         yield name, found[name]
 
@@ -226,7 +238,7 @@ def write_image_folders(splits: dict, classes: list, final: Path, workers: int =
 
         def write(job) -> None:
             path, rgb = job
-            Image.fromarray(rgb).save(path, compress_level=1)   # zlib releases the GIL: threads help
+            Image.fromarray(rgb).save(path, compress_level=1)  # zlib releases the GIL: threads help
 
         with ThreadPoolExecutor(max(1, workers)) as pool:
             list(pool.map(write, jobs, chunksize=256))
@@ -235,7 +247,7 @@ def write_image_folders(splits: dict, classes: list, final: Path, workers: int =
             os.replace(tmp, final)
         except OSError:
             if not ((final / "train").is_dir() and (final / "test").is_dir()):
-                raise   # not another run that converted the same batches first: a real failure
+                raise  # not another run that converted the same batches first: a real failure
     finally:
         remove_path(tmp)
 
@@ -243,6 +255,7 @@ def write_image_folders(splits: dict, classes: list, final: Path, workers: int =
 # ----------------------------------------------------------------------------------------- download
 def download_host() -> tuple[str, int]:
     from torchvision.datasets import CIFAR10
+
     url = urlparse(CIFAR10.url)
     return url.hostname, url.port or (443 if url.scheme == "https" else 80)
 
@@ -261,6 +274,7 @@ def download(folder: Path, log: Callable[[str], None] = print) -> Path:
     that the machine has a network."""
     from torchvision.datasets import CIFAR10
     from torchvision.datasets.utils import download_url
+
     log(f"[cifar10] downloading {CIFAR10.url} into {folder}")
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -283,8 +297,10 @@ def from_image_folders(root: Path, origin: str) -> Cifar10:
     n_train, classes = _count(root / "train")
     n_test, test_classes = _count(root / "test")
     if test_classes != classes:
-        raise CifarError(f"{root}: train/ and test/ have different class folders ({len(classes)} and "
-                         f"{len(test_classes)}: {', '.join(sorted(set(classes) ^ set(test_classes))[:5])})")
+        raise CifarError(
+            f"{root}: train/ and test/ have different class folders ({len(classes)} and "
+            f"{len(test_classes)}: {', '.join(sorted(set(classes) ^ set(test_classes))[:5])})"
+        )
     return Cifar10(root, origin, n_train, n_test, classes)
 
 
@@ -292,6 +308,7 @@ def from_image_folders(root: Path, origin: str) -> Cifar10:
 class Found:
     """What `find` saw at --data, before any work: `folders` (train/ + test/), `python` (the archive or the
     batches folder at `path`), `builtin`, or `download` (nothing there yet; `path` is the folder to fetch into)."""
+
     kind: str
     path: Path
 
@@ -309,19 +326,22 @@ def find(data: str, download_missing: bool = False) -> Found:
         return Found("python", source)
     if not download_missing:
         what = "not found" if not path.exists() else "holds no CIFAR-10"
-        raise CifarError(f"--data {data}: {what}; expected {ACCEPTED} (--download fetches it into a folder when "
-                         f"the machine has a network)")
+        raise CifarError(
+            f"--data {data}: {what}; expected {ACCEPTED} (--download fetches it into a folder when "
+            f"the machine has a network)"
+        )
     if path.exists() and not path.is_dir():
         raise CifarError(f"--data {data}: a file that is not {ARCHIVE}; --download needs a folder")
     host, port = download_host()
     if not has_network(host, port):
-        raise CifarError(f"--data {data}: holds no CIFAR-10 and --download has no network ({host}:{port} "
-                         f"unreachable); copy {ARCHIVE} or train/ and test/ image folders there instead")
+        raise CifarError(
+            f"--data {data}: holds no CIFAR-10 and --download has no network ({host}:{port} "
+            f"unreachable); copy {ARCHIVE} or train/ and test/ image folders there instead"
+        )
     return Found("download", path)
 
 
-def prepare(found: Found, cache: Path | None = None, workers: int = 8,
-            log: Callable[[str], None] = print) -> Cifar10:
+def prepare(found: Found, cache: Path | None = None, workers: int = 8, log: Callable[[str], None] = print) -> Cifar10:
     """CIFAR-10 as train/ and test/ image folders: as found, or downloaded, or the python version converted
     once to PNG folders in `cache` (found there by its sha256 the next time)."""
     if found.kind == "builtin":

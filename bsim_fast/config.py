@@ -6,6 +6,7 @@ holds the name, the mode and the named method's own settings, which the method d
 Every error is a `ConfigError` whose message is one line naming the file, the key and the value, because
 a typo in a recipe must never silently fall back to a default on a multi-day run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,15 +32,19 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.yaml_implicit_resolvers = {
     ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                              list("tTfF"))
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 # YAML 1.2 floats too: PyYAML reads `1e-5` (no dot) as a string, and recipes are full of such numbers
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
-                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-                              list("-+0123456789."))
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
 
 
 def _no_duplicate_keys(loader, node, deep=False):
@@ -48,8 +53,9 @@ def _no_duplicate_keys(loader, node, deep=False):
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {key!r} "
-                              f"(first on line {seen[key] + 1})")
+            raise ConfigError(
+                f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line {seen[key] + 1})"
+            )
         seen[key] = key_node.start_mark.line
     return loader.construct_mapping(node, deep=deep)
 
@@ -61,11 +67,19 @@ def _yaml(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-MODES = ("sim", "bsim", "wbsim")       # which views the online side sees in each: docs/METHOD.md
+MODES = ("sim", "bsim", "wbsim")  # which views the online side sees in each: docs/METHOD.md
 
 
-def setting(default: Any, *, choices: Any = None, gt: float | None = None, ge: float | None = None,
-            lt: float | None = None, le: float | None = None, ordered: bool = False) -> Any:
+def setting(
+    default: Any,
+    *,
+    choices: Any = None,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    le: float | None = None,
+    ordered: bool = False,
+) -> Any:
     """A config field with its allowed values beside it: bounds apply to every element of a tuple, `ordered`
     asks a tuple to be non-decreasing (a range), `choices` is a tuple or a function returning one (for names
     that live in a registry elsewhere)."""
@@ -82,11 +96,13 @@ def choices(section: str, key: str) -> tuple[str, ...]:
 
 def method_names() -> tuple[str, ...]:
     from .methods import METHODS  # imported when needed: the methods import this module
+
     return tuple(METHODS)
 
 
 def arch_names() -> tuple[str, ...]:
     from .models import backbone_names
+
     return backbone_names()
 
 
@@ -94,6 +110,7 @@ def arch_names() -> tuple[str, ...]:
 class MethodCfg:
     """`method:` holds the name, the mode and the named method's own settings, which each method declares
     beside its code (a `Settings` dataclass, e.g. in bsim_fast/methods/moco.py) with defaults and ranges."""
+
     name: str = setting("byol", choices=method_names)
     mode: str = setting("bsim", choices=MODES)
     _settings: dict = field(default_factory=dict, repr=False)
@@ -103,32 +120,37 @@ class MethodCfg:
         """The named method's settings: its defaults until a recipe or the caller sets them."""
         if self.name not in self._settings:
             from .methods import METHODS
+
             if self.name not in METHODS:
                 raise ConfigError(f"method.name = {self.name!r} is not one of {', '.join(METHODS)}")
             self._settings[self.name] = METHODS[self.name].Settings()
         return self._settings[self.name]
 
     def __eq__(self, other) -> bool:
-        return (isinstance(other, MethodCfg) and (self.name, self.mode) == (other.name, other.mode)
-                and self.settings == other.settings)
+        return (
+            isinstance(other, MethodCfg)
+            and (self.name, self.mode) == (other.name, other.mode)
+            and self.settings == other.settings
+        )
 
 
 @dataclass
 class BsimCfg:
-    alpha: float = setting(1.0, gt=0)       # lambda0 ~ Beta(alpha, alpha) for the CutMix box
-    weight: float = setting(1.0, ge=0)      # w in L_SIM + w * L_BSIM (wbsim only)
+    alpha: float = setting(1.0, gt=0)  # lambda0 ~ Beta(alpha, alpha) for the CutMix box
+    weight: float = setting(1.0, ge=0)  # w in L_SIM + w * L_BSIM (wbsim only)
 
 
 @dataclass
 class ModelCfg:
     """The networks' shapes (what a checkpoint's tensors depend on); method settings live in `method:`."""
+
     arch: str = setting("resnet50", choices=arch_names)
-    cifar_stem: bool = False      # 3x3 stride-1 conv1 and no max-pool, for 32x32 images
+    cifar_stem: bool = False  # 3x3 stride-1 conv1 and no max-pool, for 32x32 images
     proj_hidden: int = setting(4096, gt=0)
     proj_dim: int = setting(256, gt=0)
-    pred_hidden: int = setting(4096, gt=0)     # predictor width, for the methods with one (BYOL, SimSiam)
+    pred_hidden: int = setting(4096, gt=0)  # predictor width, for the methods with one (BYOL, SimSiam)
     sync_bn: bool = True
-    queue_size: int = setting(65536, gt=0)     # MoCo's queue of keys (a buffer of the model)
+    queue_size: int = setting(65536, gt=0)  # MoCo's queue of keys (a buffer of the model)
 
 
 @dataclass
@@ -137,53 +159,53 @@ class AugCfg:
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
     flip_p: float = setting(0.5, ge=0, le=1)
     jitter_p: float = setting(0.8, ge=0, le=1)
-    brightness: float = setting(0.4, ge=0)     # torchvision's ColorJitter ranges
+    brightness: float = setting(0.4, ge=0)  # torchvision's ColorJitter ranges
     contrast: float = setting(0.4, ge=0)
     saturation: float = setting(0.2, ge=0)
     hue: float = setting(0.1, ge=0, le=0.5)
     gray_p: float = setting(0.2, ge=0, le=1)
-    blur_p: tuple[float, float] = setting((1.0, 0.1), ge=0, le=1)      # per view: (t', t'')
+    blur_p: tuple[float, float] = setting((1.0, 0.1), ge=0, le=1)  # per view: (t', t'')
     blur_sigma: tuple[float, float] = setting((0.1, 2.0), gt=0, ordered=True)
     solarize_p: tuple[float, float] = setting((0.0, 0.2), ge=0, le=1)
 
 
 @dataclass
 class DataCfg:
-    loader: str = setting("ffcv", choices=LOADER_KINDS)     # the registry in bsim_fast/loaders/__init__.py
-    train: str = "builtin"        # .beton (ffcv), shard folder (dali), ImageFolder (torch); builtin = bundled set
-    val: str = ""                 # held-out split for the k-NN monitor ("" = none)
-    image_size: int = setting(224, ge=8)       # below 8 px a CutMix box is a pixel or two
-    batch_size: int = setting(256, gt=0)       # global, over all ranks and accumulation steps
+    loader: str = setting("ffcv", choices=LOADER_KINDS)  # the registry in bsim_fast/loaders/__init__.py
+    train: str = "builtin"  # .beton (ffcv), shard folder (dali), ImageFolder (torch); builtin = bundled set
+    val: str = ""  # held-out split for the k-NN monitor ("" = none)
+    image_size: int = setting(224, ge=8)  # below 8 px a CutMix box is a pixel or two
+    batch_size: int = setting(256, gt=0)  # global, over all ranks and accumulation steps
     workers: int = setting(8, ge=0)
-    mean: tuple[float, float, float] = setting((123.675, 116.28, 103.53), ge=0, le=255)   # 0..255 units
+    mean: tuple[float, float, float] = setting((123.675, 116.28, 103.53), ge=0, le=255)  # 0..255 units
     std: tuple[float, float, float] = setting((58.395, 57.12, 57.375), gt=0)
     dali_hw_decoder_load: float = setting(0.65, ge=0, le=1)
-    gpu_resident: bool = False    # small datasets: keep every decoded image on the GPU
+    gpu_resident: bool = False  # small datasets: keep every decoded image on the GPU
 
 
 @dataclass
 class OptimCfg:
     name: str = setting("lars", choices=("lars", "sgd", "adamw"))
-    lr: float = setting(0.2, ge=0)             # base learning rate for a batch of `lr_batch`
-    lr_batch: int = setting(256, gt=0)         # lr is scaled by batch_size / lr_batch
+    lr: float = setting(0.2, ge=0)  # base learning rate for a batch of `lr_batch`
+    lr_batch: int = setting(256, gt=0)  # lr is scaled by batch_size / lr_batch
     weight_decay: float = setting(1.5e-6, ge=0)
     momentum: float = setting(0.9, ge=0, lt=1)
     betas: tuple[float, float] = setting((0.9, 0.999), ge=0, lt=1)
     warmup_epochs: float = setting(10.0, ge=0)
     min_lr_ratio: float = setting(0.0, ge=0, le=1)
-    exclude_bias_norm: bool = True    # biases and norm weights: no weight decay, no LARS adaptation
+    exclude_bias_norm: bool = True  # biases and norm weights: no weight decay, no LARS adaptation
     fixed_predictor_lr: bool = False  # SimSiam: predictor keeps the base lr
-    trust_coefficient: float = setting(0.001, gt=0)   # LARS: eta in eta * |w| / (|g| + wd |w|)
-    clip_lr: bool = False             # LARS: the adapted lr never exceeds the scheduled one (LARC clipping)
+    trust_coefficient: float = setting(0.001, gt=0)  # LARS: eta in eta * |w| / (|g| + wd |w|)
+    clip_lr: bool = False  # LARS: the adapted lr never exceeds the scheduled one (LARC clipping)
 
 
 @dataclass
 class TrainCfg:
     epochs: int = setting(300, gt=0)
-    max_steps: int = setting(0, ge=0)          # > 0: stop after this many optimiser steps (smoke runs)
+    max_steps: int = setting(0, ge=0)  # > 0: stop after this many optimiser steps (smoke runs)
     precision: str = setting("bf16", choices=("bf16", "fp16", "fp32"))
     channels_last: bool = True
-    compile: str = setting("auto", choices=("auto", "on", "off"))     # auto: on with CUDA
+    compile: str = setting("auto", choices=("auto", "on", "off"))  # auto: on with CUDA
     accum_steps: int = setting(1, gt=0)
     seed: int = 0
     out_dir: str = "runs/default"
@@ -213,8 +235,12 @@ class Config:
 
 
 # keys that moved out of `model:` when each method took its own settings; named in the unknown-key error
-MOVED = {"model.tau_base": "method.tau_base", "model.moco_momentum": "method.tau_base and method.tau_final",
-         "model.temperature": "method.temperature", "model.shuffle_bn": "method.shuffle_bn"}
+MOVED = {
+    "model.tau_base": "method.tau_base",
+    "model.moco_momentum": "method.tau_base and method.tau_final",
+    "model.temperature": "method.temperature",
+    "model.shuffle_bn": "method.shuffle_bn",
+}
 
 
 def _type_name(tp) -> str:
@@ -263,8 +289,8 @@ class _Builder:
     def __init__(self, default_source: str):
         self.cfg = Config()
         self.default_source = default_source
-        self.origin = {}                 # "section.key" -> where it was last set
-        self.method_settings = []        # (key, value, where): resolved once the method's name is final
+        self.origin = {}  # "section.key" -> where it was last set
+        self.method_settings = []  # (key, value, where): resolved once the method's name is final
 
     def apply(self, data: Any, source: str) -> None:
         if data is None:
@@ -285,8 +311,9 @@ class _Builder:
                     continue
                 if key not in hints:
                     moved = MOVED.get(f"{sec_name}.{key}")
-                    raise ConfigError(f"{source}: unknown key '{sec_name}.{key}'"
-                                      + (f" (now {moved})" if moved else ""))
+                    raise ConfigError(
+                        f"{source}: unknown key '{sec_name}.{key}'" + (f" (now {moved})" if moved else "")
+                    )
                 setattr(section, key, _coerce(val, hints[key], f"{source}: {sec_name}.{key}"))
                 self.origin[f"{sec_name}.{key}"] = source
 
@@ -295,7 +322,7 @@ class _Builder:
 
     def finish(self) -> Config:
         method = self.cfg.method
-        _check(method, "method", self._where)             # the name first: the settings depend on it
+        _check(method, "method", self._where)  # the name first: the settings depend on it
         settings = method.settings
         hints = typing.get_type_hints(type(settings))
         for key, val, source in self.method_settings:
@@ -339,8 +366,11 @@ def _check(section: Any, prefix: str, where) -> None:
         bounds = {k: b for k, b in rules.items() if k in tests}
         if not all(tests[k](v, b) for v in values for k, b in bounds.items()):
             what = "every element " if isinstance(value, tuple) else ""
-            raise ConfigError(f"{where(key)}: {key} must have {what}{_describe(bounds)}, found {value!r}"
-                              if what else f"{where(key)}: {key} must be {_describe(bounds)}, found {value!r}")
+            raise ConfigError(
+                f"{where(key)}: {key} must have {what}{_describe(bounds)}, found {value!r}"
+                if what
+                else f"{where(key)}: {key} must be {_describe(bounds)}, found {value!r}"
+            )
         if rules.get("ordered") and list(values) != sorted(values):
             raise ConfigError(f"{where(key)}: {key} must be (low, high) with low <= high, found {value!r}")
 
@@ -377,7 +407,7 @@ def _recipe_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict,
     its differences from its bases."""
     resolved = path.resolve()
     if resolved in chain:
-        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved):], resolved))
+        cycle = " -> ".join(str(p) for p in (*chain[chain.index(resolved) :], resolved))
         raise ConfigError(f"{path}: base files form a cycle: {cycle}")
     data = _read_yaml(path, str(path))
     if data is None:
@@ -420,6 +450,7 @@ def to_dict(cfg: Config) -> dict:
 
     def section(obj):
         return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
+
     out = {f.name: section(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     out["method"].update(section(cfg.method.settings))
     return out

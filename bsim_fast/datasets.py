@@ -13,6 +13,7 @@
 The converters' own plumbing (array and list sources, JPEG encoding for storage, parallel validation, the
 command line) is in data_prep/common.py.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,7 @@ SPLITS = ("train", "test")
 # crafted "decompression bomb" is skipped before it is decoded. Checked from the header, before decoding.
 MAX_IMAGE_PIXELS = 150_000_000
 # torchvision's ImageFolder extensions; other files in a class folder (README, .DS_Store) are ignored.
-IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
 # The label every sample of an unlabeled collection carries (FFCV IntField -1, DALI `.cls` member "-1").
 UNLABELED = -1
 
@@ -183,8 +183,16 @@ def scan_image_folder(root: Path, labeled: bool = True) -> FolderSource:
         paths, ignored, hidden = _list_image_files(root)
         if not paths:
             raise SourceError(f"no image files in {root} (looked at every folder below it)")
-        return FolderSource(name=name, classes=[], labels=np.full(len(paths), UNLABELED, np.int64),
-                            ignored=ignored, hidden=hidden, labeled=False, root=root, paths=paths)
+        return FolderSource(
+            name=name,
+            classes=[],
+            labels=np.full(len(paths), UNLABELED, np.int64),
+            ignored=ignored,
+            hidden=hidden,
+            labeled=False,
+            root=root,
+            paths=paths,
+        )
     entries = list(os.scandir(root))
     hidden = sum(1 for e in entries if e.name.startswith("."))
     classes = class_folders(root)
@@ -204,8 +212,16 @@ def scan_image_folder(root: Path, labeled: bool = True) -> FolderSource:
         labels.extend([index] * len(files))
     if not paths:
         raise SourceError(f"no image files in {root} ({len(classes)} class folders, all empty)")
-    return FolderSource(name=name, classes=classes, labels=np.asarray(labels, np.int64), empty_classes=empty,
-                        ignored=ignored, hidden=hidden, root=root, paths=paths)
+    return FolderSource(
+        name=name,
+        classes=classes,
+        labels=np.asarray(labels, np.int64),
+        empty_classes=empty,
+        ignored=ignored,
+        hidden=hidden,
+        root=root,
+        paths=paths,
+    )
 
 
 def _is_dir(path: str) -> bool:
@@ -254,8 +270,10 @@ def labeled_from_labels(labels: np.ndarray, where: str) -> bool:
         return True
     if (labels == UNLABELED).all():
         return False
-    raise CorruptOutputError(f"{where}: labels mix unlabeled ({UNLABELED}) and labelled samples "
-                             f"(min {int(labels.min())}); rewrite it with data_prep/")
+    raise CorruptOutputError(
+        f"{where}: labels mix unlabeled ({UNLABELED}) and labelled samples "
+        f"(min {int(labels.min())}); rewrite it with data_prep/"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -310,8 +328,7 @@ def open_image(data: bytes, max_resolution: int) -> Image.Image:
             raise SampleError(f"unreadable image header ({short_reason(exc)})") from None
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
-            raise SampleError(f"too many pixels ({width}x{height} > {MAX_IMAGE_PIXELS}), "
-                              f"possible decompression bomb")
+            raise SampleError(f"too many pixels ({width}x{height} > {MAX_IMAGE_PIXELS}), possible decompression bomb")
         if width < 1 or height < 1:
             raise SampleError(f"empty image ({width}x{height})")
         image.info[FILE_SIZE_KEY] = (width, height)  # `image.size` after draft() is the reduced size
@@ -405,8 +422,9 @@ def check_beton(path: str | os.PathLike) -> int:
     path = Path(path)
 
     def bad(detail: str) -> CorruptOutputError:
-        return CorruptOutputError(f"{path}: truncated or corrupt .beton ({detail}); "
-                                  f"rewrite it with data_prep/write_ffcv.py")
+        return CorruptOutputError(
+            f"{path}: truncated or corrupt .beton ({detail}); rewrite it with data_prep/write_ffcv.py"
+        )
 
     if not path.is_file():
         raise CorruptOutputError(f"{path}: .beton file not found")
@@ -425,8 +443,7 @@ def check_beton(path: str | os.PathLike) -> int:
         raise bad(f"allocation table at byte {table_at}, file has {size} bytes")
     if (size - table_at) % ALLOC_TABLE_TYPE.itemsize:
         raise bad("allocation table cut mid-entry")
-    fields = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]),
-                         offset=HeaderType.itemsize)
+    fields = np.fromfile(path, dtype=FieldDescType, count=int(header["num_fields"]), offset=HeaderType.itemsize)
     table = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=table_at)
     if table.size and int((table["ptr"] + table["size"]).max()) > table_at:
         raise bad("a sample's data lies beyond the data region")
@@ -451,8 +468,9 @@ def read_wds_index(path: Path) -> list[list[tuple[str, int, int, str]]]:
         parts = line.split()
         if len(parts) % 4:
             raise ValueError(f"malformed index line {line!r}")
-        samples.append([(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3])
-                        for k in range(0, len(parts), 4)])
+        samples.append(
+            [(parts[k], int(parts[k + 1]), int(parts[k + 2]), parts[k + 3]) for k in range(0, len(parts), 4)]
+        )
     if len(samples) != int(count):
         raise ValueError(f"index announces {count} samples, lists {len(samples)}")
     return samples
@@ -469,8 +487,9 @@ def check_shards(folder: str | os.PathLike, deep: bool = False) -> dict:
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise CorruptOutputError(f"{meta_path}: missing; not a shard folder written by "
-                                 f"data_prep/write_dali.py") from None
+        raise CorruptOutputError(
+            f"{meta_path}: missing; not a shard folder written by data_prep/write_dali.py"
+        ) from None
     except (ValueError, OSError) as exc:
         raise CorruptOutputError(f"{meta_path}: unreadable ({short_reason(exc)})") from None
     total = 0
@@ -480,36 +499,39 @@ def check_shards(folder: str | os.PathLike, deep: bool = False) -> dict:
             raise CorruptOutputError(f"{tar_path}: shard missing")
         size = tar_path.stat().st_size
         if size != shard["bytes"]:
-            raise CorruptOutputError(f"{tar_path}: truncated or altered shard ({size} bytes, "
-                                     f"meta.json records {shard['bytes']}); rewrite with data_prep/write_dali.py")
+            raise CorruptOutputError(
+                f"{tar_path}: truncated or altered shard ({size} bytes, "
+                f"meta.json records {shard['bytes']}); rewrite with data_prep/write_dali.py"
+            )
         try:
             samples = read_wds_index(idx_path)
         except (OSError, ValueError) as exc:
             raise CorruptOutputError(f"{idx_path}: bad index file ({short_reason(exc)})") from None
         if len(samples) != shard["num_samples"]:
-            raise CorruptOutputError(f"{idx_path}: {len(samples)} samples, meta.json records "
-                                     f"{shard['num_samples']}")
+            raise CorruptOutputError(f"{idx_path}: {len(samples)} samples, meta.json records {shard['num_samples']}")
         with open(tar_path, "rb") if deep else contextlib.nullcontext() as tar:
             for components in samples:
                 for _ext, offset, length, name in components:
                     if offset + length > size:
-                        raise CorruptOutputError(f"{tar_path}: member {name} ends at byte "
-                                                 f"{offset + length}, shard has {size}")
+                        raise CorruptOutputError(
+                            f"{tar_path}: member {name} ends at byte {offset + length}, shard has {size}"
+                        )
                     if deep:
                         tar.seek(offset - tarfile.BLOCKSIZE)
                         info = tarfile.TarInfo.frombuf(tar.read(tarfile.BLOCKSIZE), "utf-8", "strict")
                         if info.name != name or info.size != length:
-                            raise CorruptOutputError(f"{tar_path}: index says {name} ({length} bytes) "
-                                                     f"at {offset}, tar has {info.name} ({info.size})")
+                            raise CorruptOutputError(
+                                f"{tar_path}: index says {name} ({length} bytes) "
+                                f"at {offset}, tar has {info.name} ({info.size})"
+                            )
         total += len(samples)
     if total != meta.get("num_samples"):
-        raise CorruptOutputError(f"{meta_path}: shards hold {total} samples, meta.json records "
-                                 f"{meta.get('num_samples')}")
+        raise CorruptOutputError(
+            f"{meta_path}: shards hold {total} samples, meta.json records {meta.get('num_samples')}"
+        )
     return meta
 
 
 def decode_cls(raw: np.ndarray | bytes) -> int:
     """A `.cls` member (ASCII decimal, the webdataset convention) as DALI returns it (uint8 array) -> int."""
     return int(bytes(np.asarray(raw, dtype=np.uint8)).decode("ascii").strip())
-
-

@@ -3,6 +3,7 @@ the launcher scripts/train_8gpu.sh runs (torchrun, with one line instead of its 
 
     python -m bsim_fast.dist [torchrun arguments] -m bsim_fast.train --config ...
 """
+
 from __future__ import annotations
 
 import os
@@ -48,7 +49,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = rank() * ctx.rows
-        return grad[start:start + ctx.rows]
+        return grad[start : start + ctx.rows]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -63,7 +64,7 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate `x` from all ranks (same shape on each) along dim 0, without gradient."""
     if world() == 1:
         return x
-    x = x.contiguous()       # before empty_like, so the receive buffers have the layout that is sent
+    x = x.contiguous()  # before empty_like, so the receive buffers have the layout that is sent
     parts = [torch.empty_like(x) for _ in range(world())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
@@ -97,8 +98,10 @@ def set_cpu_threads(local_processes: int, log: Callable[[str], None] | None = pr
     n = cpu_threads(cores, local_processes)
     torch.set_num_threads(n)
     if log:
-        log(f"[threads] CPU run: {n} torch thread(s) per process ({cores} cores, {local_processes} process(es); "
-            f"half, so that a busy core does not stall OpenMP; OMP_NUM_THREADS overrides)")
+        log(
+            f"[threads] CPU run: {n} torch thread(s) per process ({cores} cores, {local_processes} process(es); "
+            f"half, so that a busy core does not stall OpenMP; OMP_NUM_THREADS overrides)"
+        )
     return n
 
 
@@ -123,11 +126,11 @@ def launch(argv: list) -> int:
         except ChildFailedError as e:
             lines = sorted(p.read_text() for p in Path(errors).glob("rank*.txt"))
             if lines:
-                for line in dict.fromkeys(lines):   # distinct lines, in order
+                for line in dict.fromkeys(lines):  # distinct lines, in order
                     sys.stderr.write(line)
                 return 2
             rank, failure = min(e.failures.items())
-            code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode   # -9 -> 137
+            code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -9 -> 137
             how = f"code {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
             print(f"error: rank {rank} of {e.name} exited with {how} (its output is above)", file=sys.stderr)
             return code
@@ -136,8 +139,17 @@ def launch(argv: list) -> int:
             return 128 + int(e.sigval)
 
 
-__all__ = ["is_dist", "rank", "world", "gather_with_grad", "concat_all_gather", "broadcast_", "cpu_threads",
-           "set_cpu_threads", "launch"]
+__all__ = [
+    "is_dist",
+    "rank",
+    "world",
+    "gather_with_grad",
+    "concat_all_gather",
+    "broadcast_",
+    "cpu_threads",
+    "set_cpu_threads",
+    "launch",
+]
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ What cannot run (DALI not installed, no GPU for the kernels) is a skipped row, n
 when every stage ran without an error (missed targets are findings, not errors), 1 when a test failed or a
 stage raised, 2 for bad arguments.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ import torch
 from . import bench, bench_data
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SPEEDRUN_COMMAND = ("python -m bsim_fast.speedrun --recipe small/byol --recipe small/byol_wbsim --minutes 3 "
-                    "--data CIFAR10_DIR --out runs/speedrun_3")
+SPEEDRUN_COMMAND = (
+    "python -m bsim_fast.speedrun --recipe small/byol --recipe small/byol_wbsim --minutes 3 "
+    "--data CIFAR10_DIR --out runs/speedrun_3"
+)
 
 
 class Stages:
@@ -62,8 +65,9 @@ def run_logged(cmd, log: Path, timeout: float, env=None) -> tuple:
     t0 = time.time()
     with open(log, "w") as f:
         try:
-            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=max(1, timeout),
-                                env=env).returncode
+            rc = subprocess.run(
+                cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO_ROOT, timeout=max(1, timeout), env=env
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return rc, time.time() - t0
@@ -72,16 +76,21 @@ def run_logged(cmd, log: Path, timeout: float, env=None) -> tuple:
 def gpu_tests(out: Path, timeout: float):
     """`pytest -m gpu`; counts from its JUnit XML."""
     xml = out / "gpu_tests.xml"
-    rc, _ = run_logged([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-                        f"--junitxml={xml}", "tests"], out / "gpu_tests.log", timeout)
+    rc, _ = run_logged(
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", "tests"],
+        out / "gpu_tests.log",
+        timeout,
+    )
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if xml.exists():
         for suite in ET.parse(xml).getroot().iter("testsuite"):
             for k in counts:
                 counts[k] += int(suite.get(k, 0))
     passed = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    detail = (f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
-              f" (log: gpu_tests.log)")
+    detail = (
+        f"{passed} passed, {counts['failures'] + counts['errors']} failed, {counts['skipped']} skipped"
+        f" (log: gpu_tests.log)"
+    )
     if rc == "timeout":
         return "error", f"timed out after {timeout:.0f} s; " + detail
     if counts["failures"] or counts["errors"] or rc not in (0, 5):
@@ -100,14 +109,24 @@ def make_data(out: Path, count: int, workers: int, timeout: float, state: dict):
     state["data"] = summary
     detail = [f"{summary['images']} JPEGs, {summary['mean_kb']:.0f} KB average, {summary['content']}"]
     status = "ok"
-    for kind, script, output in (("ffcv", "write_ffcv.py", out / "data" / "set.beton"),
-                                 ("dali", "write_dali.py", out / "data" / "set_dali")):
-        if output.is_dir():   # a previous run's output: converted again from this run's images
+    for kind, script, output in (
+        ("ffcv", "write_ffcv.py", out / "data" / "set.beton"),
+        ("dali", "write_dali.py", out / "data" / "set_dali"),
+    ):
+        if output.is_dir():  # a previous run's output: converted again from this run's images
             shutil.rmtree(output)
         elif output.exists():
             output.unlink()
-        cmd = [sys.executable, f"data_prep/{script}", "--source", str(jpeg), "--output", str(output),
-               "--workers", str(workers)]
+        cmd = [
+            sys.executable,
+            f"data_prep/{script}",
+            "--source",
+            str(jpeg),
+            "--output",
+            str(output),
+            "--workers",
+            str(workers),
+        ]
         if kind == "ffcv":
             cmd += ["--max-resolution", "512", "--jpeg-quality", "90"]
         rc, seconds = run_logged(cmd, out / f"convert_{kind}.log", timeout)
@@ -123,10 +142,21 @@ def make_data(out: Path, count: int, workers: int, timeout: float, state: dict):
 
 def run_bench(out: Path, state: dict, tiny: bool, deadline: float, extra: list):
     bench_out = out / "bench"
-    cmd = [sys.executable, "-m", "bsim_fast.bench", "--out", str(bench_out), "--deadline", str(deadline),
-           "--folder", state.get("folder", "builtin"),
-           "--ffcv", state.get("ffcv", str(out / "data" / "missing.beton")),
-           "--dali", state.get("dali", str(out / "data" / "missing_dali"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bsim_fast.bench",
+        "--out",
+        str(bench_out),
+        "--deadline",
+        str(deadline),
+        "--folder",
+        state.get("folder", "builtin"),
+        "--ffcv",
+        state.get("ffcv", str(out / "data" / "missing.beton")),
+        "--dali",
+        state.get("dali", str(out / "data" / "missing_dali")),
+    ]
     cmd += (["--tiny"] if tiny else []) + list(extra)
     rc, _ = run_logged(cmd, out / "bench.log", deadline - time.time() + 60)
     report = bench_out / "bench.json"
@@ -158,38 +188,62 @@ def write_report(out: Path, env: dict, stages: Stages, state: dict, tiny: bool, 
     rows = state.get("bench", {}).get("rows", [])
     applicable = not tiny and torch.cuda.is_available()
     targets = bench.evaluate(rows, applicable)
-    report = {"environment": env, "tiny": tiny, "seconds": round(time.time() - started, 1), "stages": stages.items,
-              "data": state.get("data"), "targets": targets, "rows": rows,
-              "skipped": [f"{r['kind']} {bench.describe(r)}: {r['skipped']}" for r in rows if "skipped" in r],
-              "errors": [f"{r['kind']} {bench.describe(r)}: {r['error']}" for r in rows if "error" in r]}
+    report = {
+        "environment": env,
+        "tiny": tiny,
+        "seconds": round(time.time() - started, 1),
+        "stages": stages.items,
+        "data": state.get("data"),
+        "targets": targets,
+        "rows": rows,
+        "skipped": [f"{r['kind']} {bench.describe(r)}: {r['skipped']}" for r in rows if "skipped" in r],
+        "errors": [f"{r['kind']} {bench.describe(r)}: {r['error']}" for r in rows if "error" in r],
+    }
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=1))
     os.replace(tmp, out / "report.json")
 
     e = env
-    lines = [f"# bsim_fast acceptance report{' (tiny CPU run: targets do not apply)' if tiny else ''}", "",
-             f"- device: {e.get('device')} ({e.get('gpu_memory_gb', '—')} GB), driver {e.get('driver') or '—'}, "
-             f"{e.get('cpus')} CPU cores",
-             f"- torch {e.get('torch')} (CUDA {e.get('cuda') or '—'}), torchvision {e.get('torchvision') or '—'}, "
-             f"triton {e.get('triton') or '—'}, DALI {e.get('dali') or 'not installed'}, "
-             f"FFCV {e.get('ffcv') or 'not installed'}, Python {e.get('python')}",
-             f"- commit {e.get('commit') or '—'}, {e.get('time')}, whole run {report['seconds']:.0f} s", ""]
+    lines = [
+        f"# bsim_fast acceptance report{' (tiny CPU run: targets do not apply)' if tiny else ''}",
+        "",
+        f"- device: {e.get('device')} ({e.get('gpu_memory_gb', '—')} GB), driver {e.get('driver') or '—'}, "
+        f"{e.get('cpus')} CPU cores",
+        f"- torch {e.get('torch')} (CUDA {e.get('cuda') or '—'}), torchvision {e.get('torchvision') or '—'}, "
+        f"triton {e.get('triton') or '—'}, DALI {e.get('dali') or 'not installed'}, "
+        f"FFCV {e.get('ffcv') or 'not installed'}, Python {e.get('python')}",
+        f"- commit {e.get('commit') or '—'}, {e.get('time')}, whole run {report['seconds']:.0f} s",
+        "",
+    ]
     if state.get("data"):
         d = state["data"]
-        lines += [f"Data: {d['images']} generated JPEGs, {d['width_height'][0]}×{d['width_height'][1]} "
-                  f"(a fifth portrait), {d['mean_kb']:.0f} KB average, {d['content']}.", ""]
+        lines += [
+            f"Data: {d['images']} generated JPEGs, {d['width_height'][0]}×{d['width_height'][1]} "
+            f"(a fifth portrait), {d['mean_kb']:.0f} KB average, {d['content']}.",
+            "",
+        ]
     lines += ["## Stages", "", "| stage | status | seconds | detail |", "|---|---|---|---|"]
     lines += [f"| {s['stage']} | {s['status']} | {s['seconds']:.0f} | {s['detail']} |" for s in stages.items]
-    lines += ["", "## Targets (bench.TARGETS, as in docs/BENCHMARKS.md)", "",
-              "| id | what | target | measured | status |", "|---|---|---|---|---|"]
-    lines += [f"| `{t['id']}` | {t['what']} | {t['target']} | {_fmt(t['measured'])} | **{t['status']}** |"
-              for t in targets]
+    lines += [
+        "",
+        "## Targets (bench.TARGETS, as in docs/BENCHMARKS.md)",
+        "",
+        "| id | what | target | measured | status |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| `{t['id']}` | {t['what']} | {t['target']} | {_fmt(t['measured'])} | **{t['status']}** |" for t in targets
+    ]
     lines += ["", "## Every row", "", "```", bench.table(rows) if rows else "(no rows)", "```", ""]
     if report["skipped"]:
         lines += ["## Skipped", ""] + [f"- {s}" for s in report["skipped"]] + [""]
-    lines += ["Chart: `bench.png`. Raw rows: `report.json`. Logs: `gpu_tests.log`, `convert_*.log`, `bench.log`.", "",
-              "Time to accuracy does not fit these 10 minutes; it is its own command (docs/RESULTS.md), e.g. BYOL SIM "
-              f"against WBSIM for 3 minutes each, about 10 minutes: `{SPEEDRUN_COMMAND}`.", ""]
+    lines += [
+        "Chart: `bench.png`. Raw rows: `report.json`. Logs: `gpu_tests.log`, `convert_*.log`, `bench.log`.",
+        "",
+        "Time to accuracy does not fit these 10 minutes; it is its own command (docs/RESULTS.md), e.g. BYOL SIM "
+        f"against WBSIM for 3 minutes each, about 10 minutes: `{SPEEDRUN_COMMAND}`.",
+        "",
+    ]
     (out / "report.md").write_text("\n".join(lines))
     return report
 
@@ -199,13 +253,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder (created; report.md, report.json, bench.png, logs, data/)")
     p.add_argument("--tiny", action="store_true", default=not cuda, help="the CPU version (default without a GPU)")
-    p.add_argument("--budget-s", type=float, default=None,
-                   help="wall-clock budget of the whole run (default 540 on a GPU, 900 tiny)")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of the whole run (default 540 on a GPU, 900 tiny)",
+    )
     p.add_argument("--tests-timeout-s", type=float, default=None, help="for pytest -m gpu (default 150)")
     p.add_argument("--images", type=int, default=None, help="generated JPEGs (default 4000; 24 tiny)")
     p.add_argument("--workers", type=int, default=None, help="data and loader workers (default: cores, ≤ 16)")
     p.add_argument("--skip-tests", action="store_true", help="leave out pytest -m gpu")
-    args, extra = p.parse_known_args(argv)   # the rest goes to bsim_fast.bench (e.g. --methods byol)
+    args, extra = p.parse_known_args(argv)  # the rest goes to bsim_fast.bench (e.g. --methods byol)
     if args.images is not None and args.images < 1:
         print("error: --images must be at least 1", file=sys.stderr)
         return 2
@@ -226,7 +284,7 @@ def main(argv=None) -> int:
     else:
         stages.run("pytest -m gpu", lambda: gpu_tests(out, args.tests_timeout_s or 150))
     stages.run("data", lambda: make_data(out, images, workers, max(60, budget / 4), state))
-    deadline = started + budget - 20   # leaves time for the report
+    deadline = started + budget - 20  # leaves time for the report
     stages.run("bench", lambda: run_bench(out, state, args.tiny, deadline, extra))
     report = write_report(out, env, stages, state, args.tiny, started)
     print((out / "report.md").read_text())

@@ -3,6 +3,7 @@
 A resumed run starts where its checkpoint was written, so what the interrupted run logged after that step is
 removed first (metrics.csv rewritten atomically, TensorBoard events purged): every step is in the files once.
 """
+
 from __future__ import annotations
 
 import csv
@@ -29,7 +30,7 @@ def cut_metrics(path: Path, step: int) -> int:
     def kept(row) -> bool:
         try:
             s = int(row[0])
-        except (ValueError, IndexError):   # a row the killed run left half-written
+        except (ValueError, IndexError):  # a row the killed run left half-written
             return False
         return s < step or (s == step and row[1] == "train")
 
@@ -45,8 +46,7 @@ class MetricsLogger:
     """total_steps: the steps this run will reach (what the progress line shows after the slash);
     start_step: the step it resumes from (0 for a new run): later rows are removed (`cut_metrics`)."""
 
-    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True):
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0, tensorboard: bool = True):
         self.enabled = enabled
         self.bar = None
         self.tb = None
@@ -57,14 +57,19 @@ class MetricsLogger:
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         from tqdm import tqdm
+
         self.total_steps = total_steps
         cut_metrics(self.out_dir / "metrics.csv", start_step)
         # a bar on a terminal; in a log file (no TTY) one plain line per logging step instead
-        self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                        file=sys.stdout) if sys.stdout.isatty() else None
+        self.bar = (
+            tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stdout)
+            if sys.stdout.isatty()
+            else None
+        )
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
+
                 # purge_step: TensorBoard hides the events a killed run wrote after the resumed step
                 tb_dir = self.out_dir / "tb"
                 self.tb = SummaryWriter(str(tb_dir), purge_step=start_step + 1 if tb_dir.exists() else None)

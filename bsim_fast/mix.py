@@ -9,6 +9,7 @@ obviousness over speed. Both compute ``(x - mean) * (1 / std)`` in fp32, with 1/
 fp32 outputs are bit-identical between them (and within one fp32 ulp of ``(x - mean) / std``), bf16/fp16
 outputs are that fp32 value rounded to nearest-even.
 """
+
 from __future__ import annotations
 
 import functools
@@ -41,12 +42,13 @@ def derangement(n: int, generator: torch.Generator | None = None, device=None) -
         raise ValueError(f"derangement: n must be >= 2 (a single image has no partner), found n={n}")
     order = torch.randperm(n, generator=generator, device=_rng_device(generator, device))
     partner = torch.empty_like(order)
-    partner[order] = order.roll(-1)          # partner[order[k]] = order[k + 1]
+    partner[order] = order.roll(-1)  # partner[order[k]] = order[k + 1]
     return partner.to(device) if device is not None else partner
 
 
-def sample_boxes(n: int, height: int, width: int, alpha: float,
-                 generator: torch.Generator | None = None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_boxes(
+    n: int, height: int, width: int, alpha: float, generator: torch.Generator | None = None, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Standard CutMix boxes, one per sample.
 
     Returns boxes IntTensor[n, 4] as (y0, y1, x0, x1), half-open and clipped to the image, and
@@ -102,8 +104,14 @@ def _stats_on(values: Floats3, device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def check_cutmix_inputs(views_u8: torch.Tensor, partner: torch.Tensor | None, boxes: torch.Tensor | None,
-                        mean: Stats, std: Stats, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def check_cutmix_inputs(
+    views_u8: torch.Tensor,
+    partner: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mean: Stats,
+    std: Stats,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate the arguments of `cutmix_normalize` (both implementations call this).
 
     Returns (mean, inv_std): 3 Python floats each, fp32 values, inv_std = 1/std computed in fp32 (what both
@@ -118,8 +126,9 @@ def check_cutmix_inputs(views_u8: torch.Tensor, partner: torch.Tensor | None, bo
     if views_u8.dim() != 4 or views_u8.shape[-1] != 3:
         raise ValueError(f"cutmix_normalize: views_u8 must be [N, H, W, 3], found {list(views_u8.shape)}")
     if not views_u8.is_contiguous():
-        raise ValueError(f"cutmix_normalize: views_u8 must be a contiguous NHWC tensor, found strides "
-                         f"{views_u8.stride()}")
+        raise ValueError(
+            f"cutmix_normalize: views_u8 must be a contiguous NHWC tensor, found strides {views_u8.stride()}"
+        )
     if dtype not in OUT_DTYPES:
         raise TypeError(f"cutmix_normalize: dtype must be one of bfloat16, float16, float32, found {dtype}")
     device = views_u8.device
@@ -147,18 +156,27 @@ def check_cutmix_inputs(views_u8: torch.Tensor, partner: torch.Tensor | None, bo
     outside = (y0 < 0) | (y0 > y1) | (y1 > height) | (x0 < 0) | (x0 > x1) | (x1 > width)
     bad_partner, bad_boxes = torch.stack([bad_partner, outside.any()]).tolist()
     if bad_partner:
-        raise ValueError(f"cutmix_normalize: partner values must be in [0, {n}), found min "
-                         f"{int(partner.min())} max {int(partner.max())}")
+        raise ValueError(
+            f"cutmix_normalize: partner values must be in [0, {n}), found min "
+            f"{int(partner.min())} max {int(partner.max())}"
+        )
     if bad_boxes:
         i = int(outside.nonzero()[0])
-        raise ValueError(f"cutmix_normalize: boxes[{i}] = {boxes[i].tolist()} is not a (y0, y1, x0, x1) box "
-                         f"inside a {height}x{width} image")
+        raise ValueError(
+            f"cutmix_normalize: boxes[{i}] = {boxes[i].tolist()} is not a (y0, y1, x0, x1) box "
+            f"inside a {height}x{width} image"
+        )
     return mean_f, inv_f
 
 
-def cutmix_normalize_reference(views_u8: torch.Tensor, partner: torch.Tensor | None,
-                               boxes: torch.Tensor | None, mean: Stats, std: Stats,
-                               dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cutmix_normalize_reference(
+    views_u8: torch.Tensor,
+    partner: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mean: Stats,
+    std: Stats,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pure-PyTorch normalise + CutMix: float32 throughout, one cast at the end."""
     mean_f, inv_f = check_cutmix_inputs(views_u8, partner, boxes, mean, std, dtype)
     return _reference(views_u8, partner, boxes, mean_f, inv_f, dtype)
@@ -175,18 +193,23 @@ def _reference(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3, dtype)
         partner = partner.to(x.device)
         rows = torch.arange(height, device=x.device)
         cols = torch.arange(width, device=x.device)
-        in_rows = (rows[None] >= b[:, 0:1]) & (rows[None] < b[:, 1:2])     # [N, H]
-        in_cols = (cols[None] >= b[:, 2:3]) & (cols[None] < b[:, 3:4])     # [N, W]
-        inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]      # [N, 1, H, W]
+        in_rows = (rows[None] >= b[:, 0:1]) & (rows[None] < b[:, 1:2])  # [N, H]
+        in_cols = (cols[None] >= b[:, 2:3]) & (cols[None] < b[:, 3:4])  # [N, W]
+        inside = (in_rows[:, :, None] & in_cols[:, None, :])[:, None]  # [N, 1, H, W]
         mixed = torch.where(inside, plain[partner.long()], plain)
         mixed = mixed.to(dtype).contiguous(memory_format=torch.channels_last)
     plain = plain.to(dtype).contiguous(memory_format=torch.channels_last)
     return plain, mixed
 
 
-def cutmix_normalize(views_u8: torch.Tensor, partner: torch.Tensor | None, boxes: torch.Tensor | None,
-                     mean: Stats, std: Stats,
-                     dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor | None]:
+def cutmix_normalize(
+    views_u8: torch.Tensor,
+    partner: torch.Tensor | None,
+    boxes: torch.Tensor | None,
+    mean: Stats,
+    std: Stats,
+    dtype: torch.dtype = torch.bfloat16,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Normalised plain views and their CutMix-ed versions, [N, 3, H, W] in `dtype`, channels_last.
 
     mixed[i] is plain[i] outside boxes[i] and plain[partner[i]] inside it. `boxes=None` (SIM) returns
@@ -203,6 +226,7 @@ def _normalize_checked(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3
     if not use_triton(device):
         return _reference(views_u8, partner, boxes, mean, inv_std, dtype)
     from .kernels import cutmix as kernel
+
     n, height, width, _ = views_u8.shape
     why = kernel.check_shape(n, height, width)
     if why:
@@ -226,19 +250,18 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[tor
     for i in moving:
         nbytes = tensors[i].numel() * tensors[i].element_size()
         spans.append((total, nbytes))
-        total += -(-nbytes // 16) * 16                  # 16-byte aligned segments: any dtype can view them
+        total += -(-nbytes // 16) * 16  # 16-byte aligned segments: any dtype can view them
     stage = torch.empty(total, dtype=torch.uint8, pin_memory=True)
     for i, (start, nbytes) in zip(moving, spans):
-        stage[start:start + nbytes].view(tensors[i].dtype).copy_(tensors[i].reshape(-1))
+        stage[start : start + nbytes].view(tensors[i].dtype).copy_(tensors[i].reshape(-1))
     on_device = stage.to(device, non_blocking=True)
     out = list(tensors)
     for i, (start, nbytes) in zip(moving, spans):
-        out[i] = on_device[start:start + nbytes].view(tensors[i].dtype).view(tensors[i].shape)
+        out[i] = on_device[start : start + nbytes].view(tensors[i].dtype).view(tensors[i].shape)
     return out
 
 
-def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator,
-               dtype: torch.dtype) -> dict:
+def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator, dtype: torch.dtype) -> dict:
     """The step's views: plain_a, plain_b and, in BSIM/WBSIM, mixed_a, mixed_b, partner, lam_a, lam_b.
 
     One partner for both views, boxes drawn per sample and per view (one generator, `gen`, draws all of
@@ -259,9 +282,17 @@ def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.G
     partner, boxes_a, boxes_b, lam_a, lam_b = to_device([partner, boxes_a, boxes_b, lam_a, lam_b], a_u8.device)
     plain_a, mixed_a = _normalize_checked(a_u8, partner, boxes_a, mean_f, inv_f, dtype)
     plain_b, mixed_b = _normalize_checked(b_u8, partner, boxes_b, mean_f, inv_f, dtype)
-    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner,
-                lam_a=lam_a, lam_b=lam_b)
+    return dict(
+        plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner, lam_a=lam_a, lam_b=lam_b
+    )
 
 
-__all__ = ["derangement", "sample_boxes", "check_cutmix_inputs", "cutmix_normalize",
-           "cutmix_normalize_reference", "to_device", "make_views"]
+__all__ = [
+    "derangement",
+    "sample_boxes",
+    "check_cutmix_inputs",
+    "cutmix_normalize",
+    "cutmix_normalize_reference",
+    "to_device",
+    "make_views",
+]

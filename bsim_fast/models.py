@@ -1,4 +1,5 @@
 """Backbones (torchvision ResNets without the classifier) and the MLP heads the methods put on them."""
+
 from __future__ import annotations
 
 import torch.nn as nn
@@ -27,8 +28,15 @@ def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
     return net, feat_dim
 
 
-def mlp(in_dim: int, hidden: int, out_dim: int, num_layers: int = 2, last_bn: bool = False,
-        last_bn_affine: bool = True, hidden_bn: bool = True) -> nn.Sequential:
+def mlp(
+    in_dim: int,
+    hidden: int,
+    out_dim: int,
+    num_layers: int = 2,
+    last_bn: bool = False,
+    last_bn_affine: bool = True,
+    hidden_bn: bool = True,
+) -> nn.Sequential:
     """Linear-BN-ReLU x (num_layers - 1), then Linear (+ BN if last_bn).
 
     A Linear followed by BN has no bias (BN's shift makes it redundant). hidden_bn=False gives the

@@ -9,6 +9,7 @@ decay nor adaptation. (The one difference: for a tensor whose weight or gradient
 weight decay with ratio 1 where solo-learn leaves the gradient as it is.) SGD and AdamW use PyTorch's fused
 CUDA implementations when the parameters live on a GPU: that is what apex's FusedSGD/FusedAdam gave.
 """
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,12 @@ def param_groups(model: nn.Module, cfg: Config) -> list[dict]:
         fixed = cfg.optim.fixed_predictor_lr and "predictor" in name
         key = (no_decay, fixed)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay,
-                           "fixed_lr": fixed, "always_adapt": not no_decay}
+            groups[key] = {
+                "params": [],
+                "weight_decay": 0.0 if no_decay else cfg.optim.weight_decay,
+                "fixed_lr": fixed,
+                "always_adapt": not no_decay,
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 
@@ -45,8 +50,14 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torc
     if cfg.optim.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas, fused=fused or None)
     from timm.optim import Lars
-    return Lars(groups, lr=lr, momentum=cfg.optim.momentum, trust_coeff=cfg.optim.trust_coefficient,
-                trust_clip=cfg.optim.clip_lr)
+
+    return Lars(
+        groups,
+        lr=lr,
+        momentum=cfg.optim.momentum,
+        trust_coeff=cfg.optim.trust_coefficient,
+        trust_clip=cfg.optim.clip_lr,
+    )
 
 
 def scaled_lr(cfg: Config) -> float:

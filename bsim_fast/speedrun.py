@@ -33,6 +33,7 @@ schedule finished, `backbone.pt`.
 
 Bad arguments are one line and exit 2, before any work. Exit 1 when a recipe failed (the others still run).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,12 +61,20 @@ from .config import Config, ConfigError, load_config, parse_override
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Set by the speedrun for every recipe (the schedule, the data, where the run writes); --set may not change them.
-RESERVED = {"train.epochs": "--epochs", "optim.warmup_epochs": "--epochs", "train.out_dir": "--out",
-            "data.loader": None, "data.gpu_resident": None, "data.train": "--data", "data.val": "--data",
-            "train.knn_every_epochs": "--eval-every", "train.ckpt_every_steps": None}
-MARGIN = 0.97            # of the usable budget: the trainer's log lines and host syncs, which the calibration skips
+RESERVED = {
+    "train.epochs": "--epochs",
+    "optim.warmup_epochs": "--epochs",
+    "train.out_dir": "--out",
+    "data.loader": None,
+    "data.gpu_resident": None,
+    "data.train": "--data",
+    "data.val": "--data",
+    "train.knn_every_epochs": "--eval-every",
+    "train.ckpt_every_steps": None,
+}
+MARGIN = 0.97  # of the usable budget: the trainer's log lines and host syncs, which the calibration skips
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}
-CALIBRATION = {"cuda": (15, 60), "cpu": (1, 2)}   # (warm-up steps, timed steps) of the calibration
+CALIBRATION = {"cuda": (15, 60), "cpu": (1, 2)}  # (warm-up steps, timed steps) of the calibration
 BUDGET_STOP = "time budget reached"
 REPORT_FILES = ("speedrun.md", "speedrun.json", "speedrun.png")
 
@@ -74,11 +83,23 @@ REPORT_FILES = ("speedrun.md", "speedrun.json", "speedrun.png")
 # (lightly's CIFAR-10 benchmark, 800 epochs).
 TARGETS = [
     dict(id="byol_sim_90_in_30min", what="BYOL (SIM)", method="byol", modes=("sim",), top1=90.0, minutes=30),
-    dict(id="byol_bsim_90_in_30min", what="BYOL, best of BSIM and WBSIM", method="byol", modes=("bsim", "wbsim"),
-         top1=90.0, minutes=30),
+    dict(
+        id="byol_bsim_90_in_30min",
+        what="BYOL, best of BSIM and WBSIM",
+        method="byol",
+        modes=("bsim", "wbsim"),
+        top1=90.0,
+        minutes=30,
+    ),
     dict(id="byol_sim_85_in_5min", what="BYOL (SIM)", method="byol", modes=("sim",), top1=85.0, minutes=5),
-    dict(id="byol_bsim_85_in_5min", what="BYOL, best of BSIM and WBSIM", method="byol", modes=("bsim", "wbsim"),
-         top1=85.0, minutes=5),
+    dict(
+        id="byol_bsim_85_in_5min",
+        what="BYOL, best of BSIM and WBSIM",
+        method="byol",
+        modes=("bsim", "wbsim"),
+        top1=85.0,
+        minutes=5,
+    ),
 ]
 
 
@@ -88,35 +109,58 @@ class SpeedrunError(ConfigError):
 
 # ---------------------------------------------------------------------------------------------- arguments
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):   # one line instead of argparse's usage block
+    def error(self, message):  # one line instead of argparse's usage block
         print(f"error: {message} (python -m bsim_fast.speedrun --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(prog="python -m bsim_fast.speedrun", description=__doc__,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--recipe", action="append", required=True,
-                   help="a recipe, e.g. small/byol_wbsim (configs/small/byol_wbsim.yaml) or a .yaml path; "
-                        "repeat for several (run one after the other)")
+    p = _Parser(
+        prog="python -m bsim_fast.speedrun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--recipe",
+        action="append",
+        required=True,
+        help="a recipe, e.g. small/byol_wbsim (configs/small/byol_wbsim.yaml) or a .yaml path; "
+        "repeat for several (run one after the other)",
+    )
     p.add_argument("--minutes", default="30", help="training-clock budget of each recipe (default 30)")
-    p.add_argument("--data", required=True, help="CIFAR-10: train/ + test/ image folders, cifar-10-python.tar.gz, "
-                                                  "cifar-10-batches-py/, a folder holding one, or builtin")
-    p.add_argument("--download", action="store_true", help="fetch cifar-10-python.tar.gz into --data when it "
-                                                           "holds no CIFAR-10 (needs a network)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="CIFAR-10: train/ + test/ image folders, cifar-10-python.tar.gz, "
+        "cifar-10-batches-py/, a folder holding one, or builtin",
+    )
+    p.add_argument(
+        "--download",
+        action="store_true",
+        help="fetch cifar-10-python.tar.gz into --data when it holds no CIFAR-10 (needs a network)",
+    )
     p.add_argument("--out", default="runs/speedrun", help="report folder; each recipe trains in a sub-folder")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier report in --out")
     p.add_argument("--epochs", type=str, default=None, help="fixed schedule instead of one fitted to --minutes")
-    p.add_argument("--eval-every", default=None,
-                   help="minutes of training clock between k-NN passes (default: 1 up to 10-minute budgets, "
-                        "2.5 up to 60, else 5)")
+    p.add_argument(
+        "--eval-every",
+        default=None,
+        help="minutes of training clock between k-NN passes (default: 1 up to 10-minute budgets, 2.5 up to 60, else 5)",
+    )
     p.add_argument("--knn-bank", default="0", help="training images in the k-NN bank (default 0: all)")
     p.add_argument("--knn-queries", default="0", help="test images as k-NN queries (default 0: all)")
     p.add_argument("--calibrate-steps", default=None, help="timed steps of the calibration (default 60; 2 on a CPU)")
-    p.add_argument("--cache", default=None, help="where the python version is converted to PNG folders "
-                                                 "(default: $BSIM_FAST_CACHE or ~/.cache/bsim_fast)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="an override for every recipe, e.g. --set data.batch_size=512")
+    p.add_argument(
+        "--cache",
+        default=None,
+        help="where the python version is converted to PNG folders (default: $BSIM_FAST_CACHE or ~/.cache/bsim_fast)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="an override for every recipe, e.g. --set data.batch_size=512",
+    )
     return p.parse_args(argv)
 
 
@@ -152,13 +196,14 @@ def recipe_path(name: str) -> Path:
     for path in candidates:
         if path.is_file():
             return path
-    raise SpeedrunError(f"--recipe {name}: no such recipe ({candidates[-1]} not found); known: "
-                        f"{', '.join(known_recipes())}")
+    raise SpeedrunError(
+        f"--recipe {name}: no such recipe ({candidates[-1]} not found); known: {', '.join(known_recipes())}"
+    )
 
 
 @dataclass
 class Plan:
-    recipes: list[tuple]          # (name, path, Config)
+    recipes: list[tuple]  # (name, path, Config)
     minutes: float
     eval_every: float
     epochs: int | None
@@ -184,18 +229,22 @@ def check_arguments(args) -> Plan:
         section, key, _ = parse_override(text)
         if f"{section}.{key}" in RESERVED:
             how = RESERVED[f"{section}.{key}"]
-            raise SpeedrunError(f"--set {text}: {section}.{key} is set by the speedrun"
-                                + (f" (use {how})" if how else ""))
+            raise SpeedrunError(
+                f"--set {text}: {section}.{key} is set by the speedrun" + (f" (use {how})" if how else "")
+            )
     if len(set(args.recipe)) != len(args.recipe):
-        raise SpeedrunError(f"--recipe: {', '.join(sorted({r for r in args.recipe if args.recipe.count(r) > 1}))} "
-                            f"given twice")
+        raise SpeedrunError(
+            f"--recipe: {', '.join(sorted({r for r in args.recipe if args.recipe.count(r) > 1}))} given twice"
+        )
     recipes = []
     for name in args.recipe:
         path = recipe_path(name)
         cfg = load_config(path, args.overrides)
         if cfg.data.image_size > 64:
-            raise SpeedrunError(f"--recipe {name}: an ImageNet recipe (data.image_size={cfg.data.image_size}); the "
-                                f"speedrun trains on CIFAR-10 at 32 px: use small/{path.stem}")
+            raise SpeedrunError(
+                f"--recipe {name}: an ImageNet recipe (data.image_size={cfg.data.image_size}); the "
+                f"speedrun trains on CIFAR-10 at 32 px: use small/{path.stem}"
+            )
         recipes.append((name, path, cfg))
     data = cifar10.find(args.data, args.download)
     out = Path(args.out)
@@ -203,8 +252,9 @@ def check_arguments(args) -> Plan:
         raise SpeedrunError(f"--out {out}: exists and is not a folder")
     earlier = [f for f in REPORT_FILES if (out / f).exists()]
     if earlier and not args.overwrite:
-        raise SpeedrunError(f"--out {out}: holds an earlier report ({earlier[0]}); pass --overwrite to replace it, "
-                            f"or another --out")
+        raise SpeedrunError(
+            f"--out {out}: holds an earlier report ({earlier[0]}); pass --overwrite to replace it, or another --out"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -220,7 +270,7 @@ def speedrun_config(path: Path, overrides: list[str], data: cifar10.Cifar10, out
     empty, so `train` does not run its own), no checkpoints before the end, compile resolved (the calibration
     must compile exactly when the run does)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cfg = load_config(path, [f"data.workers={min(16, cores)}", *overrides])   # decode threads; --set may lower
+    cfg = load_config(path, [f"data.workers={min(16, cores)}", *overrides])  # decode threads; --set may lower
     cfg.data.loader, cfg.data.gpu_resident = "gpu_resident", False
     cfg.data.train, cfg.data.val = str(data.train), ""
     cfg.train.out_dir = str(out_dir)
@@ -231,7 +281,7 @@ def speedrun_config(path: Path, overrides: list[str], data: cifar10.Cifar10, out
 
 
 def steps_per_epoch(cfg: Config, train_images: int) -> int:
-    per_batch = cfg.data.batch_size // cfg.train.accum_steps          # one process: the loader's batch
+    per_batch = cfg.data.batch_size // cfg.train.accum_steps  # one process: the loader's batch
     return (train_images // per_batch) // cfg.train.accum_steps
 
 
@@ -244,16 +294,24 @@ class Schedule:
     how: str
 
 
-def fit_schedule(cfg: Config, train_images: int, budget_s: float, images_s: float | None = None,
-                 startup_s: float = 0.0, epochs: int | None = None) -> Schedule:
+def fit_schedule(
+    cfg: Config,
+    train_images: int,
+    budget_s: float,
+    images_s: float | None = None,
+    startup_s: float = 0.0,
+    epochs: int | None = None,
+) -> Schedule:
     """Whole epochs that fit the budget at `images_s` (or `epochs` as given); warm-up keeps the recipe's
     fraction of its schedule; the cosine ends with the last step (optim.lr_at)."""
     spe = steps_per_epoch(cfg, train_images)
     if epochs is None:
         usable = max(0.0, budget_s - startup_s) * MARGIN
         epochs = max(1, int(usable * images_s / (spe * cfg.data.batch_size)))
-        how = (f"fitted: {images_s:,.0f} images/s x {usable / 60:.2f} min ({budget_s / 60:g} min less "
-               f"{startup_s:.0f} s compile, x {MARGIN})")
+        how = (
+            f"fitted: {images_s:,.0f} images/s x {usable / 60:.2f} min ({budget_s / 60:g} min less "
+            f"{startup_s:.0f} s compile, x {MARGIN})"
+        )
     else:
         how = "--epochs"
     warmup = cfg.optim.warmup_epochs * epochs / cfg.train.epochs
@@ -265,6 +323,7 @@ def calibrate(cfg: Config, device: torch.device, steps: int | None) -> dict:
     run is) on batches of the GPU-resident loader, after a warm-up that pays for compilation."""
     from .bench import Step, loader_images_s
     from .loaders import build_train_loader
+
     warmup, timed = CALIBRATION[device.type]
     timed = steps or timed
     t0 = time.perf_counter()
@@ -277,8 +336,7 @@ def calibrate(cfg: Config, device: torch.device, steps: int | None) -> dict:
     startup = max(0.0, total - seconds - warmup * cfg.data.batch_size / images_s)
     del step, loader
     release_memory(device)
-    return {"images_s": images_s, "warmup_steps": warmup, "timed_steps": timed, "seconds": total,
-            "startup_s": startup}
+    return {"images_s": images_s, "warmup_steps": warmup, "timed_steps": timed, "seconds": total, "startup_s": startup}
 
 
 def release_memory(device: torch.device) -> None:
@@ -294,20 +352,22 @@ class KnnEval:
 
     def __init__(self, cfg: Config, data: cifar10.Cifar10, device: torch.device, bank: int = 0, queries: int = 0):
         from .loaders import build_eval_loader
+
         eval_cfg = copy.deepcopy(cfg)
         eval_cfg.data.batch_size = EVAL_BATCH[device.type]
         self.device = device
         self.bank = build_eval_loader(eval_cfg, str(data.train), 0, 1, device)
         self.queries = build_eval_loader(eval_cfg, str(data.test), 0, 1, device)
         for loader, n in ((self.bank, bank), (self.queries, queries)):
-            if 0 < n < len(loader.indices):   # a fixed random subset, the same for every pass and recipe
+            if 0 < n < len(loader.indices):  # a fixed random subset, the same for every pass and recipe
                 loader.indices = np.sort(np.random.default_rng(0).choice(loader.indices, n, replace=False))
         self.bank_size, self.query_size = len(self.bank.indices), len(self.queries.indices)
-        self.k, self.t = cfg.train.knn_k, cfg.train.knn_t      # as reported (each pass reads its recipe's)
+        self.k, self.t = cfg.train.knn_k, cfg.train.knn_t  # as reported (each pass reads its recipe's)
 
     def __call__(self, backbone: torch.nn.Module, cfg: Config) -> dict:
         from .eval import extract_features, knn_classify
         from .train import DTYPES
+
         dtype = DTYPES[cfg.train.precision] if self.device.type == "cuda" else torch.float32
         bank_f, bank_y = extract_features(backbone, self.bank, cfg.data.mean, cfg.data.std, dtype)
         query_f, query_y = extract_features(backbone, self.queries, cfg.data.mean, cfg.data.std, dtype)
@@ -325,7 +385,7 @@ class Clock:
         self.t0 = time.perf_counter()
 
     def now(self, sync: bool = False) -> float:
-        if sync and self.device.type == "cuda":   # a host sync: the host runs a few steps ahead of the GPU
+        if sync and self.device.type == "cuda":  # a host sync: the host runs a few steps ahead of the GPU
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - self.t0 - self.paused
 
@@ -338,16 +398,26 @@ class Watch:
     training clock (every `every_s`), at the schedule's last step and when the budget is spent, where it
     returns the stop reason. Each pass is appended to `curve` and written to `curve.csv`."""
 
-    def __init__(self, clock: Clock, knn: Callable, cfg: Config, schedule: Schedule, budget_s: float,
-                 every_s: float, curve_csv: Path, log: Callable[[str], None] = print, name: str = ""):
+    def __init__(
+        self,
+        clock: Clock,
+        knn: Callable,
+        cfg: Config,
+        schedule: Schedule,
+        budget_s: float,
+        every_s: float,
+        curve_csv: Path,
+        log: Callable[[str], None] = print,
+        name: str = "",
+    ):
         self.clock, self.knn, self.cfg, self.schedule = clock, knn, cfg, schedule
         self.budget_s, self.every_s, self.csv, self.log, self.name = budget_s, every_s, curve_csv, log, name
         self.last_step = min(cfg.train.max_steps or schedule.total_steps, schedule.total_steps)
         self.next_mark = every_s
         self.curve: list[dict] = []
         self.method = None
-        self.first = None          # (clock, step) at the first callback: compilation is behind it
-        self.last = (0.0, 0)       # (clock, step) at the latest callback
+        self.first = None  # (clock, step) at the first callback: compilation is behind it
+        self.last = (0.0, 0)  # (clock, step) at the latest callback
         self.eval_s = 0.0
 
     def __call__(self, state, method) -> str | None:
@@ -369,10 +439,10 @@ class Watch:
         # or its own clock when the schedule ended between marks.
         mark, why = t, "end of schedule"
         if due:
-            while self.next_mark <= t:   # a step longer than the interval passes several marks: the last counts
+            while self.next_mark <= t:  # a step longer than the interval passes several marks: the last counts
                 mark, why = self.next_mark, "interval"
                 self.next_mark += self.every_s
-        if over:   # the budget ends the curve (marks past it mean nothing)
+        if over:  # the budget ends the curve (marks past it mean nothing)
             mark, why = self.budget_s, "time budget"
         if end and why != "end of schedule":
             why += ", end of schedule"
@@ -388,16 +458,25 @@ class Watch:
         batch = self.cfg.data.batch_size
         prev_t, prev_step = (self.curve[-1]["minutes"] * 60, self.curve[-1]["step"]) if self.curve else self.first
         images_s = (state.step - prev_step) * batch / (t - prev_t) if t > prev_t and state.step > prev_step else None
-        point = {"minutes": t / 60, "mark_min": mark / 60, "why": why, "step": state.step,
-                 "epoch": state.epoch + state.batches_read / max(1, self.schedule.steps_per_epoch),
-                 "knn_top1": result["knn_top1"], "knn_top5": result["knn_top5"], "eval_s": seconds,
-                 "images_s": images_s}
+        point = {
+            "minutes": t / 60,
+            "mark_min": mark / 60,
+            "why": why,
+            "step": state.step,
+            "epoch": state.epoch + state.batches_read / max(1, self.schedule.steps_per_epoch),
+            "knn_top1": result["knn_top1"],
+            "knn_top5": result["knn_top5"],
+            "eval_s": seconds,
+            "images_s": images_s,
+        }
         self.curve.append(point)
         write_csv(self.csv, self.curve)
         speed = f", {images_s:,.0f} img/s" if images_s else ""
-        self.log(f"[speedrun] {self.name} {point['minutes']:.2f} min: k-NN top-1 {point['knn_top1']:.2f}% top-5 "
-                 f"{point['knn_top5']:.2f}% (step {state.step}, epoch {point['epoch']:.2f}{speed}; "
-                 f"k-NN {seconds:.1f} s)")
+        self.log(
+            f"[speedrun] {self.name} {point['minutes']:.2f} min: k-NN top-1 {point['knn_top1']:.2f}% top-5 "
+            f"{point['knn_top5']:.2f}% (step {state.step}, epoch {point['epoch']:.2f}{speed}; "
+            f"k-NN {seconds:.1f} s)"
+        )
         return point
 
 
@@ -405,8 +484,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]))
     writer.writeheader()
-    writer.writerows({k: ("" if v is None else round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}
-                     for r in rows)
+    writer.writerows(
+        {k: ("" if v is None else round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+    )
     write_text_atomic(path, out.getvalue())
 
 
@@ -416,58 +496,98 @@ def time_to(curve: list[dict], top1: float) -> dict | None:
     return next((p for p in curve if p["knn_top1"] >= top1), None)
 
 
-def run_recipe(name: str, path: Path, plan: Plan, data: cifar10.Cifar10, knn: KnnEval, device: torch.device,
-               log: Callable[[str], None] = print) -> dict:
+def run_recipe(
+    name: str,
+    path: Path,
+    plan: Plan,
+    data: cifar10.Cifar10,
+    knn: KnnEval,
+    device: torch.device,
+    log: Callable[[str], None] = print,
+) -> dict:
     from .train import train
+
     out_dir = plan.out / name.replace("/", "_").replace(".yaml", "")
     cfg = speedrun_config(path, plan.overrides, data, out_dir, device)
     budget_s = plan.minutes * 60
     started = time.perf_counter()
-    result = {"recipe": name, "method": cfg.method.name, "mode": cfg.method.mode, "out_dir": str(out_dir),
-              "batch_size": cfg.data.batch_size, "compile": cfg.train.compile, "budget_min": plan.minutes,
-              "calibration": None, "curve": [], "error": None, "stopped": None}
+    result = {
+        "recipe": name,
+        "method": cfg.method.name,
+        "mode": cfg.method.mode,
+        "out_dir": str(out_dir),
+        "batch_size": cfg.data.batch_size,
+        "compile": cfg.train.compile,
+        "budget_min": plan.minutes,
+        "calibration": None,
+        "curve": [],
+        "error": None,
+        "stopped": None,
+    }
     try:
         calibration = None
         if plan.epochs is None:
-            log(f"[speedrun] {name}: calibrating the schedule ({'compiling, ' if cfg.train.compile == 'on' else ''}"
-                f"timing {plan.calibrate_steps or CALIBRATION[device.type][1]} steps)")
+            log(
+                f"[speedrun] {name}: calibrating the schedule ({'compiling, ' if cfg.train.compile == 'on' else ''}"
+                f"timing {plan.calibrate_steps or CALIBRATION[device.type][1]} steps)"
+            )
             calibration = calibrate(cfg, device, plan.calibrate_steps)
             result["calibration"] = calibration
-        schedule = fit_schedule(cfg, data.train_images, budget_s, calibration and calibration["images_s"],
-                                calibration["startup_s"] if calibration else 0.0, plan.epochs)
+        schedule = fit_schedule(
+            cfg,
+            data.train_images,
+            budget_s,
+            calibration and calibration["images_s"],
+            calibration["startup_s"] if calibration else 0.0,
+            plan.epochs,
+        )
         cfg.train.epochs, cfg.optim.warmup_epochs = schedule.epochs, schedule.warmup_epochs
-        cfg.train.ckpt_every_steps = schedule.total_steps + 1          # only the end writes one
+        cfg.train.ckpt_every_steps = schedule.total_steps + 1  # only the end writes one
         result["schedule"] = asdict(schedule)
-        log(f"[speedrun] {name}: {schedule.epochs} epochs ({schedule.total_steps} steps, warm-up "
+        log(
+            f"[speedrun] {name}: {schedule.epochs} epochs ({schedule.total_steps} steps, warm-up "
             f"{schedule.warmup_epochs:.2f} epochs; {schedule.how}); budget {plan.minutes:g} min, k-NN every "
-            f"{plan.eval_every:g} min on {knn.bank_size} / {knn.query_size} images")
+            f"{plan.eval_every:g} min on {knn.bank_size} / {knn.query_size} images"
+        )
         clock = Clock(device)
         watch = Watch(clock, knn, cfg, schedule, budget_s, plan.eval_every * 60, out_dir / "curve.csv", log, name)
         clock.start()
         final = train(cfg, resume="none", config_path=str(path), callback=watch)
         t_end, step_end = watch.last
         ended_unseen = watch.method is not None and (not watch.curve or watch.curve[-1]["step"] != final["step"])
-        if ended_unseen:   # stopped where no pass was due (preempted): the last model still gets one
-            watch.evaluate(SimpleNamespace(step=final["step"], epoch=final["epoch"], batches_read=0), t_end, t_end,
-                           "end")
+        if ended_unseen:  # stopped where no pass was due (preempted): the last model still gets one
+            watch.evaluate(
+                SimpleNamespace(step=final["step"], epoch=final["epoch"], batches_read=0), t_end, t_end, "end"
+            )
         result["stopped"] = final.get("stopped")
         first_t, first_step = watch.first or (0.0, 0)
-        steady = ((step_end - first_step) * cfg.data.batch_size / (t_end - first_t)
-                  if t_end > first_t and step_end > first_step else None)
-        result.update(curve=watch.curve, steps=step_end, epochs_done=final["epoch"], train_min=t_end / 60,
-                      first_step_s=first_t, eval_s=watch.eval_s, evals=len(watch.curve),
-                      images_s=step_end * cfg.data.batch_size / t_end if t_end > 0 else None,
-                      steady_images_s=steady)
+        steady = (
+            (step_end - first_step) * cfg.data.batch_size / (t_end - first_t)
+            if t_end > first_t and step_end > first_step
+            else None
+        )
+        result.update(
+            curve=watch.curve,
+            steps=step_end,
+            epochs_done=final["epoch"],
+            train_min=t_end / 60,
+            first_step_s=first_t,
+            eval_s=watch.eval_s,
+            evals=len(watch.curve),
+            images_s=step_end * cfg.data.batch_size / t_end if t_end > 0 else None,
+            steady_images_s=steady,
+        )
     except Exception as e:  # noqa: BLE001 - one recipe's failure is its row; the next recipe still runs
         from .checkpoint import CheckpointError
         from .train import TrainError
-        if not isinstance(e, (ConfigError, TrainError, CheckpointError)):   # not a user-facing one-liner: a bug
+
+        if not isinstance(e, (ConfigError, TrainError, CheckpointError)):  # not a user-facing one-liner: a bug
             traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         result["error"] = f"{type(e).__name__}: {first}"
         log(f"[speedrun] {name}: failed: {result['error']}")
     finally:
-        torch._dynamo.reset()        # the next recipe compiles its own graphs; free these and their memory
+        torch._dynamo.reset()  # the next recipe compiles its own graphs; free these and their memory
         release_memory(device)
     curve = result["curve"]
     result["final"] = curve[-1] if curve else None
@@ -499,8 +619,10 @@ def evaluate_targets(results: list[dict], applicable: bool) -> list[dict]:
             if abs(r["budget_min"] - t["minutes"]) <= 0.01 * t["minutes"]:
                 status, measured = "miss", f"best {best:.2f}% in {t['minutes']} min ({r['recipe']})"
             elif status != "miss":
-                measured = (f"{best:.2f}% by {min(t['minutes'], r['budget_min']):g} min of a {r['budget_min']:g}-min "
-                            f"schedule ({r['recipe']}; run --minutes {t['minutes']})")
+                measured = (
+                    f"{best:.2f}% by {min(t['minutes'], r['budget_min']):g} min of a {r['budget_min']:g}-min "
+                    f"schedule ({r['recipe']}; run --minutes {t['minutes']})"
+                )
         if not applicable and status in ("pass", "miss"):
             status = "n/a"
         out.append({**t, "target": target_text(t), "measured": measured, "status": status})
@@ -546,66 +668,124 @@ def at_minutes(curve: list[dict], minutes: float) -> float | None:
     return before[-1]["knn_top1"] if before and reached else None
 
 
-def write_report(plan: Plan, env: dict, data: cifar10.Cifar10, knn: KnnEval, setup: dict, results: list[dict],
-                 not_applicable: str | None) -> dict:
+def write_report(
+    plan: Plan,
+    env: dict,
+    data: cifar10.Cifar10,
+    knn: KnnEval,
+    setup: dict,
+    results: list[dict],
+    not_applicable: str | None,
+) -> dict:
     targets = evaluate_targets(results, not_applicable is None)
-    settings = {"minutes": plan.minutes, "eval_every_min": plan.eval_every, "epochs": plan.epochs,
-                "overrides": plan.overrides, "order": "sequential",
-                "knn": {"k": knn.k, "t": knn.t, "bank": knn.bank_size, "queries": knn.query_size},
-                "clock": "training time from the call of train() (model build and compilation included) to the "
-                         "end of the step before each k-NN, GPU synchronised; k-NN passes, the decode into device "
-                         "memory and the calibration are not in it and are stated separately"}
-    report = {"environment": env, "data": {"origin": data.origin, "train_images": data.train_images,
-                                           "test_images": data.test_images, "classes": data.classes,
-                                           "full_cifar10": data.is_full, "loader": "gpu_resident", **setup},
-              "settings": settings, "recipes": results, "targets": targets,
-              "targets_apply": not_applicable is None, "targets_not_applicable_because": not_applicable}
+    settings = {
+        "minutes": plan.minutes,
+        "eval_every_min": plan.eval_every,
+        "epochs": plan.epochs,
+        "overrides": plan.overrides,
+        "order": "sequential",
+        "knn": {"k": knn.k, "t": knn.t, "bank": knn.bank_size, "queries": knn.query_size},
+        "clock": "training time from the call of train() (model build and compilation included) to the "
+        "end of the step before each k-NN, GPU synchronised; k-NN passes, the decode into device "
+        "memory and the calibration are not in it and are stated separately",
+    }
+    report = {
+        "environment": env,
+        "data": {
+            "origin": data.origin,
+            "train_images": data.train_images,
+            "test_images": data.test_images,
+            "classes": data.classes,
+            "full_cifar10": data.is_full,
+            "loader": "gpu_resident",
+            **setup,
+        },
+        "settings": settings,
+        "recipes": results,
+        "targets": targets,
+        "targets_apply": not_applicable is None,
+        "targets_not_applicable_because": not_applicable,
+    }
     write_text_atomic(plan.out / "speedrun.json", json.dumps(report, indent=1))
 
     e = env
-    lines = ["# Time to accuracy: k-NN top-1 on CIFAR-10 against training minutes", "",
-             f"- device: {e.get('device')} ({e.get('gpu_memory_gb', '—')} GB), torch {e.get('torch')}, "
-             f"commit {e.get('commit') or '—'}, {e.get('time')}",
-             f"- data: {data.origin}: {data.train_images:,} training / {data.test_images:,} test images, "
-             f"{len(data.classes)} classes; decoded once into {setup['device']} memory "
-             f"(`data.loader=gpu_resident`) in {setup['decode_s']:.1f} s, not in the clock",
-             f"- k-NN: k={settings['knn']['k']}, T={settings['knn']['t']}, bank {knn.bank_size:,} training images "
-             f"(centre crop), {knn.query_size:,} test queries",
-             f"- budget: {plan.minutes:g} min of training clock per recipe, k-NN every {plan.eval_every:g} min and "
-             f"at the end; recipes run one after the other",
-             f"- clock: {settings['clock']}",
-             "- targets: " + (f"**do not apply** ({not_applicable}); figures shown for the record"
-                              if not_applicable else "one H100, the full CIFAR-10: see below"), "",
-             "## Recipes", "",
-             "| recipe | mode | schedule | batch | steps | images/s (after compile) | training min | first step s "
-             "| k-NN passes, s | calibration s | top-1 at 5 min | final top-1 | final top-5 | to 85% (min) "
-             "| to 90% (min) | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Time to accuracy: k-NN top-1 on CIFAR-10 against training minutes",
+        "",
+        f"- device: {e.get('device')} ({e.get('gpu_memory_gb', '—')} GB), torch {e.get('torch')}, "
+        f"commit {e.get('commit') or '—'}, {e.get('time')}",
+        f"- data: {data.origin}: {data.train_images:,} training / {data.test_images:,} test images, "
+        f"{len(data.classes)} classes; decoded once into {setup['device']} memory "
+        f"(`data.loader=gpu_resident`) in {setup['decode_s']:.1f} s, not in the clock",
+        f"- k-NN: k={settings['knn']['k']}, T={settings['knn']['t']}, bank {knn.bank_size:,} training images "
+        f"(centre crop), {knn.query_size:,} test queries",
+        f"- budget: {plan.minutes:g} min of training clock per recipe, k-NN every {plan.eval_every:g} min and "
+        f"at the end; recipes run one after the other",
+        f"- clock: {settings['clock']}",
+        "- targets: "
+        + (
+            f"**do not apply** ({not_applicable}); figures shown for the record"
+            if not_applicable
+            else "one H100, the full CIFAR-10: see below"
+        ),
+        "",
+        "## Recipes",
+        "",
+        "| recipe | mode | schedule | batch | steps | images/s (after compile) | training min | first step s "
+        "| k-NN passes, s | calibration s | top-1 at 5 min | final top-1 | final top-5 | to 85% (min) "
+        "| to 90% (min) | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         s, fin, cal = r.get("schedule") or {}, r["final"] or {}, r["calibration"] or {}
         note = r["error"] or (f"stopped: {r['stopped']}" if r["stopped"] else "schedule finished")
         sched = f"{s['epochs']} ep, warm-up {s['warmup_epochs']:.2f}" if s else "—"
-        lines.append(f"| {r['recipe']} | {r['mode']} | {sched} | {r['batch_size']} | {_num(r.get('steps'))} "
-                     f"| {_num(r.get('images_s'))} ({_num(r.get('steady_images_s'))}) "
-                     f"| {_num(r.get('train_min'), 2)} | {_num(r.get('first_step_s'), 1)} "
-                     f"| {r.get('evals', 0)}, {_num(r.get('eval_s'), 1)} | {_num(cal.get('seconds'), 1)} "
-                     f"| {_pct(at_minutes(r['curve'], 5))} | {_pct(fin.get('knn_top1'))} | {_pct(fin.get('knn_top5'))} "
-                     f"| {_num(r['time_to']['85'], 2)} | {_num(r['time_to']['90'], 2)} | {note} |")
-    lines += ["", "## k-NN top-1 (%) against training minutes, side by side", "",
-              "| minutes | " + " | ".join(f"{r['recipe']} ({r['mode'].upper()})" for r in results) + " |",
-              "|---|" + "---|" * len(results)]
+        lines.append(
+            f"| {r['recipe']} | {r['mode']} | {sched} | {r['batch_size']} | {_num(r.get('steps'))} "
+            f"| {_num(r.get('images_s'))} ({_num(r.get('steady_images_s'))}) "
+            f"| {_num(r.get('train_min'), 2)} | {_num(r.get('first_step_s'), 1)} "
+            f"| {r.get('evals', 0)}, {_num(r.get('eval_s'), 1)} | {_num(cal.get('seconds'), 1)} "
+            f"| {_pct(at_minutes(r['curve'], 5))} | {_pct(fin.get('knn_top1'))} | {_pct(fin.get('knn_top5'))} "
+            f"| {_num(r['time_to']['85'], 2)} | {_num(r['time_to']['90'], 2)} | {note} |"
+        )
+    lines += [
+        "",
+        "## k-NN top-1 (%) against training minutes, side by side",
+        "",
+        "| minutes | " + " | ".join(f"{r['recipe']} ({r['mode'].upper()})" for r in results) + " |",
+        "|---|" + "---|" * len(results),
+    ]
     marks = sorted({round(p["mark_min"], 4) for r in results for p in r["curve"] if p["why"].startswith("interval")})
     for m in marks:
-        cells = [next((_pct(p["knn_top1"]) for p in r["curve"] if round(p["mark_min"], 4) == m
-                      and p["why"].startswith("interval")), "") for r in results]
+        cells = [
+            next(
+                (
+                    _pct(p["knn_top1"])
+                    for p in r["curve"]
+                    if round(p["mark_min"], 4) == m and p["why"].startswith("interval")
+                ),
+                "",
+            )
+            for r in results
+        ]
         lines.append(f"| {m:g} | " + " | ".join(cells) + " |")
-    lines.append("| end | " + " | ".join(f"{_pct(r['final']['knn_top1'])} at {r['final']['minutes']:.2f} min"
-                                         if r["final"] else "—" for r in results) + " |")
+    lines.append(
+        "| end | "
+        + " | ".join(
+            f"{_pct(r['final']['knn_top1'])} at {r['final']['minutes']:.2f} min" if r["final"] else "—" for r in results
+        )
+        + " |"
+    )
     lines += ["", "## Targets", "", "| id | what | target | measured | status |", "|---|---|---|---|---|"]
-    lines += [f"| `{t['id']}` | {t['what']} | {t['target']} | {t['measured'] or '—'} | **{t['status']}** |"
-              for t in targets]
-    lines += ["", "Chart: `speedrun.png`. Raw figures: `speedrun.json`. Per recipe: `<recipe>/curve.csv` (every k-NN "
-              "pass), `metrics.csv` and `tb/` (every logged step).", ""]
+    lines += [
+        f"| `{t['id']}` | {t['what']} | {t['target']} | {t['measured'] or '—'} | **{t['status']}** |" for t in targets
+    ]
+    lines += [
+        "",
+        "Chart: `speedrun.png`. Raw figures: `speedrun.json`. Per recipe: `<recipe>/curve.csv` (every k-NN "
+        "pass), `metrics.csv` and `tb/` (every logged step).",
+        "",
+    ]
     write_text_atomic(plan.out / "speedrun.md", "\n".join(lines))
     return report
 
@@ -614,15 +794,22 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
     """k-NN top-1 against training minutes, one line per recipe (images/s in the legend), the targets'
     levels and minutes dashed."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(8, 5))
     for r in results:
         if not r["curve"]:
             continue
         speed = f", {r['steady_images_s']:,.0f} img/s" if r.get("steady_images_s") else ""
-        ax.plot([p["minutes"] for p in r["curve"]], [p["knn_top1"] for p in r["curve"]], marker="o", markersize=3,
-                label=f"{r['recipe']} ({r['mode'].upper()}{speed})")
+        ax.plot(
+            [p["minutes"] for p in r["curve"]],
+            [p["knn_top1"] for p in r["curve"]],
+            marker="o",
+            markersize=3,
+            label=f"{r['recipe']} ({r['mode'].upper()}{speed})",
+        )
     for level in sorted({t["top1"] for t in TARGETS}):
         ax.axhline(level, color="grey", linestyle="--", linewidth=0.8)
         ax.annotate(f"{level:g}%", (0, level), xytext=(2, 2), textcoords="offset points", fontsize=7, color="grey")
@@ -636,8 +823,11 @@ def plot(results: list[dict], path: Path, env: dict) -> None:
     ax.grid(alpha=0.3)
     if any(r["curve"] for r in results):
         ax.legend(fontsize=8, loc="best")
-    ax.set_title(f"CIFAR-10 time to accuracy · {env.get('device')} · commit {env.get('commit') or '?'} · "
-                 f"torch {env.get('torch')}", fontsize=9)
+    ax.set_title(
+        f"CIFAR-10 time to accuracy · {env.get('device')} · commit {env.get('commit') or '?'} · "
+        f"torch {env.get('torch')}",
+        fontsize=9,
+    )
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
@@ -659,24 +849,30 @@ def run(args) -> int:
     try:
         plan = check_arguments(args)
         from .train import setup_distributed
+
         _, world, _, device = setup_distributed()
         if world > 1:
             raise SpeedrunError(f"WORLD_SIZE={world}: the speedrun runs in one process on one GPU")
-        data = cifar10.prepare(plan.data, Path(args.cache) if args.cache else None,
-                               workers=min(16, os.cpu_count() or 1))
+        data = cifar10.prepare(
+            plan.data, Path(args.cache) if args.cache else None, workers=min(16, os.cpu_count() or 1)
+        )
         if device.type == "cpu":
             from .dist import set_cpu_threads
+
             set_cpu_threads(1)
-        print(f"[speedrun] {data.origin}: {data.train_images:,} / {data.test_images:,} images; device {device}",
-              flush=True)
+        print(
+            f"[speedrun] {data.origin}: {data.train_images:,} / {data.test_images:,} images; device {device}",
+            flush=True,
+        )
         t0 = time.perf_counter()
         first_cfg = speedrun_config(plan.recipes[0][1], plan.overrides, data, plan.out, device)
-        knn = KnnEval(first_cfg, data, device, plan.bank, plan.queries)   # decodes both splits once
+        knn = KnnEval(first_cfg, data, device, plan.bank, plan.queries)  # decodes both splits once
         setup = {"decode_s": time.perf_counter() - t0, "device": str(device)}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from .bench import environment
+
     env = environment(device)
     not_applicable = applicability(device, data, knn)
     if not_applicable:

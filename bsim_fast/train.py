@@ -7,6 +7,7 @@ The step: loader -> views (uint8, device) -> cutmix_normalize -> method (network
 Read top-down: setup (`build`, `resume_run`, `start`), the loop (`train`, `train_one_epoch`, `step`), what
 happens between steps (`after_step`: log, checkpoint, callback, preemption) and at the end (`finish`), the CLI.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Keys a resumed run may change: they say where and how often to log, save and monitor, how many workers read
 # the data and when to stop, not what is computed. `compile` changes float rounding, not the schedule;
 # `nan_policy=skip` is how a run stopped by a NaN is continued. Any other difference needs `--resume force`.
-RESUMABLE_CHANGES = {"train.out_dir", "train.max_steps", "train.log_every", "train.ckpt_every_steps",
-                     "train.keep_checkpoints", "train.tensorboard", "train.knn_every_epochs", "train.knn_k",
-                     "train.knn_t", "train.nan_policy", "train.compile", "data.workers", "data.val",
-                     "data.dali_hw_decoder_load"}
+RESUMABLE_CHANGES = {
+    "train.out_dir",
+    "train.max_steps",
+    "train.log_every",
+    "train.ckpt_every_steps",
+    "train.keep_checkpoints",
+    "train.tensorboard",
+    "train.knn_every_epochs",
+    "train.knn_k",
+    "train.knn_t",
+    "train.nan_policy",
+    "train.compile",
+    "data.workers",
+    "data.val",
+    "data.dali_hw_decoder_load",
+}
 # What a new run with --resume none moves aside (into out_dir/previous_N/) rather than mixing with its own
 RUN_FILES = ("metrics.csv", "tb", "final.json", "backbone.pt", "backbone.json", "config.json")
 
@@ -93,8 +106,12 @@ def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
 
 def rng_state() -> dict:
     # numpy's state as a tensor: checkpoints load with weights_only=True, which refuses numpy arrays
-    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-             "numpy_pos": int(np.random.get_state()[2]), "python": json.dumps(random.getstate())}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+        "python": json.dumps(random.getstate()),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -112,14 +129,17 @@ def set_rng_state(state: dict) -> None:
 def check_config(cfg: Config, world: int, path: str) -> None:
     per_rank, rem = divmod(cfg.data.batch_size, world * cfg.train.accum_steps)
     if rem or per_rank < 2:
-        raise ConfigError(f"{path}: data.batch_size={cfg.data.batch_size} must be a multiple of world size "
-                          f"{world} x train.accum_steps {cfg.train.accum_steps} with at least 2 images per rank")
+        raise ConfigError(
+            f"{path}: data.batch_size={cfg.data.batch_size} must be a multiple of world size "
+            f"{world} x train.accum_steps {cfg.train.accum_steps} with at least 2 images per rank"
+        )
     if not cfg.data.train.startswith("builtin") and not Path(cfg.data.train).exists():
         raise ConfigError(f"{path}: data.train = {cfg.data.train!r} does not exist")
     if cfg.data.val and not cfg.data.val.startswith("builtin") and not Path(cfg.data.val).exists():
         raise ConfigError(f"{path}: data.val = {cfg.data.val!r} does not exist")
     from .loaders import check_datasets
-    check_datasets(cfg)       # a path of the wrong kind for data.loader, a missing converted built-in set
+
+    check_datasets(cfg)  # a path of the wrong kind for data.loader, a missing converted built-in set
 
 
 def check_resume_flag(resume: str) -> None:
@@ -131,10 +151,11 @@ def check_resume_flag(resume: str) -> None:
 class TrainState:
     """Where a run is. Checkpoints save it and `resume_run` restores it, so a resumed run reads exactly the
     batches the uninterrupted one reads next, those of skipped (non-finite) steps included."""
-    step: int = 0           # optimiser steps taken
+
+    step: int = 0  # optimiser steps taken
     epoch: int = 0
-    batches_read: int = 0   # loader batches consumed in `epoch`, skipped ones included
-    micro: int = 0          # micro-batches accumulated towards the next step (0 at every checkpoint)
+    batches_read: int = 0  # loader batches consumed in `epoch`, skipped ones included
+    micro: int = 0  # micro-batches accumulated towards the next step (0 at every checkpoint)
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict, accum_steps: int) -> TrainState:
@@ -147,6 +168,7 @@ class TrainState:
 @dataclass
 class Run:
     """What `build` sets up and the loop reads, and the running totals between two log lines."""
+
     cfg: Config
     rank: int
     world: int
@@ -161,18 +183,18 @@ class Run:
     warmup_steps: int
     base_lr: float
     max_steps: int
-    knn: bool                       # the k-NN monitor runs (data.val is set and the data has labels)
-    model: torch.nn.Module = None   # `method`, wrapped in DDP when world > 1 (set by `start`)
+    knn: bool  # the k-NN monitor runs (data.val is set and the data has labels)
+    model: torch.nn.Module = None  # `method`, wrapped in DDP when world > 1 (set by `start`)
     logger: MetricsLogger = None
     preempt: Preemption = None
-    sums: torch.Tensor = None       # loss, lam, non-finite count, micro-batches since the last log line
+    sums: torch.Tensor = None  # loss, lam, non-finite count, micro-batches since the last log line
     images_since: int = 0
     t_last: float = 0.0
     lr: float = 0.0
     last_loss: float = math.nan
     last_log_step: int = -1
-    last_ckpt_step: int = -1        # the step checkpoints count from (the resumed one at the start)
-    saved_step: int = -1            # the step this process last wrote a checkpoint for
+    last_ckpt_step: int = -1  # the step checkpoints count from (the resumed one at the start)
+    saved_step: int = -1  # the step this process last wrote a checkpoint for
     knn_step: int = -1
     knn_results: dict = field(default_factory=dict)
 
@@ -212,22 +234,36 @@ def build(cfg: Config, config_path: str = "config") -> Run:
     if knn and not getattr(loader, "labeled", True):
         knn = False
         if rank == 0:
-            print(f"[knn] data.train = {cfg.data.train!r} is unlabeled: the k-NN monitor needs labelled data "
-                  f"and is skipped", flush=True)
+            print(
+                f"[knn] data.train = {cfg.data.train!r} is unlabeled: the k-NN monitor needs labelled data "
+                f"and is skipped",
+                flush=True,
+            )
 
     method = build_method(cfg).to(device)
     if cfg.train.channels_last:
         method = method.to(memory_format=torch.channels_last)
-    if world > 1 and cfg.model.sync_bn and device.type == "cuda":   # SyncBN has no CPU kernel
+    if world > 1 and cfg.model.sync_bn and device.type == "cuda":  # SyncBN has no CPU kernel
         method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
     amp_dtype = DTYPES[cfg.train.precision]
     use_fp16_scaler = device.type == "cuda" and amp_dtype == torch.float16
-    return Run(cfg=cfg, rank=rank, world=world, device=device, loader=loader, method=method,
-               optimizer=build_optimizer(method, cfg, device),
-               scaler=torch.amp.GradScaler("cuda", enabled=use_fp16_scaler), amp_dtype=amp_dtype,
-               view_dtype=amp_dtype if device.type == "cuda" else torch.float32, total_steps=total_steps,
-               warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch), base_lr=scaled_lr(cfg),
-               max_steps=min(cfg.train.max_steps or total_steps, total_steps), knn=knn)
+    return Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        loader=loader,
+        method=method,
+        optimizer=build_optimizer(method, cfg, device),
+        scaler=torch.amp.GradScaler("cuda", enabled=use_fp16_scaler),
+        amp_dtype=amp_dtype,
+        view_dtype=amp_dtype if device.type == "cuda" else torch.float32,
+        total_steps=total_steps,
+        warmup_steps=int(cfg.optim.warmup_epochs * steps_per_epoch),
+        base_lr=scaled_lr(cfg),
+        max_steps=min(cfg.train.max_steps or total_steps, total_steps),
+        knn=knn,
+    )
 
 
 def config_differences(saved: dict, cfg: Config) -> list:
@@ -235,7 +271,7 @@ def config_differences(saved: dict, cfg: Config) -> list:
     in RESUMABLE_CHANGES. A key the checkpoint does not have (added since, or a setting of another method)
     counts if it is not the default."""
     defaults = Config()
-    defaults.method.name = cfg.method.name   # `method:` holds the named method's own settings
+    defaults.method.name = cfg.method.name  # `method:` holds the named method's own settings
     now, default = to_dict(cfg), to_dict(defaults)
     diffs = []
     for sec, values in now.items():
@@ -255,9 +291,11 @@ def load_into(run: Run, ckpt: dict, path: Path) -> None:
     reshaped = [k for k in own if k in theirs and own[k].shape != theirs[k].shape]
     if missing or unexpected or reshaped:
         first = (missing + unexpected + reshaped)[0]
-        raise CheckpointError(f"{path}: its tensors do not fit this model ({len(missing)} missing, "
-                              f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {first!r}); "
-                              f"it was written by another recipe or model")
+        raise CheckpointError(
+            f"{path}: its tensors do not fit this model ({len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(reshaped)} of another shape, e.g. {first!r}); "
+            f"it was written by another recipe or model"
+        )
     run.method.load_state_dict(theirs)
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
@@ -302,11 +340,13 @@ def resume_run(run: Run, how: str = "auto") -> TrainState:
     else:
         path, ckpt = Path(how), load_checkpoint(how, require_hash=False, log=log)
     diffs = config_differences(ckpt["config"], run.cfg)
-    if ckpt.get("world", run.world) != run.world:   # the per-rank order depends on it
+    if ckpt.get("world", run.world) != run.world:  # the per-rank order depends on it
         diffs.append(f"world size {ckpt['world']} -> {run.world}")
     if diffs and how != "force":
-        raise CheckpointError(f"{path} was written by a different config: {'; '.join(diffs)}. Resume with the "
-                              f"same values, use another train.out_dir, or --resume force to continue anyway")
+        raise CheckpointError(
+            f"{path} was written by a different config: {'; '.join(diffs)}. Resume with the "
+            f"same values, use another train.out_dir, or --resume force to continue anyway"
+        )
     if diffs:
         log(f"[resume] --resume force: continuing {path} despite {'; '.join(diffs)}")
     load_into(run, ckpt, path)
@@ -324,6 +364,7 @@ def start(run: Run, state: TrainState) -> None:
         atomic_write_bytes(run.out_dir / "config.json", json.dumps(to_dict(cfg), indent=1).encode())
     if cfg.train.compile == "on" or (cfg.train.compile == "auto" and run.device.type == "cuda"):
         from .methods import compile_networks
+
         compile_networks(run.method)
     run.model = run.method
     if run.world > 1:
@@ -332,10 +373,13 @@ def start(run: Run, state: TrainState) -> None:
             # MoCo queue is (every rank enqueues the same gathered keys; broadcasting 64 MB a step is waste)
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*")
             run.model = torch.nn.parallel.DistributedDataParallel(
-                run.method, device_ids=[run.device.index] if run.device.type == "cuda" else None,
-                broadcast_buffers=False)
-    run.logger = MetricsLogger(run.out_dir, run.is_main, run.max_steps, start_step=state.step,
-                               tensorboard=cfg.train.tensorboard)
+                run.method,
+                device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                broadcast_buffers=False,
+            )
+    run.logger = MetricsLogger(
+        run.out_dir, run.is_main, run.max_steps, start_step=state.step, tensorboard=cfg.train.tensorboard
+    )
     run.preempt = Preemption()
     run.sums = torch.zeros(4, device=run.device)
     run.t_last, run.last_ckpt_step, run.last_log_step = time.perf_counter(), state.step, state.step
@@ -373,8 +417,9 @@ def step(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) ->
     (returns True). Under train.nan_policy=skip a non-finite loss drops the whole step and leaves no trace."""
     cfg, method, accum = run.cfg, run.method, run.cfg.train.accum_steps
     skip = cfg.train.nan_policy == "skip"
-    views = make_views(a_u8, b_u8, cfg, step_generator(cfg.train.seed, state.step * accum + state.micro, run.rank),
-                       run.view_dtype)
+    views = make_views(
+        a_u8, b_u8, cfg, step_generator(cfg.train.seed, state.step * accum + state.micro, run.rank), run.view_dtype
+    )
     # a skipped step must leave no trace: its forward already wrote BN statistics (and MoCo's queue)
     saved = [b.detach().clone() for b in method.buffers()] if skip else None
     accumulating = run.world > 1 and state.micro + 1 < accum
@@ -382,8 +427,8 @@ def step(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) ->
         with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.use_amp):
             loss = run.model(**views)["loss"].float()
         finite = torch.isfinite(loss)
-        if skip and not all_ranks_true(finite):   # a host sync per micro-batch, under this policy only
-            run.optimizer.zero_grad(set_to_none=True)   # drop this step's gradients entirely
+        if skip and not all_ranks_true(finite):  # a host sync per micro-batch, under this policy only
+            run.optimizer.zero_grad(set_to_none=True)  # drop this step's gradients entirely
             with torch.no_grad():
                 for b, before in zip(method.buffers(), saved):
                     b.copy_(before)
@@ -391,8 +436,14 @@ def step(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) ->
             run.print(f"[nan] step {state.step}: non-finite loss, step skipped (train.nan_policy=skip)")
             return False
         run.scaler.scale(loss / accum).backward()
-    run.sums += torch.stack([loss.detach().nan_to_num(0.0), views.get("lam_a", loss.new_ones(1)).mean(),
-                             (~finite).float(), loss.new_ones(())])
+    run.sums += torch.stack(
+        [
+            loss.detach().nan_to_num(0.0),
+            views.get("lam_a", loss.new_ones(1)).mean(),
+            (~finite).float(),
+            loss.new_ones(()),
+        ]
+    )
     run.images_since += a_u8.shape[0] * run.world
     state.micro += 1
     if state.micro < accum:
@@ -412,7 +463,7 @@ def step(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) ->
 def train_one_epoch(run: Run, state: TrainState, callback: Callable | None = None) -> str | None:
     """Steps over the rest of epoch `state.epoch` until it ends or train.max_steps; returns a stop reason
     (preemption, the callback's) or None."""
-    if state.batches_read >= len(run.loader):   # resumed at the very end of the epoch
+    if state.batches_read >= len(run.loader):  # resumed at the very end of the epoch
         return None
     for a_u8, b_u8, _labels in run.loader.epoch(state.epoch, start_batch=state.batches_read):
         state.batches_read += 1
@@ -420,7 +471,7 @@ def train_one_epoch(run: Run, state: TrainState, callback: Callable | None = Non
             stop = after_step(run, state, callback)
             if stop or state.step >= run.max_steps:
                 return stop
-    if state.micro:   # a partial accumulation at the epoch's end: its gradients must not leak into the next
+    if state.micro:  # a partial accumulation at the epoch's end: its gradients must not leak into the next
         run.optimizer.zero_grad(set_to_none=True)
         state.micro = 0
     return None
@@ -435,11 +486,18 @@ def log_metrics(run: Run, state: TrainState) -> None:
     run.sums.zero_()
     if nonfinite > 0:
         # checked before any checkpoint is written, so a poisoned state is never saved
-        raise TrainError(f"non-finite loss at or before step {state.step} (lr {run.lr:.3g}); last good "
-                         f"checkpoint is step {run.last_ckpt_step}; set train.nan_policy=skip to skip such steps")
+        raise TrainError(
+            f"non-finite loss at or before step {state.step} (lr {run.lr:.3g}); last good "
+            f"checkpoint is step {run.last_ckpt_step}; set train.nan_policy=skip to skip such steps"
+        )
     now = time.perf_counter()
-    values = {"loss": loss_sum / max(count, 1), "lam": lam_sum / max(count, 1), "lr": run.lr,
-              "img_s": run.images_since / max(now - run.t_last, 1e-9), "epoch": state.epoch}
+    values = {
+        "loss": loss_sum / max(count, 1),
+        "lam": lam_sum / max(count, 1),
+        "lr": run.lr,
+        "img_s": run.images_since / max(now - run.t_last, 1e-9),
+        "epoch": state.epoch,
+    }
     if run.device.type == "cuda":
         values["mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.t_last, run.images_since, run.last_loss, run.last_log_step = now, 0, values["loss"], state.step
@@ -454,9 +512,15 @@ def checkpoint(run: Run, state: TrainState) -> None:
     else:
         rngs = [rng_state()]
     if run.is_main:
-        ckpt = {"model": run.method.state_dict(), "optimizer": run.optimizer.state_dict(),
-                "scaler": run.scaler.state_dict(), **dataclasses.asdict(state), "rng": rngs, "world": run.world,
-                "config": to_dict(run.cfg)}
+        ckpt = {
+            "model": run.method.state_dict(),
+            "optimizer": run.optimizer.state_dict(),
+            "scaler": run.scaler.state_dict(),
+            **dataclasses.asdict(state),
+            "rng": rngs,
+            "world": run.world,
+            "config": to_dict(run.cfg),
+        }
         save_checkpoint(ckpt, run.out_dir, state.step, run.cfg.train.keep_checkpoints)
     run.last_ckpt_step = run.saved_step = state.step
 
@@ -468,10 +532,10 @@ def after_step(run: Run, state: TrainState, callback: Callable | None = None) ->
     if callback is not None:
         t0 = time.perf_counter()
         stop = callback(state, run.method)
-        run.t_last += time.perf_counter() - t0   # the callback's time is not training time (img_s)
+        run.t_last += time.perf_counter() - t0  # the callback's time is not training time (img_s)
     due_log = state.step % cfg.log_every == 0
     due_ckpt = state.step - run.last_ckpt_step >= cfg.ckpt_every_steps
-    if (due_log or due_ckpt) and run.preempt.agreed(run.device):   # a collective: at these steps only
+    if (due_log or due_ckpt) and run.preempt.agreed(run.device):  # a collective: at these steps only
         stop = stop or "preempted (SIGTERM): checkpoint written"
     if due_log or due_ckpt or stop or state.step >= run.max_steps:
         log_metrics(run, state)
@@ -483,9 +547,11 @@ def after_step(run: Run, state: TrainState, callback: Callable | None = None) ->
 def monitor_knn(run: Run, state: TrainState) -> None:
     from .eval import knn_monitor
     from .loaders import build_eval_loader
-    results = knn_monitor(run.method.backbone, run.cfg, build_eval_loader, run.rank, run.world, run.device,
-                          run.view_dtype, log=run.print)
-    if results is None:   # unlabeled data: said once, not tried again
+
+    results = knn_monitor(
+        run.method.backbone, run.cfg, build_eval_loader, run.rank, run.world, run.device, run.view_dtype, log=run.print
+    )
+    if results is None:  # unlabeled data: said once, not tried again
         run.knn = False
         return
     run.knn_results, run.knn_step = results, state.step
@@ -505,13 +571,14 @@ def finish(run: Run, state: TrainState, stop: str | None) -> dict:
     checkpoint already written) only says why."""
     if stop is None:
         if run.last_log_step != state.step:
-            log_metrics(run, state)   # also the non-finite check before the last checkpoint
+            log_metrics(run, state)  # also the non-finite check before the last checkpoint
         if run.saved_step != state.step:
             checkpoint(run, state)
         if run.knn and run.knn_step != state.step:
             monitor_knn(run, state)
         if run.is_main:
             from .eval import export_backbone
+
             export_backbone(run.method.backbone, run.cfg, run.out_dir / "backbone.pt")
     run.logger.print(stop or f"[done] step {state.step}, epoch {state.epoch}; outputs in {run.out_dir}")
     run.logger.close()
@@ -524,8 +591,12 @@ def finish(run: Run, state: TrainState, stop: str | None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def train(cfg: Config, resume: str = "auto", config_path: str = "config",
-          callback: Callable[[TrainState, torch.nn.Module], str | None] | None = None) -> dict:
+def train(
+    cfg: Config,
+    resume: str = "auto",
+    config_path: str = "config",
+    callback: Callable[[TrainState, torch.nn.Module], str | None] | None = None,
+) -> dict:
     """Train `cfg` to its end (or train.max_steps); returns {"step", "epoch", "loss", knn_top1/5 if data.val}.
 
     resume: auto | force | none | a checkpoint path (see `resume_run`).
@@ -556,12 +627,18 @@ def train(cfg: Config, resume: str = "auto", config_path: str = "config",
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="a recipe, e.g. configs/byol_bsim.yaml")
-    parser.add_argument("--resume", default="auto",
-                        help="auto (the default): the newest valid checkpoint in train.out_dir, refused if written "
-                             "by a different config; force: the same, accepting a different config; none: start "
-                             "over (an earlier run's files move to out_dir/previous_N/); or a checkpoint file")
-    parser.add_argument("--check-only", action="store_true",
-                        help="check the config, dataset paths and --resume, then exit (WORLD_SIZE processes)")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (the default): the newest valid checkpoint in train.out_dir, refused if written "
+        "by a different config; force: the same, accepting a different config; none: start "
+        "over (an earlier run's files move to out_dir/previous_N/); or a checkpoint file",
+    )
+    parser.add_argument(
+        "--check-only",
+        action="store_true",
+        help="check the config, dataset paths and --resume, then exit (WORLD_SIZE processes)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
@@ -574,7 +651,7 @@ def main(argv=None) -> int:
     except (ConfigError, TrainError, CheckpointError) as e:
         report_error(f"error: {e}")
         return 2
-    except KeyboardInterrupt:   # Ctrl-C: the run is resumable, a traceback would only hide that
+    except KeyboardInterrupt:  # Ctrl-C: the run is resumable, a traceback would only hide that
         if os.environ.get("RANK", "0") == "0":
             print("interrupted; the same command resumes from the newest checkpoint", file=sys.stderr)
         return 130

@@ -10,6 +10,7 @@
 - the common command-line flags (`build_arg_parser`) and error handling (`run_cli`).
 Outputs are written through bsim_fast/atomic.py.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -119,8 +120,10 @@ def resolve_source(arg: str | os.PathLike | None, split: str = "train", labeled:
         elif path.suffix.lower() in LIST_SUFFIXES:
             source = load_list_source(path, labeled)
         else:
-            raise SourceError(f"source must be a folder, a list file ({'/'.join(sorted(LIST_SUFFIXES))}: "
-                              f"path[,label] per line), a .npz file or 'builtin': {path}")
+            raise SourceError(
+                f"source must be a folder, a list file ({'/'.join(sorted(LIST_SUFFIXES))}: "
+                f"path[,label] per line), a .npz file or 'builtin': {path}"
+            )
     source.name = name
     return source
 
@@ -132,8 +135,9 @@ def load_array_source(path: Path, labeled: bool = True) -> ArraySource:
         with np.load(path, allow_pickle=False) as data:
             missing = required - set(data.files)
             if missing:
-                raise SourceError(f"{path}: missing array(s) {', '.join(sorted(missing))} "
-                                  f"(found {', '.join(data.files) or 'none'})")
+                raise SourceError(
+                    f"{path}: missing array(s) {', '.join(sorted(missing))} (found {', '.join(data.files) or 'none'})"
+                )
             images = data["images"]
             labels = data["labels"] if labeled else None
     except SourceError:
@@ -141,24 +145,32 @@ def load_array_source(path: Path, labeled: bool = True) -> ArraySource:
     except Exception as exc:  # not a zip, pickled objects, truncated file, ...
         raise SourceError(f"{path}: cannot read as .npz ({short_reason(exc)})") from exc
     if images.dtype != np.uint8 or images.ndim != 4:
-        raise SourceError(f"{path}: 'images' must be uint8 [N, H, W, 3] or [N, 3, H, W], "
-                          f"got {images.dtype} {list(images.shape)}")
+        raise SourceError(
+            f"{path}: 'images' must be uint8 [N, H, W, 3] or [N, 3, H, W], got {images.dtype} {list(images.shape)}"
+        )
     if images.shape[-1] != 3 and images.shape[1] == 3:
         images = images.transpose(0, 2, 3, 1)
     if images.shape[-1] != 3:
         raise SourceError(f"{path}: 'images' must have 3 channels, got shape {list(images.shape)}")
     if not labeled:
-        return ArraySource(name=path.stem, classes=[], labels=np.full(len(images), UNLABELED, np.int64),
-                           labeled=False, path=path, images=images)
+        return ArraySource(
+            name=path.stem,
+            classes=[],
+            labels=np.full(len(images), UNLABELED, np.int64),
+            labeled=False,
+            path=path,
+            images=images,
+        )
     if labels.ndim != 1 or labels.shape[0] != images.shape[0] or not np.issubdtype(labels.dtype, np.integer):
-        raise SourceError(f"{path}: 'labels' must be int [{images.shape[0]}], "
-                          f"got {labels.dtype} {list(labels.shape)}")
+        raise SourceError(f"{path}: 'labels' must be int [{images.shape[0]}], got {labels.dtype} {list(labels.shape)}")
     if labels.size and labels.min() < 0:
-        raise SourceError(f"{path}: 'labels' must be >= 0, found {int(labels.min())} "
-                          f"(for an unlabeled set use --no-labels)")
+        raise SourceError(
+            f"{path}: 'labels' must be >= 0, found {int(labels.min())} (for an unlabeled set use --no-labels)"
+        )
     classes, empty = integer_classes(labels)
-    return ArraySource(name=path.stem, classes=classes, labels=labels.astype(np.int64), empty_classes=empty,
-                       path=path, images=images)
+    return ArraySource(
+        name=path.stem, classes=classes, labels=labels.astype(np.int64), empty_classes=empty, path=path, images=images
+    )
 
 
 def integer_classes(labels: np.ndarray) -> tuple[list[str], list[str]]:
@@ -206,8 +218,10 @@ def load_list_source(path: Path, labeled: bool = True) -> FolderSource:
         if not paths and [cell.lower() for cell in row] in (["path"], ["path", "label"]):
             continue  # a header line
         if len(row) > 2:
-            raise SourceError(f"{path}:{line}: expected `path` or `path,label`, got {len(row)} fields "
-                              f"(quote a path that holds a comma)")
+            raise SourceError(
+                f"{path}:{line}: expected `path` or `path,label`, got {len(row)} fields "
+                f"(quote a path that holds a comma)"
+            )
         if not row[0]:
             raise SourceError(f"{path}:{line}: empty path")
         label = row[1] if len(row) == 2 else None
@@ -220,11 +234,13 @@ def load_list_source(path: Path, labeled: bool = True) -> FolderSource:
         else:
             first_labelled = first_labelled or line
         if labeled and first_labelled and first_unlabelled:
-            raise SourceError(f"{path}:{max(first_labelled, first_unlabelled)}: "
-                              f"{'no label' if label is None else 'a label'}, but line "
-                              f"{min(first_labelled, first_unlabelled)} has "
-                              f"{'one' if label is None else 'none'} (label every line or none; "
-                              f"--no-labels ignores them)")
+            raise SourceError(
+                f"{path}:{max(first_labelled, first_unlabelled)}: "
+                f"{'no label' if label is None else 'a label'}, but line "
+                f"{min(first_labelled, first_unlabelled)} has "
+                f"{'one' if label is None else 'none'} (label every line or none; "
+                f"--no-labels ignores them)"
+            )
         paths.append(os.path.join(base, row[0]))
         names.append(label)
     if not paths:
@@ -276,9 +292,13 @@ def encode_jpeg_for_storage(data: bytes, max_resolution: int, quality: int) -> t
     """
     image = open_image(data, max_resolution)
     rgb = rgb_array(image, max_resolution)
-    passthrough = (image.format == "JPEG" and image.mode == "RGB"
-                   and max(image.info[FILE_SIZE_KEY]) <= max_resolution
-                   and not image.info.get("progressive") and not image.info.get("progression"))
+    passthrough = (
+        image.format == "JPEG"
+        and image.mode == "RGB"
+        and max(image.info[FILE_SIZE_KEY]) <= max_resolution
+        and not image.info.get("progressive")
+        and not image.info.get("progression")
+    )
     try:
         passthrough = passthrough and image.getexif().get(0x0112, 1) == 1
     except Exception:
@@ -327,15 +347,18 @@ def check_output(output: Path, directory: bool, overwrite: bool, is_ours: Callab
         return
     existing = "folder" if output.is_dir() and not output.is_symlink() else "file"
     if existing != kind:
-        raise OutputPathError(f"{output} is a {existing}, and this converter writes a {kind}: choose another "
-                              f"--output (an output is never replaced by one of the other kind)")
+        raise OutputPathError(
+            f"{output} is a {existing}, and this converter writes a {kind}: choose another "
+            f"--output (an output is never replaced by one of the other kind)"
+        )
     if _is_empty(output):
         return
     if not overwrite:
         raise OutputPathError(f"{output} exists; pass --overwrite to replace it")
     if not is_ours(output):
-        raise OutputPathError(f"{output} does not look like this converter's output; not replacing it, "
-                              f"even with --overwrite")
+        raise OutputPathError(
+            f"{output} does not look like this converter's output; not replacing it, even with --overwrite"
+        )
 
 
 def _is_empty(path: Path) -> bool:
@@ -370,8 +393,9 @@ def _run_task(i: int):
         return i, None, f"decoder error ({type(exc).__name__}: {short_reason(exc)})"
 
 
-def map_samples(source: Source, indices: Sequence[int], task: Callable, workers: int,
-                chunksize: int = 32) -> Iterator[tuple[int, object, str | None]]:
+def map_samples(
+    source: Source, indices: Sequence[int], task: Callable, workers: int, chunksize: int = 32
+) -> Iterator[tuple[int, object, str | None]]:
     """Yields (index, task(source, index) or None, reason or None) in index order.
 
     `task` must be a module-level function (it runs in worker processes when workers > 1).
@@ -423,8 +447,7 @@ class Conversion:
         self.started = time.perf_counter()
         self.progress = progress_bar(total, desc)
         for name in source.empty_classes:
-            self.note(f"warning: empty class folder {name!r} keeps its index "
-                      f"{source.classes.index(name)}")
+            self.note(f"warning: empty class folder {name!r} keeps its index {source.classes.index(name)}")
 
     def note(self, line: str) -> None:
         self.progress.write(line, file=sys.stderr)
@@ -465,11 +488,17 @@ class Conversion:
     def _summary(self, output_bytes: int) -> dict:
         seconds = time.perf_counter() - self.started
         return {
-            "output": str(self.output), "images_written": self.written, "skipped": len(self.skipped),
-            "ignored_non_image_files": self.source.ignored, "ignored_hidden": self.source.hidden,
-            "labeled": self.source.labeled, "empty_classes": self.source.empty_classes,
-            "num_classes": len(self.source.classes), "bytes": output_bytes,
-            "seconds": round(seconds, 3), "images_per_s": round(self.written / max(seconds, 1e-9), 1),
+            "output": str(self.output),
+            "images_written": self.written,
+            "skipped": len(self.skipped),
+            "ignored_non_image_files": self.source.ignored,
+            "ignored_hidden": self.source.hidden,
+            "labeled": self.source.labeled,
+            "empty_classes": self.source.empty_classes,
+            "num_classes": len(self.source.classes),
+            "bytes": output_bytes,
+            "seconds": round(seconds, 3),
+            "images_per_s": round(self.written / max(seconds, 1e-9), 1),
             **self.extra,
         }
 
@@ -479,9 +508,11 @@ class Conversion:
         ignored = s["ignored_non_image_files"] + s["ignored_hidden"]
         ignored_note = f"; {ignored} ignored (not images, or hidden)" if ignored else ""
         unlabeled_note = "" if s["labeled"] else " unlabeled"
-        print(f"wrote {self.written}{unlabeled_note} images to {self.output} ({len(self.skipped)} skipped"
-              f"{skipped_note}{ignored_note}; {s['bytes'] / 1e6:.1f} MB, {s['seconds']:.1f} s, "
-              f"{s['images_per_s']:.0f} images/s)")
+        print(
+            f"wrote {self.written}{unlabeled_note} images to {self.output} ({len(self.skipped)} skipped"
+            f"{skipped_note}{ignored_note}; {s['bytes'] / 1e6:.1f} MB, {s['seconds']:.1f} s, "
+            f"{s['images_per_s']:.0f} images/s)"
+        )
         print(json.dumps(s))
 
 
@@ -520,6 +551,7 @@ def int_at_least(low: int, high: int | None = None):
             bounds = f"between {low} and {high}" if high is not None else f">= {low}"
             raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
+
     return parse
 
 
@@ -527,42 +559,79 @@ def build_arg_parser(description: str, output_help: str) -> argparse.ArgumentPar
     """The flags every converter takes; each converter adds its own. Defaults are written in the help texts
     where there is one to show (not `(default: None)`)."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--source", default="builtin", metavar="DIR|LIST|FILE.npz|builtin",
-                        help="ImageFolder tree (DIR/<class>/<image>); with --no-labels any folder of images; a "
-                             "list file (.txt/.csv/.lst/.list: `path[,label]` per line, paths relative to the "
-                             "list's folder); a .npz with uint8 'images' and int 'labels'; or the built-in "
-                             "CIFAR-10 subset (default: %(default)s)")
-    parser.add_argument("--no-labels", dest="labeled", action="store_false",
-                        help="an unlabeled collection: every image below --source at any depth (sub-folders "
-                             "are not classes), label -1, output marked \"labeled\": false; labels in a list "
-                             "file or .npz are ignored")
-    parser.add_argument("--split", choices=SPLITS, default=None,
-                        help="split of the built-in dataset (only with --source builtin; train if not given)")
+    parser.add_argument(
+        "--source",
+        default="builtin",
+        metavar="DIR|LIST|FILE.npz|builtin",
+        help="ImageFolder tree (DIR/<class>/<image>); with --no-labels any folder of images; a "
+        "list file (.txt/.csv/.lst/.list: `path[,label]` per line, paths relative to the "
+        "list's folder); a .npz with uint8 'images' and int 'labels'; or the built-in "
+        "CIFAR-10 subset (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-labels",
+        dest="labeled",
+        action="store_false",
+        help="an unlabeled collection: every image below --source at any depth (sub-folders "
+        'are not classes), label -1, output marked "labeled": false; labels in a list '
+        "file or .npz are ignored",
+    )
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default=None,
+        help="split of the built-in dataset (only with --source builtin; train if not given)",
+    )
     parser.add_argument("--output", default=None, metavar="PATH", help=output_help)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output (only one a converter wrote; never a file by a folder "
-                             "or the reverse)")
-    parser.add_argument("--max-resolution", type=int_at_least(1), default=DEFAULT_MAX_RESOLUTION,
-                        metavar="N", help="downscale so the longer side is at most N pixels (default: %(default)s)")
-    parser.add_argument("--jpeg-quality", type=int_at_least(1, 100), default=DEFAULT_JPEG_QUALITY,
-                        metavar="Q", help="JPEG quality for images that are (re-)encoded (default: %(default)s)")
-    parser.add_argument("--workers", type=int_at_least(1), default=default_workers(), metavar="N",
-                        help="worker processes for decoding and writing (default: %(default)s, the cores "
-                             "available, at most 16)")
-    parser.add_argument("--subset", type=int_at_least(1), default=None, metavar="N",
-                        help="convert only N evenly spaced samples (for quick tests; all if not given)")
-    parser.add_argument("--strict", action="store_true",
-                        help="fail on the first bad input file instead of skipping and listing it")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing output (only one a converter wrote; never a file by a folder or the reverse)",
+    )
+    parser.add_argument(
+        "--max-resolution",
+        type=int_at_least(1),
+        default=DEFAULT_MAX_RESOLUTION,
+        metavar="N",
+        help="downscale so the longer side is at most N pixels (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jpeg-quality",
+        type=int_at_least(1, 100),
+        default=DEFAULT_JPEG_QUALITY,
+        metavar="Q",
+        help="JPEG quality for images that are (re-)encoded (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int_at_least(1),
+        default=default_workers(),
+        metavar="N",
+        help="worker processes for decoding and writing (default: %(default)s, the cores available, at most 16)",
+    )
+    parser.add_argument(
+        "--subset",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help="convert only N evenly spaced samples (for quick tests; all if not given)",
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="fail on the first bad input file instead of skipping and listing it"
+    )
     return parser
 
 
-def output_and_source(args: argparse.Namespace, default_output: Callable[[str], Path], directory: bool,
-                      is_ours: Callable[[Path], bool]) -> tuple[Path, Source]:
+def output_and_source(
+    args: argparse.Namespace, default_output: Callable[[str], Path], directory: bool, is_ours: Callable[[Path], bool]
+) -> tuple[Path, Source]:
     """The output path, checked before any work (`check_output`), then the source, scanned."""
     builtin = args.source is None or args.source == "builtin"
     if args.split is not None and not builtin:
-        raise SourceError("--split selects a split of the built-in dataset; with --source DIR point "
-                          "--source at the split's folder instead")
+        raise SourceError(
+            "--split selects a split of the built-in dataset; with --source DIR point "
+            "--source at the split's folder instead"
+        )
     arg = None if builtin else args.source
     split = args.split or "train"
     output = Path(args.output) if args.output else default_output(source_name(arg, split))
@@ -570,8 +639,9 @@ def output_and_source(args: argparse.Namespace, default_output: Callable[[str], 
     return output, resolve_source(arg, split, labeled=args.labeled)
 
 
-def run_cli(convert: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser,
-            argv: Sequence[str] | None) -> int:
+def run_cli(
+    convert: Callable[[argparse.Namespace], object], parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> int:
     """Parses argv, runs `convert`, and turns known failures into one line on stderr + an exit code."""
     args = parser.parse_args(argv)
     prog = parser.prog

@@ -16,6 +16,7 @@ Same sources, options, progress, bad-input policy and atomic output as write_ffc
 A JPEG that is already RGB, baseline, upright and within --max-resolution is stored byte for byte;
 everything else is decoded and re-encoded at --jpeg-quality.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,13 +46,22 @@ INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.build_arg_parser(__doc__.strip().splitlines()[0],
-                                     "the folder of shards to write (default: data_out/<dataset>[_subsetN]_dali)")
-    parser.add_argument("--shard-size", type=common.int_at_least(1), default=DEFAULT_SHARD_SIZE,
-                        metavar="N", help="samples per tar shard (default: %(default)s)")
-    parser.add_argument("--order", choices=("shuffled", "source"), default="shuffled",
-                        help="sample order in the shards: shuffled (fixed seed) or as in the source "
-                             "(default: %(default)s)")
+    parser = common.build_arg_parser(
+        __doc__.strip().splitlines()[0], "the folder of shards to write (default: data_out/<dataset>[_subsetN]_dali)"
+    )
+    parser.add_argument(
+        "--shard-size",
+        type=common.int_at_least(1),
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help="samples per tar shard (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--order",
+        choices=("shuffled", "source"),
+        default="shuffled",
+        help="sample order in the shards: shuffled (fixed seed) or as in the source (default: %(default)s)",
+    )
     return parser
 
 
@@ -83,8 +93,9 @@ class ShardWriter:
             self._close_shard()
             self._open_shard()
         key = f"{self.count:0{KEY_DIGITS}d}"
-        components = [self._add_member(f"{key}.{ext}", data)
-                      for ext, data in (("jpg", jpeg), ("cls", str(label).encode("ascii")))]
+        components = [
+            self._add_member(f"{key}.{ext}", data) for ext, data in (("jpg", jpeg), ("cls", str(label).encode("ascii")))
+        ]
         self._index_lines.append(" ".join(components))
         self.count += 1
 
@@ -127,8 +138,9 @@ def _prepare_jpeg(max_resolution: int, quality: int, source: datasets.Source, i:
 
 
 def convert(args: argparse.Namespace) -> dict:
-    output, source = common.output_and_source(args, lambda name: default_output(name, args.subset),
-                                              directory=True, is_ours=looks_like_shards)
+    output, source = common.output_and_source(
+        args, lambda name: default_output(name, args.subset), directory=True, is_ours=looks_like_shards
+    )
     indices = common.subset_indices(len(source), args.subset)
     if args.order == "shuffled":
         # DALI reads a shard sequentially through a bounded shuffle buffer: shards in class order would give
@@ -154,16 +166,27 @@ def convert(args: argparse.Namespace) -> dict:
             if shards.count == 0:
                 raise ConversionError(f"no usable images in {args.source} ({len(run.skipped)} skipped)")
             meta = {
-                "format": "webdataset", "num_samples": shards.count, "labeled": source.labeled,
-                "classes": source.classes, "image_member": "jpg", "label_member": "cls",
-                "label_encoding": "ascii-decimal", "index_format": f"DALI wds2idx {INDEX_VERSION}",
-                "max_resolution": args.max_resolution, "jpeg_quality": args.jpeg_quality, "shards": shards.shards,
+                "format": "webdataset",
+                "num_samples": shards.count,
+                "labeled": source.labeled,
+                "classes": source.classes,
+                "image_member": "jpg",
+                "label_member": "cls",
+                "label_encoding": "ascii-decimal",
+                "index_format": f"DALI wds2idx {INDEX_VERSION}",
+                "max_resolution": args.max_resolution,
+                "jpeg_quality": args.jpeg_quality,
+                "shards": shards.shards,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
             datasets.check_shards(tmp)
             run.written = shards.count
-            run.extra.update(format="dali-webdataset", shards=len(shards.shards), jpeg_passed_through=passed_through,
-                             jpeg_reencoded=shards.count - passed_through)
+            run.extra.update(
+                format="dali-webdataset",
+                shards=len(shards.shards),
+                jpeg_passed_through=passed_through,
+                jpeg_reencoded=shards.count - passed_through,
+            )
     finally:
         run.close()
     return run.summary

@@ -13,6 +13,7 @@ are handed to the writer, which decodes them again in its own workers. A worker 
 A .beton holds only images and labels; whether the set is labelled is in `<output>.summary.json`
 ("labeled") and in the labels themselves (all -1: `bsim_fast.datasets.labeled_from_labels`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,17 +54,30 @@ JPEG_FRACTION_OF_RAW = 1 / 8
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = common.build_arg_parser(__doc__.strip().splitlines()[0],
-                                     "the .beton to write (default: data_out/<dataset>[_subsetN].beton)")
-    parser.add_argument("--write-mode", choices=WRITE_MODES, default="smart",
-                        help="how images are stored: raw pixels, JPEG, a random 'proportion' as JPEG, "
-                             "or 'smart' (raw while raw is below --smart-threshold bytes) (default: %(default)s)")
-    parser.add_argument("--compress-probability", type=float, default=0.5, metavar="P",
-                        help="with --write-mode proportion: probability that an image is stored as JPEG "
-                             "(default: %(default)s)")
-    parser.add_argument("--smart-threshold", type=int, default=DEFAULT_SMART_THRESHOLD, metavar="BYTES",
-                        help="with --write-mode smart: raw size above which an image is stored as JPEG "
-                             "(default: %(default)s)")
+    parser = common.build_arg_parser(
+        __doc__.strip().splitlines()[0], "the .beton to write (default: data_out/<dataset>[_subsetN].beton)"
+    )
+    parser.add_argument(
+        "--write-mode",
+        choices=WRITE_MODES,
+        default="smart",
+        help="how images are stored: raw pixels, JPEG, a random 'proportion' as JPEG, "
+        "or 'smart' (raw while raw is below --smart-threshold bytes) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--compress-probability",
+        type=float,
+        default=0.5,
+        metavar="P",
+        help="with --write-mode proportion: probability that an image is stored as JPEG (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--smart-threshold",
+        type=int,
+        default=DEFAULT_SMART_THRESHOLD,
+        metavar="BYTES",
+        help="with --write-mode smart: raw size above which an image is stored as JPEG (default: %(default)s)",
+    )
     return parser
 
 
@@ -100,8 +114,9 @@ class ValidatedSamples:
         try:
             image = self.source.load_rgb(i, self.max_resolution)
         except datasets.SampleError as exc:
-            raise ConversionError(f"{common.one_line(self.source.describe(i))}: {exc} "
-                                  f"(changed during the conversion)") from None
+            raise ConversionError(
+                f"{common.one_line(self.source.describe(i))}: {exc} (changed during the conversion)"
+            ) from None
         return image, self.source.label(i)
 
 
@@ -119,8 +134,12 @@ def estimated_bytes(raw_bytes: np.ndarray, write_mode: str, smart_threshold: int
     """What the images will take in the .beton, roughly (exact for raw, a guess for JPEG)."""
     raw = raw_bytes.astype(np.float64)
     jpeg = raw * JPEG_FRACTION_OF_RAW
-    stored = {"raw": raw, "jpg": jpeg, "smart": np.where(raw > smart_threshold, jpeg, raw),
-              "proportion": compress_probability * jpeg + (1 - compress_probability) * raw}[write_mode]
+    stored = {
+        "raw": raw,
+        "jpg": jpeg,
+        "smart": np.where(raw > smart_threshold, jpeg, raw),
+        "proportion": compress_probability * jpeg + (1 - compress_probability) * raw,
+    }[write_mode]
     return int(stored.sum())
 
 
@@ -150,8 +169,9 @@ def _guarded_worker_job(*args) -> None:
         os._exit(1)  # the parent prints the one-line error; no worker traceback on the terminal
 
 
-def write_beton(path: Path, dataset: ValidatedSamples, fields: dict, workers: int, page_size: int,
-                final_name: Path) -> None:
+def write_beton(
+    path: Path, dataset: ValidatedSamples, fields: dict, workers: int, page_size: int, final_name: Path
+) -> None:
     """What ffcv's DatasetWriter.from_indexed_dataset does (ffcv 1.0.2: prepare, worker processes, finalize),
     with the loop here: a labelled progress bar, and a worker that fails or dies stops the run with one line
     instead of leaving the others spinning. Every worker is stopped before this returns or raises, so none can
@@ -177,10 +197,18 @@ def write_beton(path: Path, dataset: ValidatedSamples, fields: dict, workers: in
     try:
         writer.prepare()  # the header, field descriptors and the shared per-sample metadata
         allocator = MemoryAllocator(str(path), writer.data_region_start, page_size)
-        worker_args = (todo, writer.metadata_sm, writer.metadata_type, fields, allocator, done, allocation_tables,
-                       dataset, failures)
-        processes = [context.Process(target=_guarded_worker_job, args=worker_args, daemon=True)
-                     for _ in range(workers)]
+        worker_args = (
+            todo,
+            writer.metadata_sm,
+            writer.metadata_type,
+            fields,
+            allocator,
+            done,
+            allocation_tables,
+            dataset,
+            failures,
+        )
+        processes = [context.Process(target=_guarded_worker_job, args=worker_args, daemon=True) for _ in range(workers)]
         for process in processes:
             process.start()
         tables: list = []
@@ -235,8 +263,9 @@ def _stop(process) -> None:
 
 
 def convert(args: argparse.Namespace) -> dict:
-    output, source = common.output_and_source(args, lambda name: default_output(name, args.subset),
-                                              directory=False, is_ours=looks_like_beton)
+    output, source = common.output_and_source(
+        args, lambda name: default_output(name, args.subset), directory=False, is_ours=looks_like_beton
+    )
     indices = common.subset_indices(len(source), args.subset)
     check = functools.partial(common.decoded_size, args.max_resolution)
     # Slow import (numba compiles at import): after the source is known to exist, before the clock starts.
@@ -261,12 +290,19 @@ def convert(args: argparse.Namespace) -> dict:
 
     raw_bytes = np.prod(np.asarray(sizes, np.int64), axis=1) * 3
     page_size = page_size_for(int(raw_bytes.max()))
-    writers = writer_count(args.workers, estimated_bytes(raw_bytes, args.write_mode, args.smart_threshold,
-                                                         args.compress_probability), page_size)
+    writers = writer_count(
+        args.workers,
+        estimated_bytes(raw_bytes, args.write_mode, args.smart_threshold, args.compress_probability),
+        page_size,
+    )
     fields = {
-        "image": RGBImageField(write_mode=args.write_mode, max_resolution=args.max_resolution,
-                               smart_threshold=args.smart_threshold, jpeg_quality=args.jpeg_quality,
-                               compress_probability=args.compress_probability),
+        "image": RGBImageField(
+            write_mode=args.write_mode,
+            max_resolution=args.max_resolution,
+            smart_threshold=args.smart_threshold,
+            jpeg_quality=args.jpeg_quality,
+            compress_probability=args.compress_probability,
+        ),
         "label": IntField(),
     }
     dataset = ValidatedSamples(source, good, args.max_resolution)
@@ -274,8 +310,13 @@ def convert(args: argparse.Namespace) -> dict:
         write_beton(tmp, dataset, fields, writers, page_size, output)
         datasets.check_beton(tmp)
         run.written = len(good)
-        run.extra.update(format="ffcv", write_mode=args.write_mode, classes=source.classes, page_size=page_size,
-                         writer_processes=writers)
+        run.extra.update(
+            format="ffcv",
+            write_mode=args.write_mode,
+            classes=source.classes,
+            page_size=page_size,
+            writer_processes=writers,
+        )
     return run.summary
 
 

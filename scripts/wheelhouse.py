@@ -23,6 +23,7 @@ transports with a size limit; a wheel larger than N is cut into `.chunk-NN` piec
 first, so part-00 alone installs everything but the largest wheels (DALI). `assemble` joins them again
 and checks every wheel against SHA256SUMS.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,10 @@ import zipfile
 from pathlib import Path
 
 # Present on every glibc Linux; bundling libstdc++ would fight the newer one torch already loaded.
-SYSTEM_LIBS = re.compile(r"^(linux-vdso|ld-linux|libc|libm|libpthread|libdl|librt|libutil|libresolv|libstdc\+\+|"
-                         r"libgcc_s|libmvec)\.so")
+SYSTEM_LIBS = re.compile(
+    r"^(linux-vdso|ld-linux|libc|libm|libpthread|libdl|librt|libutil|libresolv|libstdc\+\+|"
+    r"libgcc_s|libmvec)\.so"
+)
 SUMS = "SHA256SUMS"
 
 
@@ -131,8 +134,10 @@ def repair(wheel: Path, out_dir: Path) -> Path:
             files = sorted(p for p in root.rglob("*") if p.is_file())
             for f in [f for f in files if info.name not in f.parts] + [f for f in files if info.name in f.parts]:
                 z.write(f, f.relative_to(root).as_posix())
-    print(f"[wheelhouse] {target.name}: bundled {len(needed)} libraries ({', '.join(sorted(needed))}); "
-          f"needs glibc >= 2.{glibc}")
+    print(
+        f"[wheelhouse] {target.name}: bundled {len(needed)} libraries ({', '.join(sorted(needed))}); "
+        f"needs glibc >= 2.{glibc}"
+    )
     return target
 
 
@@ -154,11 +159,27 @@ def read_have(path: str | None) -> dict:
 def resolve(dest: Path, requirements: list, have: dict, reuse: list) -> list:
     from pip._vendor.packaging.requirements import Requirement
     from pip._vendor.packaging.version import Version
+
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--dry-run", "--ignore-installed",
-                        "--find-links", str(dest), "--report", str(report), *requirements], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--dry-run",
+                "--ignore-installed",
+                "--find-links",
+                str(dest),
+                "--report",
+                str(report),
+                *requirements,
+            ],
+            check=True,
+        )
         items = json.loads(report.read_text())["install"]
     meta = {canonical(i["metadata"]["name"]): i["metadata"] for i in items}
     # The reused stack, the target's packages and everything they require are on the target already.
@@ -190,14 +211,18 @@ def resolve(dest: Path, requirements: list, have: dict, reuse: list) -> list:
     reused -= capped
     want = sorted((m["name"], m["version"]) for n, m in meta.items() if n not in reused and n not in present)
     if capped:
-        print(f"[wheelhouse] carried although the target may have them (version capped by a requirement): "
-              f"{', '.join(sorted(capped))}")
+        print(
+            f"[wheelhouse] carried although the target may have them (version capped by a requirement): "
+            f"{', '.join(sorted(capped))}"
+        )
     left_out = sorted(n for n in meta if n in reused and n not in present)
     print(f"[wheelhouse] left out (on the target already): {', '.join(left_out) or 'nothing'}")
     if want:
         print(f"[wheelhouse] fetching {len(want)} wheels: {', '.join(f'{n}=={v}' for n, v in want)}")
-        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest),
-                        *[f"{n}=={v}" for n, v in want]], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), *[f"{n}=={v}" for n, v in want]],
+            check=True,
+        )
     return want
 
 
@@ -269,7 +294,7 @@ def assemble(src: Path, stage: Path) -> list:
     for name, pieces in chunks.items():
         pieces.sort()
         if [i for i, _ in pieces] != list(range(len(pieces))):
-            continue   # a piece is missing: the checksum below reports the wheel as missing
+            continue  # a piece is missing: the checksum below reports the wheel as missing
         with open(stage / name, "wb") as out:
             for _, f in pieces:
                 out.write(f.read_bytes())

@@ -1,4 +1,5 @@
 """Readers the converter tests check outputs with: real FFCV and a CPU-only DALI pipeline."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,14 @@ def read_beton(path: Path, image_decoder=None):
     from ffcv.loader import Loader, OrderOption
 
     datasets.check_beton(path)
-    loader = Loader(str(path), batch_size=64, num_workers=1, order=OrderOption.SEQUENTIAL,
-                    drop_last=False,  # FFCV's default (True) would drop the last 8 of 200
-                    pipelines={"image": [image_decoder or SimpleRGBImageDecoder()], "label": [IntDecoder()]})
+    loader = Loader(
+        str(path),
+        batch_size=64,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,  # FFCV's default (True) would drop the last 8 of 200
+        pipelines={"image": [image_decoder or SimpleRGBImageDecoder()], "label": [IntDecoder()]},
+    )
     images, labels = [], []
     for batch_images, batch_labels in loader:
         images.append(np.array(batch_images))
@@ -34,8 +40,9 @@ def read_shards_with_dali(folder: Path):
 
     @pipeline_def(batch_size=64, num_threads=1, device_id=None)
     def pipeline():
-        jpegs, labels = fn.readers.webdataset(paths=tars, index_paths=indexes, ext=["jpg", "cls"],
-                                              missing_component_behavior="error", name="reader")
+        jpegs, labels = fn.readers.webdataset(
+            paths=tars, index_paths=indexes, ext=["jpg", "cls"], missing_component_behavior="error", name="reader"
+        )
         return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB), labels
 
     pipe = pipeline()

@@ -1,16 +1,31 @@
 """Shared test helpers: a tiny ImageFolder cut from the built-in dataset and tiny-model overrides."""
+
 import shutil
 from pathlib import Path
 
-TINY = ["model.arch=resnet18", "model.cifar_stem=true", "model.proj_hidden=32", "model.proj_dim=16",
-        "model.pred_hidden=16", "model.queue_size=64", "data.loader=torch", "data.image_size=16",
-        "data.batch_size=8", "data.workers=0", "train.log_every=1", "train.compile=off",
-        "train.tensorboard=false", "optim.warmup_epochs=1", "train.knn_k=5"]
+TINY = [
+    "model.arch=resnet18",
+    "model.cifar_stem=true",
+    "model.proj_hidden=32",
+    "model.proj_dim=16",
+    "model.pred_hidden=16",
+    "model.queue_size=64",
+    "data.loader=torch",
+    "data.image_size=16",
+    "data.batch_size=8",
+    "data.workers=0",
+    "train.log_every=1",
+    "train.compile=off",
+    "train.tensorboard=false",
+    "optim.warmup_epochs=1",
+    "train.knn_k=5",
+]
 
 
 def tiny_folder(dest: Path, split: str = "train", per_class: int = 6, classes: int = 4) -> Path:
     """The first `per_class` images of the first `classes` classes of the built-in set, as an ImageFolder."""
     from bsim_fast.datasets import builtin_root
+
     src = builtin_root() / split
     for cls in sorted(p.name for p in src.iterdir())[:classes]:
         (dest / cls).mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """augment.py against per-image torchvision references (CPU tensors)."""
+
 from dataclasses import replace
 
 import pytest
@@ -28,7 +29,7 @@ def batch_u8():
     return x
 
 
-def as_float(x_u8):                 # [N,H,W,3] uint8 -> [N,3,H,W] float 0..255
+def as_float(x_u8):  # [N,H,W,3] uint8 -> [N,3,H,W] float 0..255
     return x_u8.permute(0, 3, 1, 2).float()
 
 
@@ -47,12 +48,15 @@ def test_policy_for_reads_cfg_aug():
     assert t1 == t2 and t1.blur_p == 0.5 and t1.jitter_p == cfg.aug.jitter_p
 
 
-@pytest.mark.parametrize("ours, theirs, lo, hi", [
-    (augment.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
-    (augment.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
-    (augment.adjust_saturation, TF.adjust_saturation, 0.0, 1.8),
-    (augment.adjust_hue, TF.adjust_hue, -0.5, 0.5),
-])
+@pytest.mark.parametrize(
+    "ours, theirs, lo, hi",
+    [
+        (augment.adjust_brightness, TF.adjust_brightness, 0.6, 1.4),
+        (augment.adjust_contrast, TF.adjust_contrast, 0.6, 1.4),
+        (augment.adjust_saturation, TF.adjust_saturation, 0.0, 1.8),
+        (augment.adjust_hue, TF.adjust_hue, -0.5, 0.5),
+    ],
+)
 def test_jitter_ops_match_torchvision(batch_u8, ours, theirs, lo, hi):
     params = torch.linspace(lo, hi, N)
     out = ours(as_float(batch_u8), params)
@@ -92,14 +96,18 @@ def reference_photometric(x_u8, policy, seed):
     u = torch.rand(x_u8.shape[0], 13, generator=torch.Generator().manual_seed(seed))
     outs = []
     for img, r in zip(as_float(x_u8) / 255.0, u):
+
         def factor(col, s, r=r):
             lo = max(0.0, 1.0 - s)
             return float(lo + (1.0 + s - lo) * r[col])
+
         if r[0] < policy.jitter_p:
-            ops = [lambda t: TF.adjust_brightness(t, factor(1, policy.brightness)),
-                   lambda t: TF.adjust_contrast(t, factor(2, policy.contrast)),
-                   lambda t: TF.adjust_saturation(t, factor(3, policy.saturation)),
-                   lambda t, r=r: TF.adjust_hue(t, float((r[4] * 2 - 1) * policy.hue))]
+            ops = [
+                lambda t: TF.adjust_brightness(t, factor(1, policy.brightness)),
+                lambda t: TF.adjust_contrast(t, factor(2, policy.contrast)),
+                lambda t: TF.adjust_saturation(t, factor(3, policy.saturation)),
+                lambda t, r=r: TF.adjust_hue(t, float((r[4] * 2 - 1) * policy.hue)),
+            ]
             for op in r[5:9].argsort():
                 img = ops[int(op)](img)
         if r[9] < policy.gray_p:
@@ -114,11 +122,15 @@ def reference_photometric(x_u8, policy, seed):
     return (torch.stack(outs) * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("policy", [
-    view_policy(jitter_p=1.0, gray_p=0.3, blur_p=0.5, solarize_p=0.5),
-    view_policy(jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, blur_p=1.0,
-               solarize_p=0.0),
-])
+@pytest.mark.parametrize(
+    "policy",
+    [
+        view_policy(jitter_p=1.0, gray_p=0.3, blur_p=0.5, solarize_p=0.5),
+        view_policy(
+            jitter_p=0.8, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, gray_p=0.2, blur_p=1.0, solarize_p=0.0
+        ),
+    ],
+)
 def test_photometric_matches_per_image_reference(policy):
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, (32, 40, 40, 3), generator=g, dtype=torch.uint8)
@@ -126,7 +138,7 @@ def test_photometric_matches_per_image_reference(policy):
     ref = reference_photometric(x, policy, 7)
     assert out.dtype == torch.uint8 and out.shape == x.shape and out.is_contiguous()
     diff = (out.int() - ref.int()).abs()
-    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01   # float-rounding ties only
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01  # float-rounding ties only
 
 
 def test_photometric_identity_deterministic_and_varied(batch_u8):

@@ -1,5 +1,6 @@
 """Bad input: odd image modes become RGB, broken files are skipped and listed (or fail with --strict),
 every good image arrives with its right label, and truncated outputs give an error naming the file."""
+
 from __future__ import annotations
 
 import errno
@@ -144,8 +145,10 @@ def test_jpeg_bytes_pass_through_only_when_lossless(huge_jpeg):
     for name in ("gray.jpg", "cmyk.jpg", "huge.jpg", "png_named.jpg", "exif_rotated.jpg", "progressive.jpg"):
         data, passed = common.encode_jpeg_for_storage(images[name], 512, 90)
         assert not passed and Image.open(io.BytesIO(data)).mode == "RGB", name
-    assert Image.open(io.BytesIO(common.encode_jpeg_for_storage(images["exif_rotated.jpg"], 512, 90)[0])).size \
-        == (20, 40)
+    assert Image.open(io.BytesIO(common.encode_jpeg_for_storage(images["exif_rotated.jpg"], 512, 90)[0])).size == (
+        20,
+        40,
+    )
     # Exactly twice --max-resolution: libjpeg decodes it at 1/2 scale, so the decoded size is within the limit,
     # but the file is not: it must be re-encoded at 512, not stored at 1024.
     data, passed = common.encode_jpeg_for_storage(jpeg_bytes(noise(1024, 768)), 512, 90)
@@ -208,8 +211,12 @@ def check_skips(root: Path, output: Path, bad: dict[str, str], stderr: str, summ
 def test_dali_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp_path, capsys):
     root, good, bad = messy_tree
     out = tmp_path / "messy_shards"
-    assert write_dali.main(["--source", str(root), "--output", str(out), "--workers", "1",
-                            "--shard-size", "7", "--order", "source"]) == 0
+    assert (
+        write_dali.main(
+            ["--source", str(root), "--output", str(out), "--workers", "1", "--shard-size", "7", "--order", "source"]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
     assert "empty class folder 'd_empty' keeps its index 3" in captured.err
@@ -243,8 +250,14 @@ def test_ffcv_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
     assert datasets.check_beton(out) == len(good)
-    loader = Loader(str(out), batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL, drop_last=False,
-                    pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0)], "label": [IntDecoder()]})
+    loader = Loader(
+        str(out),
+        batch_size=8,
+        num_workers=1,
+        order=OrderOption.SEQUENTIAL,
+        drop_last=False,
+        pipelines={"image": [CenterCropRGBImageDecoder((16, 16), 1.0)], "label": [IntDecoder()]},
+    )
     labels = np.concatenate([np.array(batch_labels).reshape(-1) for _, batch_labels in loader])
     assert labels.tolist() == [label for _, label in good]
 
@@ -263,8 +276,7 @@ def test_strict_fails_on_the_first_bad_file(messy_tree, tmp_path, capsys):
 
 def test_truncated_beton_names_the_file(tmp_path):
     out = tmp_path / "small.beton"
-    assert write_ffcv.main(["--subset", "20", "--workers", "1", "--write-mode", "jpg",
-                            "--output", str(out)]) == 0
+    assert write_ffcv.main(["--subset", "20", "--workers", "1", "--write-mode", "jpg", "--output", str(out)]) == 0
     data = out.read_bytes()
     assert datasets.check_beton(out) == 20
     for cut in (10, len(data) // 2, len(data) - 5):
@@ -280,8 +292,7 @@ def test_truncated_beton_names_the_file(tmp_path):
 
 def test_truncated_shard_names_the_file(tmp_path):
     out = tmp_path / "shards"
-    assert write_dali.main(["--subset", "20", "--workers", "1", "--shard-size", "8",
-                            "--output", str(out)]) == 0
+    assert write_dali.main(["--subset", "20", "--workers", "1", "--shard-size", "8", "--output", str(out)]) == 0
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     with pytest.raises(datasets.CorruptOutputError, match=f"{shard}: truncated"):

@@ -1,4 +1,5 @@
 """Checkpoints: atomic, verified, damaged ones skipped with one line; schedule arithmetic."""
+
 import errno
 import math
 
@@ -92,6 +93,7 @@ def test_missing_hash_says_what_is_true_and_can_be_loaded_on_request(tmp_path):
 
 def test_pickled_code_is_refused_in_our_words(tmp_path):
     import argparse
+
     ck.save_checkpoint({"step": 1, "payload": argparse.Namespace(x=1)}, tmp_path, 1, keep=2)
     with pytest.raises(ck.CheckpointError) as e:
         ck.load_checkpoint(tmp_path / "ckpt_00000001.pt")

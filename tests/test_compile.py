@@ -4,6 +4,7 @@ The counter test runs on the CPU with the "aot_eager" backend: graph breaks and 
 dynamo's tracing and guards, which every backend shares, and "aot_eager" also traces the backward (AOT
 autograd) as inductor would, without inductor's C++ code generation, which takes minutes on a CI CPU.
 """
+
 import pytest
 import torch
 from torch._dynamo.utils import counters
@@ -25,8 +26,9 @@ def views(seed):
     mean, std = (125.3, 123.0, 113.9), (63.0, 62.1, 66.7)
     plain_a, mixed_a = mix.cutmix_normalize(a_u8, partner, boxes_a, mean, std, torch.float32)
     plain_b, mixed_b = mix.cutmix_normalize(b_u8, partner, boxes_b, mean, std, torch.float32)
-    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner,
-                lam_a=lam_a, lam_b=lam_b)
+    return dict(
+        plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner, lam_a=lam_a, lam_b=lam_b
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -34,8 +36,10 @@ def test_compiled_byol_step_has_no_graph_breaks_and_no_recompiles(mode):
     torch._dynamo.reset()
     counters.clear()
     torch.manual_seed(0)
-    cfg = load_config("configs/small/byol.yaml", [f"method.mode={mode}", "model.proj_hidden=64", "model.proj_dim=32",
-                                                  "model.pred_hidden=64"])
+    cfg = load_config(
+        "configs/small/byol.yaml",
+        [f"method.mode={mode}", "model.proj_hidden=64", "model.proj_dim=32", "model.pred_hidden=64"],
+    )
     method = build_method(cfg).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(method, cfg, torch.device("cpu"))
     compile_networks(method, backend=BACKEND)
@@ -53,7 +57,7 @@ def test_compiled_byol_step_has_no_graph_breaks_and_no_recompiles(mode):
 
     step(0)
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == 2          # the online network and the target network
+    assert counters["stats"]["unique_graphs"] == 2  # the online network and the target network
     with torch._dynamo.config.patch(error_on_recompile=True):
         losses = [step(seed) for seed in (1, 2)]
     assert all(torch.isfinite(torch.tensor(losses)))

@@ -1,4 +1,5 @@
 """Recipes load and validate; every mistake is one line naming the file and the key."""
+
 import glob
 import json
 import subprocess
@@ -13,7 +14,7 @@ from bsim_fast.methods import METHODS
 # Recipes are what scripts/train_8gpu.sh lists: every configs/**.yaml except the bases they build on.
 RECIPES = sorted(p for p in glob.glob("configs/**/*.yaml", recursive=True) if "/_base/" not in p)
 RECIPE_VALUES = json.loads((Path(__file__).parent / "data" / "recipe_values.json").read_text())
-NAMES = {f"{m}{'' if mode == 'sim' else '_' + mode}" for m in METHODS for mode in MODES}   # every method x mode
+NAMES = {f"{m}{'' if mode == 'sim' else '_' + mode}" for m in METHODS for mode in MODES}  # every method x mode
 
 
 def test_every_method_has_a_recipe_per_mode_at_both_scales():
@@ -96,22 +97,37 @@ def test_int_accepted_for_float_and_bool_is_not_int(tmp_path):
 
 
 BAD_VALUES = [
-    ("data.batch_size=0", "data.batch_size", "0"), ("data.image_size=-3", "data.image_size", "-3"),
-    ("method.mode=bsmi", "method.mode", "bsmi"), ("optim.lr=-1", "optim.lr", "-1"),
-    ("aug.crop_scale=[0.9,0.1]", "aug.crop_scale", "0.9"), ("bsim.alpha=0", "bsim.alpha", "0"),
+    ("data.batch_size=0", "data.batch_size", "0"),
+    ("data.image_size=-3", "data.image_size", "-3"),
+    ("method.mode=bsmi", "method.mode", "bsmi"),
+    ("optim.lr=-1", "optim.lr", "-1"),
+    ("aug.crop_scale=[0.9,0.1]", "aug.crop_scale", "0.9"),
+    ("bsim.alpha=0", "bsim.alpha", "0"),
     # values that used to pass unchecked: a wrong k-NN, a traceback at the first step, or a silent no-op
-    ("train.knn_t=0", "train.knn_t", "0"), ("data.std=[0,0,0]", "data.std", "0"),
-    ("aug.brightness=-1", "aug.brightness", "-1"), ("aug.hue=0.9", "aug.hue", "0.9"),
-    ("data.image_size=1", "data.image_size", "1"), ("optim.min_lr_ratio=5", "optim.min_lr_ratio", "5"),
-    ("train.knn_k=0", "train.knn_k", "0"), ("aug.crop_ratio=[1.5,0.5]", "aug.crop_ratio", "1.5"),
-    ("aug.blur_sigma=[2.0,0.1]", "aug.blur_sigma", "2.0"), ("aug.blur_sigma=[0,1]", "aug.blur_sigma", "0"),
-    ("aug.saturation=-0.5", "aug.saturation", "-0.5"), ("optim.betas=[0.9,1.0]", "optim.betas", "1.0"),
-    ("optim.momentum=1.5", "optim.momentum", "1.5"), ("optim.lr_batch=0", "optim.lr_batch", "0"),
-    ("optim.trust_coefficient=0", "optim.trust_coefficient", "0"), ("model.proj_dim=0", "model.proj_dim", "0"),
-    ("model.pred_hidden=-4", "model.pred_hidden", "-4"), ("model.arch=resnet5", "model.arch", "resnet5"),
-    ("method.tau_base=1.5", "method.tau_base", "1.5"), ("method.name=swav", "method.name", "swav"),
-    ("data.mean=[300,0,0]", "data.mean", "300"), ("data.dali_hw_decoder_load=2", "data.dali_hw_decoder_load", "2"),
-    ("bsim.weight=-1", "bsim.weight", "-1"), ("train.keep_checkpoints=0", "train.keep_checkpoints", "0"),
+    ("train.knn_t=0", "train.knn_t", "0"),
+    ("data.std=[0,0,0]", "data.std", "0"),
+    ("aug.brightness=-1", "aug.brightness", "-1"),
+    ("aug.hue=0.9", "aug.hue", "0.9"),
+    ("data.image_size=1", "data.image_size", "1"),
+    ("optim.min_lr_ratio=5", "optim.min_lr_ratio", "5"),
+    ("train.knn_k=0", "train.knn_k", "0"),
+    ("aug.crop_ratio=[1.5,0.5]", "aug.crop_ratio", "1.5"),
+    ("aug.blur_sigma=[2.0,0.1]", "aug.blur_sigma", "2.0"),
+    ("aug.blur_sigma=[0,1]", "aug.blur_sigma", "0"),
+    ("aug.saturation=-0.5", "aug.saturation", "-0.5"),
+    ("optim.betas=[0.9,1.0]", "optim.betas", "1.0"),
+    ("optim.momentum=1.5", "optim.momentum", "1.5"),
+    ("optim.lr_batch=0", "optim.lr_batch", "0"),
+    ("optim.trust_coefficient=0", "optim.trust_coefficient", "0"),
+    ("model.proj_dim=0", "model.proj_dim", "0"),
+    ("model.pred_hidden=-4", "model.pred_hidden", "-4"),
+    ("model.arch=resnet5", "model.arch", "resnet5"),
+    ("method.tau_base=1.5", "method.tau_base", "1.5"),
+    ("method.name=swav", "method.name", "swav"),
+    ("data.mean=[300,0,0]", "data.mean", "300"),
+    ("data.dali_hw_decoder_load=2", "data.dali_hw_decoder_load", "2"),
+    ("bsim.weight=-1", "bsim.weight", "-1"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints", "0"),
 ]
 
 
@@ -120,6 +136,7 @@ def test_bad_values_are_one_line_and_exit_2_through_the_trainer(override, key, v
     """Through the trainer's entry point (`python -m bsim_fast.train`): exit 2, one line naming the key, the
     value and where it was set, before any work."""
     from bsim_fast.train import main
+
     try:
         rc = main(["--config", "configs/small/byol_bsim.yaml", override])
     except SystemExit as e:
@@ -141,14 +158,17 @@ def test_duplicate_yaml_keys_are_refused_with_their_lines(tmp_path):
     assert str(tmp_path / "r.yaml") in msg and "line 3: duplicate key 'lr' (first on line 2)" in msg
     msg = error_of(lambda: load_config(write(tmp_path, "optim: {lr: 0.1}\ndata: {workers: 1}\noptim: {lr: 2}\n")))
     assert "line 3: duplicate key 'optim'" in msg
-    r = subprocess.run([sys.executable, "-m", "bsim_fast.train", "--config", str(tmp_path / "r.yaml")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "bsim_fast.train", "--config", str(tmp_path / "r.yaml")], capture_output=True, text=True
+    )
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "duplicate key 'optim'" in r.stderr
 
 
 def test_overrides_parse_yaml_values():
-    cfg = load_config("configs/simclr.yaml", ["optim.lr=0.5", "aug.crop_scale=[0.2, 1.0]", "train.compile=off",
-                                               "data.train=some/path.beton"])
+    cfg = load_config(
+        "configs/simclr.yaml",
+        ["optim.lr=0.5", "aug.crop_scale=[0.2, 1.0]", "train.compile=off", "data.train=some/path.beton"],
+    )
     assert cfg.optim.lr == 0.5 and cfg.aug.crop_scale == (0.2, 1.0) and cfg.train.compile == "off"
     assert cfg.data.train == "some/path.beton"
     assert "section.key=value" in error_of(lambda: load_config(None, ["lr=3"]))
@@ -168,6 +188,7 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
 
 
 # ---------------------------------------------------------------- composition (base files)
+
 
 def test_base_is_relative_to_the_recipe_and_later_layers_win(tmp_path):
     (tmp_path / "common").mkdir()
@@ -207,12 +228,14 @@ def test_the_8gpu_script_lists_recipes_not_bases():
 
 # ---------------------------------------------------------------- method settings (declared by each method)
 
+
 def test_each_method_has_its_own_settings_and_defaults():
     assert load_config(None, ["method.name=simclr"]).method.settings.temperature == 0.1
     moco = load_config(None, ["method.name=moco", "method.temperature=0.3"])
     assert moco.method.settings.temperature == 0.3 and moco.method.settings.tau_base == 0.999
     assert "method.temperature is not a setting of byol" in error_of(
-        lambda: load_config(None, ["method.name=byol", "method.temperature=0.3"]))
+        lambda: load_config(None, ["method.name=byol", "method.temperature=0.3"])
+    )
 
 
 def test_a_setting_of_another_method_is_refused_after_a_rename(tmp_path):

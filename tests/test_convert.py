@@ -2,6 +2,7 @@
 
 Real FFCV and real DALI (CPU only). Small: 200-image subsets of the built-in set.
 """
+
 from __future__ import annotations
 
 import errno
@@ -85,8 +86,9 @@ def test_default_output_names(tmp_path):
 def test_ffcv_round_trip_raw_is_lossless(tmp_path, builtin_subset, capsys):
     source, indices, labels = builtin_subset
     out = tmp_path / "train.beton"
-    assert write_ffcv.main(["--subset", str(SUBSET), "--workers", "2", "--write-mode", "raw",
-                            "--output", str(out)]) == 0
+    assert (
+        write_ffcv.main(["--subset", str(SUBSET), "--workers", "2", "--write-mode", "raw", "--output", str(out)]) == 0
+    )
     assert f"wrote {SUBSET} images" in capsys.readouterr().out
     images, got_labels = read_beton(out)
     assert images.shape == (SUBSET, 32, 32, 3) and images.dtype == np.uint8
@@ -101,8 +103,12 @@ def test_ffcv_round_trip_raw_is_lossless(tmp_path, builtin_subset, capsys):
 def test_ffcv_round_trip_jpg_mode(tmp_path, builtin_subset):
     source, indices, labels = builtin_subset
     out = tmp_path / "jpg.beton"
-    assert write_ffcv.main(["--subset", "50", "--workers", "1", "--write-mode", "jpg", "--jpeg-quality", "95",
-                            "--output", str(out)]) == 0
+    assert (
+        write_ffcv.main(
+            ["--subset", "50", "--workers", "1", "--write-mode", "jpg", "--jpeg-quality", "95", "--output", str(out)]
+        )
+        == 0
+    )
     images, got_labels = read_beton(out)
     subset = common.subset_indices(len(source), 50)
     assert images.shape == (50, 32, 32, 3) and np.array_equal(got_labels, source.labels[subset])
@@ -115,8 +121,12 @@ def test_dali_round_trip_and_index_files(tmp_path, builtin_subset):
 
     source, indices, labels = builtin_subset
     out = tmp_path / "shards"
-    assert write_dali.main(["--subset", str(SUBSET), "--workers", "2", "--shard-size", "64",
-                            "--order", "source", "--output", str(out)]) == 0
+    assert (
+        write_dali.main(
+            ["--subset", str(SUBSET), "--workers", "2", "--shard-size", "64", "--order", "source", "--output", str(out)]
+        )
+        == 0
+    )
     meta = datasets.check_shards(out, deep=True)
     assert meta["num_samples"] == SUBSET and len(meta["classes"]) == 10
     assert [s["num_samples"] for s in meta["shards"]] == [64, 64, 64, 8]
@@ -143,8 +153,12 @@ def test_npz_source(tmp_path):
     labels = rng.integers(0, 4, 30)
     np.savez(tmp_path / "arrays.npz", images=images, labels=labels)
     out = tmp_path / "npz_shards"
-    assert write_dali.main(["--source", str(tmp_path / "arrays.npz"), "--workers", "1", "--order", "source",
-                            "--output", str(out)]) == 0
+    assert (
+        write_dali.main(
+            ["--source", str(tmp_path / "arrays.npz"), "--workers", "1", "--order", "source", "--output", str(out)]
+        )
+        == 0
+    )
     meta = datasets.check_shards(out, deep=True)
     assert meta["num_samples"] == 30 and meta["classes"] == ["0", "1", "2", "3"]
     with tarfile.open(out / "shard-000000.tar") as tar:
@@ -162,8 +176,16 @@ def test_npz_source(tmp_path):
 
 def test_killed_converter_leaves_no_output_and_rerun_completes(tmp_path):
     out = tmp_path / "killed"
-    command = [sys.executable, str(REPO_ROOT / "data_prep" / "write_dali.py"), "--workers", "1",
-               "--shard-size", "500", "--output", str(out)]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "data_prep" / "write_dali.py"),
+        "--workers",
+        "1",
+        "--shard-size",
+        "500",
+        "--output",
+        str(out),
+    ]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
     temp = tmp_path / f"killed.tmp-{process.pid}"
     deadline = time.monotonic() + 60
@@ -189,8 +211,9 @@ def test_ffcv_failure_mid_write_keeps_previous_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(write_ffcv, "write_beton", crash)
     with pytest.raises(RuntimeError):
-        write_ffcv.convert(write_ffcv.build_parser().parse_args(["--subset", "40", "--output", str(out),
-                                                                 "--overwrite"]))
+        write_ffcv.convert(
+            write_ffcv.build_parser().parse_args(["--subset", "40", "--output", str(out), "--overwrite"])
+        )
     assert out.read_bytes() == before and tmp_leftovers(tmp_path) == []
 
 
@@ -230,8 +253,9 @@ def test_dali_full_disk_keeps_previous_output(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tarfile.TarFile, "addfile", fill_disk)
     assert write_dali.main(["--subset", "30", "--workers", "1", "--output", str(out), "--overwrite"]) == 1
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.endswith(f"no space left on device while writing {out} "
-                          f"(temporary output removed; previous output kept)")
+    assert error.endswith(
+        f"no space left on device while writing {out} (temporary output removed; previous output kept)"
+    )
     assert sorted((p.name, p.read_bytes()) for p in out.iterdir()) == before
     assert tmp_leftovers(tmp_path) == []
 
@@ -257,8 +281,8 @@ def test_dali_shards_are_shuffled_by_default_with_labels_intact(tmp_path, builti
         with tarfile.open(out / shard["tar"]) as tar:
             shard_labels += [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
     assert sorted(shard_labels) == sorted(labels) and shard_labels != list(labels)
-    assert len(set(shard_labels[:64])) == 10          # the first shard already holds every class
+    assert len(set(shard_labels[:64])) == 10  # the first shard already holds every class
     again = tmp_path / "again"
     args = ["--subset", str(SUBSET), "--workers", "1", "--shard-size", "64", "--output", str(again)]
     assert write_dali.main(args) == 0
-    assert (again / "shard-000000.tar").read_bytes() == (out / "shard-000000.tar").read_bytes()   # reproducible
+    assert (again / "shard-000000.tar").read_bytes() == (out / "shard-000000.tar").read_bytes()  # reproducible

@@ -2,6 +2,7 @@
 nor replaced by another kind, sidecars installed with the output, one-line messages that say what happened,
 labelled progress, FFCV writer workers that never outlive a failure, and a .beton size independent of
 --workers."""
+
 from __future__ import annotations
 
 import errno
@@ -30,6 +31,7 @@ CONVERTERS = [(write_ffcv.main, "out.beton"), (write_dali.main, "out_dali")]
 
 def no_work(monkeypatch) -> None:
     """Fails the test if the converter scans the source or decodes anything."""
+
     def forbidden(*args, **kwargs):
         raise AssertionError("the converter started work before refusing its output path")
 
@@ -39,8 +41,11 @@ def no_work(monkeypatch) -> None:
 
 def one_error_line(capsys) -> str:
     """The error line, after any progress bars; nothing else printed (no traceback)."""
-    err = [line for line in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
-           if line.strip() and not line.startswith(("validating:", "writing:", "converting:"))]
+    err = [
+        line
+        for line in capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+        if line.strip() and not line.startswith(("validating:", "writing:", "converting:"))
+    ]
     assert len(err) == 1, err
     return err[0]
 
@@ -72,6 +77,7 @@ def test_unwritable_output_folder_is_refused_before_any_work(tmp_path, monkeypat
     locked = tmp_path / "locked"
     locked.mkdir()
     if IS_ROOT:  # root writes into a chmod 555 folder anyway: make the write test itself fail
+
         def denied(*args, **kwargs):
             raise PermissionError(errno.EACCES, "Permission denied")
 
@@ -140,8 +146,9 @@ def test_disk_full_while_writing_a_sidecar_keeps_the_previous_output(tmp_path, m
 
     monkeypatch.setattr(common, "write_sidecar", full_at_summary)
     assert write_dali.main(["--subset", "40", "--workers", "1", "--output", str(out), "--overwrite"]) == 1
-    assert one_error_line(capsys).endswith(f"no space left on device while writing {out} "
-                                           f"(temporary output removed; previous output kept)")
+    assert one_error_line(capsys).endswith(
+        f"no space left on device while writing {out} (temporary output removed; previous output kept)"
+    )
     assert {p.name: p.read_bytes() for p in [*out.iterdir(), *sidecars]} == before
     assert json.loads(sidecars[1].read_text())["images_written"] == 30 and tmp_leftovers(tmp_path) == []
 
@@ -164,8 +171,10 @@ def test_disk_full_after_a_rename_says_what_was_installed(tmp_path, monkeypatch)
         with atomic.atomic_outputs((finals[0], False), (finals[1], False)) as temps:
             for tmp in temps:
                 tmp.write_text("new")
-    assert str(caught.value) == (f"no space left on device while installing {finals[0]}: {finals[0]} already "
-                                 f"replaced by the new version, the rest not (rerun once there is space)")
+    assert str(caught.value) == (
+        f"no space left on device while installing {finals[0]}: {finals[0]} already "
+        f"replaced by the new version, the rest not (rerun once there is space)"
+    )
     assert [f.read_text() for f in finals] == ["new", "old"] and tmp_leftovers(tmp_path) == []
 
 
@@ -205,8 +214,7 @@ def test_skipped_lines_escape_tabs_and_newlines_in_file_names(tmp_path, capsys):
     rows = (tmp_path / "odd.beton.skipped.tsv").read_text().split("\n")
     assert rows[1].split("\t") == [str(root / "cls" / escaped), "not an image (unrecognised content)"]
     assert write_dali.main(["--source", str(root), "--output", str(tmp_path / "s"), "--strict"]) == 1
-    assert one_error_line(capsys).endswith(f"{root / 'cls' / escaped}: not an image (unrecognised content) "
-                                           f"(--strict)")
+    assert one_error_line(capsys).endswith(f"{root / 'cls' / escaped}: not an image (unrecognised content) (--strict)")
 
 
 def test_ffcv_progress_bars_are_labelled(tmp_path, capsys):
@@ -229,8 +237,10 @@ def test_beton_size_does_not_depend_on_workers(tmp_path):
     sizes = {}
     for workers in (1, 4):
         out = tmp_path / f"w{workers}.beton"
-        assert write_ffcv.main(["--subset", "300", "--workers", str(workers), "--write-mode", "raw",
-                                "--output", str(out)]) == 0
+        assert (
+            write_ffcv.main(["--subset", "300", "--workers", str(workers), "--write-mode", "raw", "--output", str(out)])
+            == 0
+        )
         sizes[workers] = out.read_bytes()
         summary = json.loads((tmp_path / f"w{workers}.beton.summary.json").read_text())
         assert summary["writer_processes"] == 1 and summary["page_size"] == 2 << 20
@@ -239,16 +249,16 @@ def test_beton_size_does_not_depend_on_workers(tmp_path):
 
 def test_page_size_and_writer_count_follow_the_data():
     mib = 1 << 20
-    assert write_ffcv.page_size_for(32 * 32 * 3) == 2 * mib              # FFCV's smallest page
+    assert write_ffcv.page_size_for(32 * 32 * 3) == 2 * mib  # FFCV's smallest page
     assert write_ffcv.page_size_for(512 * 384 * 3) == 2 * mib
-    assert write_ffcv.page_size_for(1024 * 1024 * 3) == 8 * mib           # twice the largest image, rounded up
-    raw = np.full(5000, 32 * 32 * 3)                                       # the built-in train split
+    assert write_ffcv.page_size_for(1024 * 1024 * 3) == 8 * mib  # twice the largest image, rounded up
+    raw = np.full(5000, 32 * 32 * 3)  # the built-in train split
     assert write_ffcv.estimated_bytes(raw, "raw", 196608, 0.5) == 5000 * 3072
     assert write_ffcv.estimated_bytes(raw, "jpg", 196608, 0.5) == 5000 * 3072 // 8
-    assert write_ffcv.estimated_bytes(raw, "smart", 1000, 0.5) == 5000 * 3072 // 8   # above the threshold
-    assert write_ffcv.writer_count(8, 5000 * 3072, 2 * mib) == 1           # 7.3 pages: one writer
-    assert write_ffcv.writer_count(8, 100 * 2 * mib, 2 * mib) == 6         # one writer per 16 pages
-    assert write_ffcv.writer_count(8, 140 << 30, 2 * mib) == 8             # ImageNet-sized: all of them
+    assert write_ffcv.estimated_bytes(raw, "smart", 1000, 0.5) == 5000 * 3072 // 8  # above the threshold
+    assert write_ffcv.writer_count(8, 5000 * 3072, 2 * mib) == 1  # 7.3 pages: one writer
+    assert write_ffcv.writer_count(8, 100 * 2 * mib, 2 * mib) == 6  # one writer per 16 pages
+    assert write_ffcv.writer_count(8, 140 << 30, 2 * mib) == 8  # ImageNet-sized: all of them
 
 
 def fail_in_writer(monkeypatch, action) -> None:
@@ -267,6 +277,7 @@ def fail_in_writer(monkeypatch, action) -> None:
 def test_failing_writer_while_others_still_start_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     """A worker fails while the parent is still starting the others (a loaded machine): every worker is
     stopped before the temporary is removed, so none re-creates it afterwards."""
+
     def no_space():
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -280,8 +291,9 @@ def test_failing_writer_while_others_still_start_leaves_nothing_behind(tmp_path,
     monkeypatch.setattr(multiprocessing.context.ForkProcess, "start", slow_start)
     out = tmp_path / "race.beton"
     assert write_ffcv.main(["--subset", "60", "--workers", "3", "--output", str(out)]) == 1
-    assert one_error_line(capsys).endswith(f"no space left on device while writing {out} "
-                                           f"(temporary output removed; previous output kept)")
+    assert one_error_line(capsys).endswith(
+        f"no space left on device while writing {out} (temporary output removed; previous output kept)"
+    )
     assert multiprocessing.active_children() == []
     time.sleep(1.0)  # a worker still running would re-create <out>.tmp-<pid> by now
     assert tmp_leftovers(tmp_path) == [] and not out.exists()
@@ -291,8 +303,9 @@ def test_killed_writer_process_is_one_line_not_a_hang(tmp_path, monkeypatch, cap
     fail_in_writer(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGKILL))  # as the OOM killer would
     out = tmp_path / "killed.beton"
     assert write_ffcv.main(["--subset", "40", "--workers", "2", "--output", str(out)]) == 1
-    assert one_error_line(capsys).endswith(f"writing {out} failed: an FFCV writer process died (killed by "
-                                           f"signal 9; out of memory?)")
+    assert one_error_line(capsys).endswith(
+        f"writing {out} failed: an FFCV writer process died (killed by signal 9; out of memory?)"
+    )
     assert multiprocessing.active_children() == [] and tmp_leftovers(tmp_path) == []
 
 
@@ -320,9 +333,14 @@ except Exception as exc:
 
 def test_failed_write_of_a_large_set_does_not_hang_at_exit(tmp_path):
     """The chunks no worker will read must not keep the converter from exiting after its error line."""
-    child = subprocess.Popen([sys.executable, "-c", FAILING_WRITE, str(tmp_path / "big.beton")], cwd=REPO_ROOT,
-                             env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", FAILING_WRITE, str(tmp_path / "big.beton")],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "raised DiskFullError"  # after the (slow) ffcv import
         assert child.wait(timeout=60) == 0  # it hung here, joining the queue's feeder thread

@@ -1,5 +1,6 @@
 """Unlabeled collections and list files as converter sources: real FFCV and DALI round trips, labels -1 and
 `"labeled": false` for an unlabeled set, labels preserved from a list, and the bad-input policy for lists."""
+
 from __future__ import annotations
 
 import io
@@ -37,9 +38,13 @@ def photos(tmp_path):
     """A camera roll: folders by year (not classes), images at every depth, hidden entries, a non-image
     file and a symlink back to the root. Returns (root, the images in the converters' order)."""
     root = tmp_path / "photos"
-    images = [put_image(root / "2021" / "a.jpg", 1), put_image(root / "2021" / "b.png", 2, "PNG"),
-              put_image(root / "2021" / "trip" / "c.jpg", 3), put_image(root / "2022" / "d.jpg", 4),
-              put_image(root / "top.jpg", 5)]
+    images = [
+        put_image(root / "2021" / "a.jpg", 1),
+        put_image(root / "2021" / "b.png", 2, "PNG"),
+        put_image(root / "2021" / "trip" / "c.jpg", 3),
+        put_image(root / "2022" / "d.jpg", 4),
+        put_image(root / "top.jpg", 5),
+    ]
     put_image(root / ".hidden.jpg", 6)
     put_image(root / "2022" / ".thumbs" / "d_small.jpg", 7)
     (root / "notes.txt").write_text("not an image")
@@ -61,8 +66,8 @@ def test_unlabeled_scan_lists_every_image_once_sorted(photos):
 
 def test_labeled_scan_counts_hidden_entries(tmp_path):
     put_image(tmp_path / "cat" / "1.jpg", 1)
-    put_image(tmp_path / "cat" / ".1.jpg", 2)         # hidden file: not listed, counted
-    put_image(tmp_path / ".cache" / "x.jpg", 3)       # hidden folder: not a class, counted once
+    put_image(tmp_path / "cat" / ".1.jpg", 2)  # hidden file: not listed, counted
+    put_image(tmp_path / ".cache" / "x.jpg", 3)  # hidden folder: not a class, counted once
     (tmp_path / "cat" / ".DS_Store").write_bytes(b"\0")
     source = datasets.scan_image_folder(tmp_path)
     assert source.classes == ["cat"] and len(source) == 1 and source.labeled
@@ -96,8 +101,12 @@ def test_flat_folder_without_the_flag_says_how_to_convert_it(tmp_path, capsys):
 def test_ffcv_unlabeled_round_trip(photos, tmp_path, capsys):
     root, images = photos
     out = tmp_path / "photos.beton"
-    assert write_ffcv.main(["--source", str(root), "--no-labels", "--write-mode", "raw", "--workers", "1",
-                            "--output", str(out)]) == 0
+    assert (
+        write_ffcv.main(
+            ["--source", str(root), "--no-labels", "--write-mode", "raw", "--workers", "1", "--output", str(out)]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith(f"wrote 5 unlabeled images to {out} (0 skipped; 3 ignored")
     got, labels = read_beton(out)
@@ -114,8 +123,12 @@ def test_ffcv_unlabeled_round_trip(photos, tmp_path, capsys):
 def test_dali_unlabeled_round_trip(photos, tmp_path):
     root, images = photos
     out = tmp_path / "photos_dali"
-    assert write_dali.main(["--source", str(root), "--no-labels", "--order", "source", "--workers", "1",
-                            "--output", str(out)]) == 0
+    assert (
+        write_dali.main(
+            ["--source", str(root), "--no-labels", "--order", "source", "--workers", "1", "--output", str(out)]
+        )
+        == 0
+    )
     got, labels, meta = read_shards_with_dali(out)
     assert meta["labeled"] is False and meta["classes"] == [] and meta["num_samples"] == 5
     assert labels.tolist() == [-1] * 5
@@ -151,13 +164,28 @@ def listed(tmp_path):
     for name, seed in (("a.jpg", 1), ("b.jpg", 2), ("with,comma.jpg", 3)):
         put_image(data / "img" / name, seed)
     (data / "img" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
-    lines = ["# my validation images", "path,label", "img/a.jpg,dog", "img/b.jpg, cat", "",
-             '"img/with,comma.jpg",dog', "img/missing.jpg,cat", "img/corrupt.jpg,bird", f"{elsewhere},bird"]
+    lines = [
+        "# my validation images",
+        "path,label",
+        "img/a.jpg,dog",
+        "img/b.jpg, cat",
+        "",
+        '"img/with,comma.jpg",dog',
+        "img/missing.jpg,cat",
+        "img/corrupt.jpg,bird",
+        f"{elsewhere},bird",
+    ]
     (data / "val.csv").write_text("\n".join(lines) + "\n")
-    good = [(data / "img" / "a.jpg", 2), (data / "img" / "b.jpg", 1), (data / "img" / "with,comma.jpg", 2),
-            (elsewhere, 0)]  # classes sorted: bird, cat, dog
-    bad = {str(data / "img" / "missing.jpg"): "listed file not found",
-           str(data / "img" / "corrupt.jpg"): "not an image"}
+    good = [
+        (data / "img" / "a.jpg", 2),
+        (data / "img" / "b.jpg", 1),
+        (data / "img" / "with,comma.jpg", 2),
+        (elsewhere, 0),
+    ]  # classes sorted: bird, cat, dog
+    bad = {
+        str(data / "img" / "missing.jpg"): "listed file not found",
+        str(data / "img" / "corrupt.jpg"): "not an image",
+    }
     return data / "val.csv", good, bad
 
 
@@ -173,10 +201,8 @@ def test_list_file_keeps_labels_and_skips_missing_and_bad_entries(listed, tmp_pa
     assert source.classes == ["bird", "cat", "dog"] and source.labeled and len(source) == 6
 
     beton, shards = tmp_path / "val.beton", tmp_path / "val_dali"
-    assert write_ffcv.main(["--source", str(lst), "--write-mode", "raw", "--workers", "1",
-                            "--output", str(beton)]) == 0
-    assert write_dali.main(["--source", str(lst), "--order", "source", "--workers", "1",
-                            "--output", str(shards)]) == 0
+    assert write_ffcv.main(["--source", str(lst), "--write-mode", "raw", "--workers", "1", "--output", str(beton)]) == 0
+    assert write_dali.main(["--source", str(lst), "--order", "source", "--workers", "1", "--output", str(shards)]) == 0
     err = capsys.readouterr().err
     images, labels = read_beton(beton)
     assert labels.tolist() == [label for _, label in good]
@@ -189,8 +215,12 @@ def test_list_file_keeps_labels_and_skips_missing_and_bad_entries(listed, tmp_pa
     for path in bad:  # one `skipped:` line per entry and converter
         assert sum(1 for line in err.splitlines() if line.startswith(f"skipped: {path}: ")) == 2
 
-    assert write_ffcv.main(["--source", str(lst), "--workers", "1", "--strict", "--output",
-                            str(tmp_path / "strict.beton")]) == 1
+    assert (
+        write_ffcv.main(
+            ["--source", str(lst), "--workers", "1", "--strict", "--output", str(tmp_path / "strict.beton")]
+        )
+        == 1
+    )
     assert "missing.jpg: listed file not found (--strict)" in capsys.readouterr().err.splitlines()[-1]
     assert not (tmp_path / "strict.beton").exists()
 
@@ -227,16 +257,19 @@ def test_imagenet_style_flat_val_folder_gets_the_train_trees_labels(tmp_path):
     assert val.classes == train.classes and val.labels.tolist() == [2, 0, 1, 2]
 
 
-@pytest.mark.parametrize("text, where, words", [
-    ("a.jpg,1\nb.jpg,2,extra\n", ":2:", "got 3 fields"),
-    ("a.jpg,cat\nb.jpg\n", ":2:", "no label, but line 1 has one"),
-    ("a.jpg\nb.jpg,cat\n", ":2:", "a label, but line 1 has none"),
-    ("# header comment\na.jpg,-1\n", ":2:", "negative label -1"),
-    ("a.jpg,\n", ":1:", "empty label"),
-    (",cat\n", ":1:", "empty path"),
-    ('"a.jpg,1\n', ":", "malformed line"),
-    ("# nothing\n\npath,label\n", "", "names no images"),
-])
+@pytest.mark.parametrize(
+    "text, where, words",
+    [
+        ("a.jpg,1\nb.jpg,2,extra\n", ":2:", "got 3 fields"),
+        ("a.jpg,cat\nb.jpg\n", ":2:", "no label, but line 1 has one"),
+        ("a.jpg\nb.jpg,cat\n", ":2:", "a label, but line 1 has none"),
+        ("# header comment\na.jpg,-1\n", ":2:", "negative label -1"),
+        ("a.jpg,\n", ":1:", "empty label"),
+        (",cat\n", ":1:", "empty path"),
+        ('"a.jpg,1\n', ":", "malformed line"),
+        ("# nothing\n\npath,label\n", "", "names no images"),
+    ],
+)
 def test_malformed_list_is_one_line_naming_file_and_line(tmp_path, capsys, text, where, words):
     lst = tmp_path / "bad.txt"
     lst.write_text(text)

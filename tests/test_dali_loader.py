@@ -3,6 +3,7 @@
 Shards come from data_prep/write_dali.py (tiny 16x16 JPEGs, so the file runs in seconds on two slow
 cores); labels are unique per sample so that they identify samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 pytest.importorskip("nvidia.dali")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))     # data_prep/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/
 
 from bsim_fast.config import Config  # noqa: E402
 from bsim_fast.datasets import CorruptOutputError  # noqa: E402
@@ -27,7 +28,7 @@ CPU = torch.device("cpu")
 
 
 def label_of(i: int) -> int:
-    return 100 + i              # several digits, unique per sample: labels identify samples
+    return 100 + i  # several digits, unique per sample: labels identify samples
 
 
 def write_shards(root: Path, shard_sizes) -> Path:
@@ -40,8 +41,18 @@ def write_shards(root: Path, shard_sizes) -> Path:
     images = np.random.default_rng(0).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
     arrays = root.parent / f"{root.name}.npz"
     np.savez(arrays, images=images, labels=np.array([label_of(i) for i in range(n)]))
-    argv = ["--source", str(arrays), "--output", str(root), "--shard-size", str(shard_size),
-            "--workers", "1", "--jpeg-quality", "95"]
+    argv = [
+        "--source",
+        str(arrays),
+        "--output",
+        str(root),
+        "--shard-size",
+        str(shard_size),
+        "--workers",
+        "1",
+        "--jpeg-quality",
+        "95",
+    ]
     assert write_dali.main(argv) == 0
     return root
 
@@ -51,7 +62,7 @@ def overwrite_member(root: Path, shard: int, member: str, data: bytes) -> None:
     from bsim_fast.datasets import read_wds_index
 
     index = read_wds_index(root / f"shard-{shard:06d}.idx")
-    (offset, size), = [(o, n) for sample in index for ext, o, n, name in sample if name == member]
+    ((offset, size),) = [(o, n) for sample in index for ext, o, n, name in sample if name == member]
     with open(root / f"shard-{shard:06d}.tar", "r+b") as f:
         f.seek(offset)
         f.write(data[:size].ljust(size, b"\0"))
@@ -78,8 +89,15 @@ def make_cfg(path: Path, batch_size: int = 4, **aug) -> Config:
 
 
 # Only the photometric op under test: full-image crops of square images are the identity geometry.
-NO_AUG = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
-              blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+NO_AUG = dict(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_p=0.0,
+    jitter_p=0.0,
+    gray_p=0.0,
+    blur_p=(0.0, 0.0),
+    solarize_p=(0.0, 0.0),
+)
 
 
 def run_epoch(loader, epoch=0, start_batch=0):
@@ -100,10 +118,10 @@ def test_round_trip_shapes_labels_and_views(shards24):
         assert y.shape == (4,) and y.dtype == torch.int64
         assert a.device.type == "cpu"
     labels = torch.cat([y for _, _, y in batches]).tolist()
-    assert sorted(labels) == [label_of(i) for i in range(24)]      # every sample once, ASCII parsed
+    assert sorted(labels) == [label_of(i) for i in range(24)]  # every sample once, ASCII parsed
     a = torch.cat([a for a, _, _ in batches]).float()
     b = torch.cat([b for _, b, _ in batches]).float()
-    assert (a - b).abs().mean() > 5                                 # two independent views
+    assert (a - b).abs().mean() > 5  # two independent views
 
 
 def test_two_ranks_read_disjoint_parts_that_cover_the_set(shards24):
@@ -118,7 +136,7 @@ def test_two_ranks_read_disjoint_parts_that_cover_the_set(shards24):
 
 def test_eval_reads_every_sample_exactly_once_over_two_ranks(shards25):
     labels = []
-    for rank, expected_batches in ((0, [4, 4, 4]), (1, [4, 4, 4, 1])):   # 25 samples: ranks get 12 and 13
+    for rank, expected_batches in ((0, [4, 4, 4]), (1, [4, 4, 4, 1])):  # 25 samples: ranks get 12 and 13
         loader = DaliEvalLoader(make_cfg(shards25, batch_size=8), shards25, rank, 2, CPU)
         sizes = []
         for x, y in loader:
@@ -133,7 +151,7 @@ def test_epochs_are_clean_reproducible_and_resumable(shards24):
     loader = DaliTrainLoader(make_cfg(shards24), rank=0, world_size=1, device=CPU)
     first, again, second = run_epoch(loader, 0), run_epoch(loader, 0), run_epoch(loader, 1)
     assert len(first) == len(again) == len(second) == len(loader)
-    for (a0, b0, y0), (a1, b1, y1) in zip(first, again):           # order and draws: (seed, epoch) only
+    for (a0, b0, y0), (a1, b1, y1) in zip(first, again):  # order and draws: (seed, epoch) only
         assert torch.equal(y0, y1) and torch.equal(a0, a1) and torch.equal(b0, b1)
     assert [y.tolist() for *_, y in first] != [y.tolist() for *_, y in second]
     resumed = run_epoch(loader, 0, start_batch=2)
@@ -142,7 +160,7 @@ def test_epochs_are_clean_reproducible_and_resumable(shards24):
         assert torch.equal(y0, y1) and torch.equal(a0, a1) and torch.equal(b0, b1)
     assert run_epoch(loader, 0, start_batch=len(loader)) == []
     with pytest.raises(ValueError, match="start_batch"):
-        loader.epoch(0, start_batch=len(loader) + 1)         # raised at the call, not at the first batch
+        loader.epoch(0, start_batch=len(loader) + 1)  # raised at the call, not at the first batch
 
 
 def test_views_are_identical_with_every_augmentation_off(shards24):
@@ -176,7 +194,7 @@ def test_grayscale_gives_equal_channels(shards24):
 
 
 def test_blur_and_jitter_change_pixels(shards24):
-    def roughness(x):                                           # mean absolute horizontal gradient
+    def roughness(x):  # mean absolute horizontal gradient
         return (x[:, :, 1:].float() - x[:, :, :-1].float()).abs().mean()
 
     blur = DaliTrainLoader(make_cfg(shards24, **{**NO_AUG, "blur_p": (1.0, 0.0), "blur_sigma": (1.0, 2.0)}), 0, 1, CPU)

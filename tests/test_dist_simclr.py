@@ -1,4 +1,5 @@
 """Two gloo processes must reproduce the single-process loss and gradients on the concatenated batch."""
+
 from datetime import timedelta
 
 import torch
@@ -28,10 +29,12 @@ def make_data():
     g = torch.Generator().manual_seed(0)
     total = WORLD * N
     return dict(
-        vectors=[torch.randn(total, D_IN, generator=g) for _ in range(4)],        # a, b, m', m''
+        vectors=[torch.randn(total, D_IN, generator=g) for _ in range(4)],  # a, b, m', m''
         images=[torch.randn(total, 3, SIZE, SIZE, generator=g) for _ in range(4)],
-        partners=[mix.derangement(N, generator=g) for _ in range(WORLD)],        # each rank mixes locally
-        lam_a=torch.rand(total, generator=g), lam_b=torch.rand(total, generator=g))
+        partners=[mix.derangement(N, generator=g) for _ in range(WORLD)],  # each rank mixes locally
+        lam_a=torch.rand(total, generator=g),
+        lam_b=torch.rand(total, generator=g),
+    )
 
 
 def global_partner(data):
@@ -40,8 +43,9 @@ def global_partner(data):
 
 def _worker(rank_, init_file, out_dir, data):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank_, world_size=WORLD,
-                            timeout=timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank_, world_size=WORLD, timeout=timedelta(seconds=120)
+    )
     try:
         assert rank() == rank_ and world() == WORLD
         mine = slice(rank_ * N, (rank_ + 1) * N)
@@ -51,12 +55,11 @@ def _worker(rank_, init_file, out_dir, data):
         # 1. gather with gradient under DDP, on a linear encoder (no batch statistics involved)
         torch.manual_seed(0)
         net = nn.Linear(D_IN, 4)
-        ddp = DistributedDataParallel(net)     # kept alive: its hooks average the gradients in backward
+        ddp = DistributedDataParallel(net)  # kept alive: its hooks average the gradients in backward
         z = ddp(torch.cat([v[mine] for v in data["vectors"]]))
         z_a, z_b, zm_a, zm_b = gather_with_grad(z).unflatten(0, (WORLD, 4, N)).transpose(0, 1).flatten(1, 2)
         everyone = concat_all_gather(partner) + torch.arange(WORLD).repeat_interleave(N) * N
-        loss = losses.simclr_loss(zm_a, zm_b, z_a, z_b, everyone, concat_all_gather(lam_a),
-                                  concat_all_gather(lam_b))
+        loss = losses.simclr_loss(zm_a, zm_b, z_a, z_b, everyone, concat_all_gather(lam_a), concat_all_gather(lam_b))
         loss.backward()
         result["linear"] = (loss.detach(), net.weight.grad.clone(), net.bias.grad.clone())
 
@@ -67,14 +70,14 @@ def _worker(rank_, init_file, out_dir, data):
         out = simclr(a, b, ma, mb, partner, lam_a, lam_b)
         out["loss"].backward()
         grad = simclr.projector[0].weight.grad.clone()
-        dist.all_reduce(grad)                  # what DDP does to parameter gradients: the mean over ranks
+        dist.all_reduce(grad)  # what DDP does to parameter gradients: the mean over ranks
         result["simclr"] = (out["loss"].detach(), grad / WORLD)
 
         # 3. MoCo: keys of both ranks enter the queue, in rank order, identically on every rank
         torch.manual_seed(0)
         cfg = tiny_cfg("moco", "bsim")
-        cfg.method.settings.symmetric = True        # keys of a and b (one direction: test_methods.py)
-        cfg.method.settings.shuffle_bn = False      # local keys, recomputed below (ShuffleBN: test_shuffle_bn.py)
+        cfg.method.settings.symmetric = True  # keys of a and b (one direction: test_methods.py)
+        cfg.method.settings.shuffle_bn = False  # local keys, recomputed below (ShuffleBN: test_shuffle_bn.py)
         moco = build_method(cfg)
         moco(a, b, ma, mb, partner, lam_a, lam_b)
         with torch.no_grad():
@@ -114,4 +117,4 @@ def test_two_process_simclr_and_moco_match_single_process(tmp_path):
 
     (queue0, ptr0, keys0), (queue1, ptr1, keys1) = ranks[0]["moco"], ranks[1]["moco"]
     assert torch.equal(queue0, queue1) and ptr0.item() == ptr1.item() == 4 * N
-    assert torch.allclose(queue0[:4 * N], torch.cat([keys0, keys1]), atol=1e-5)
+    assert torch.allclose(queue0[: 4 * N], torch.cat([keys0, keys1]), atol=1e-5)

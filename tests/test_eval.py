@@ -1,4 +1,5 @@
 """Evaluation: exact k-NN votes on tiny features, a linear probe that separates separable data, the CLI."""
+
 import argparse
 import json
 import shutil
@@ -43,8 +44,10 @@ def test_linear_probe_separates_clusters():
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     tr, va = tiny_folder(root / "train", "train", per_class=4), tiny_folder(root / "val", "test", per_class=2)
-    cfg = load_config("configs/small/simclr_bsim.yaml",
-                      TINY + [f"data.train={tr}", "data.val=", "train.max_steps=1", f"train.out_dir={root / 'run'}"])
+    cfg = load_config(
+        "configs/small/simclr_bsim.yaml",
+        TINY + [f"data.train={tr}", "data.val=", "train.max_steps=1", f"train.out_dir={root / 'run'}"],
+    )
     train(cfg, resume="none")
     return root, tr, va
 
@@ -53,9 +56,28 @@ def run_dir(tmp_path_factory):
 @pytest.mark.parametrize("which", ["backbone.pt", "ckpt_00000001.pt"])
 def test_cli_from_export_and_from_checkpoint(run_dir, task, which):
     root, tr, va = run_dir
-    r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", task, "--checkpoint", str(root / "run" / which),
-                        "--train", str(tr), "--val", str(va), "--workers", "0", "--epochs", "2", "--k", "5"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bsim_fast.eval",
+            task,
+            "--checkpoint",
+            str(root / "run" / which),
+            "--train",
+            str(tr),
+            "--val",
+            str(va),
+            "--workers",
+            "0",
+            "--epochs",
+            "2",
+            "--k",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["train_images"] == 16 and result["val_images"] == 8
@@ -64,20 +86,43 @@ def test_cli_from_export_and_from_checkpoint(run_dir, task, which):
 
 def test_cli_export_and_bad_paths(run_dir, tmp_path):
     root, tr, va = run_dir
-    r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "export", "--checkpoint",
-                        str(root / "run" / "ckpt_00000001.pt"), "--output", str(tmp_path / "b.pt")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bsim_fast.eval",
+            "export",
+            "--checkpoint",
+            str(root / "run" / "ckpt_00000001.pt"),
+            "--output",
+            str(tmp_path / "b.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "export", "--checkpoint",
-                        str(root / "run" / "ckpt_00000001.pt"), "--output", str(tmp_path / "b.pt")],
-                       capture_output=True, text=True)
-    assert r.returncode == 2 and "--overwrite" in r.stderr and r.stderr.count("\n") == 1   # nothing replaced
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bsim_fast.eval",
+            "export",
+            "--checkpoint",
+            str(root / "run" / "ckpt_00000001.pt"),
+            "--output",
+            str(tmp_path / "b.pt"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "--overwrite" in r.stderr and r.stderr.count("\n") == 1  # nothing replaced
     exported = torch.load(tmp_path / "b.pt", weights_only=True)
     original = torch.load(root / "run" / "backbone.pt", weights_only=True)
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in exported)
-    for args in (["--checkpoint", str(tmp_path / "missing.pt"), "--train", str(tr), "--val", str(va)],
-                 ["--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tmp_path / "nope"),
-                  "--val", str(va)]):
+    for args in (
+        ["--checkpoint", str(tmp_path / "missing.pt"), "--train", str(tr), "--val", str(va)],
+        ["--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tmp_path / "nope"), "--val", str(va)],
+    ):
         r = subprocess.run([sys.executable, "-m", "bsim_fast.eval", "knn", *args], capture_output=True, text=True)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
@@ -95,15 +140,18 @@ def test_checkpoint_copied_without_its_hash_loads_with_a_warning(run_dir, tmp_pa
     warnings = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "no .sha256" in warnings[0] and "incomplete" not in r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert all(len(str(v).split(".")[-1]) <= 2 for k, v in result.items() if k.startswith("knn"))   # rounded
+    assert all(len(str(v).split(".")[-1]) <= 2 for k, v in result.items() if k.startswith("knn"))  # rounded
 
 
 def test_bad_eval_flags_and_code_checkpoints_are_one_line(run_dir, tmp_path):
     root, tr, va = run_dir
     (tmp_path / "code.pt").write_bytes(b"")
     torch.save({"x": argparse.Namespace(a=1)}, tmp_path / "code.pt")
-    for args, needle in ((["--k", "0"], "--k"), (["--t", "0"], "--t"),
-                         (["--checkpoint", str(tmp_path / "code.pt")], "refused for safety")):
+    for args, needle in (
+        (["--k", "0"], "--k"),
+        (["--t", "0"], "--t"),
+        (["--checkpoint", str(tmp_path / "code.pt")], "refused for safety"),
+    ):
         full = ["knn", "--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tr), "--val", str(va), *args]
         r = run_eval(*full)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and needle in r.stderr, r.stderr
@@ -113,17 +161,29 @@ def test_eval_refuses_unlabeled_sets_before_extracting(run_dir, monkeypatch, cap
     root, tr, va = run_dir
     import bsim_fast.eval as ev
     import bsim_fast.loaders as loaders
+
     real = loaders.build_eval_loader
 
-    def unlabeled_val(cfg, path, *a):   # what a set converted without labels reports (loader.labeled)
+    def unlabeled_val(cfg, path, *a):  # what a set converted without labels reports (loader.labeled)
         loader = real(cfg, path, *a)
         loader.labeled = path != str(va)
         return loader
 
     monkeypatch.setattr(loaders, "build_eval_loader", unlabeled_val)
     monkeypatch.setattr(ev, "extract_features", lambda *a, **k: pytest.fail("features extracted"))
-    code = ev.main(["linear", "--checkpoint", str(root / "run" / "backbone.pt"), "--train", str(tr),
-                    "--val", str(va), "--workers", "0"])
+    code = ev.main(
+        [
+            "linear",
+            "--checkpoint",
+            str(root / "run" / "backbone.pt"),
+            "--train",
+            str(tr),
+            "--val",
+            str(va),
+            "--workers",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and "--val" in err and "unlabeled" in err
 
@@ -136,7 +196,7 @@ def test_readme_export_snippet_loads_the_cifar_stem_backbone(run_dir, tmp_path, 
     monkeypatch.chdir(tmp_path)
     shutil.copytree(root / "run", tmp_path / "runs" / "byol_bsim")
     scope = {}
-    exec(snippet, scope)   # the recipe here is CIFAR-stem ResNet-18: conv1 3x3, no max-pool
+    exec(snippet, scope)  # the recipe here is CIFAR-stem ResNet-18: conv1 3x3, no max-pool
     m = scope["m"]
     assert isinstance(m.maxpool, torch.nn.Identity) and m.conv1.kernel_size == (3, 3)
     assert m(torch.zeros(2, 3, 16, 16)).shape == (2, 512)
@@ -146,14 +206,16 @@ def test_unlabeled_pretraining_then_eval_on_a_labelled_pair(run_dir, tmp_path, c
     """A flat folder (no class sub-folders) is an unlabeled set: training skips its k-NN monitor in one line,
     eval refuses it as --train in one line, and the backbone it gave is evaluated on a labelled pair."""
     import bsim_fast.eval as ev
+
     root, tr, va = run_dir
     flat = tmp_path / "photos"
     flat.mkdir()
     for f in sorted(tr.rglob("*.jpg")):
         shutil.copy(f, flat / f"{f.parent.name}_{f.name}")
-    cfg = load_config("configs/small/simclr_bsim.yaml",
-                      TINY + [f"data.train={flat}", f"data.val={va}", "train.max_steps=1",
-                              f"train.out_dir={tmp_path / 'run'}"])
+    cfg = load_config(
+        "configs/small/simclr_bsim.yaml",
+        TINY + [f"data.train={flat}", f"data.val={va}", "train.max_steps=1", f"train.out_dir={tmp_path / 'run'}"],
+    )
     result = train(cfg, resume="none")
     out = capsys.readouterr().out
     assert "knn_top1" not in result and sum("[knn]" in line and "unlabeled" in line for line in out.splitlines()) == 1
@@ -161,6 +223,8 @@ def test_unlabeled_pretraining_then_eval_on_a_labelled_pair(run_dir, tmp_path, c
     assert ev.main(["knn", "--checkpoint", backbone, "--train", str(flat), "--val", str(va), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"--train {flat}: unlabeled" in err
-    assert ev.main(["knn", "--checkpoint", backbone, "--train", str(tr), "--val", str(va), "--workers", "0",
-                    "--k", "5"]) == 0
+    assert (
+        ev.main(["knn", "--checkpoint", backbone, "--train", str(tr), "--val", str(va), "--workers", "0", "--k", "5"])
+        == 0
+    )
     assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] <= 100

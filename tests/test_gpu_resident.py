@@ -1,5 +1,6 @@
 """The GPU-resident loader on CPU: the loader protocol (as tests/test_loaders.py) on 40 built-in images read
 from an ImageFolder and from a .beton, the crop geometry against torchvision, mixed sizes, the size budget."""
+
 import dataclasses
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from bsim_fast.loaders.gpu_resident import (
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8
-N = 40          # 10 images of 4 classes
+N = 40  # 10 images of 4 classes
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def folder(tmp_path_factory):
 def beton(folder):
     sys.path.insert(0, str(REPO))
     from data_prep import write_ffcv
+
     out = Path(folder).parent / "train.beton"
     assert write_ffcv.main(["--source", folder, "--output", str(out), "--write-mode", "raw", "--workers", "1"]) == 0
     return str(out)
@@ -50,9 +52,17 @@ def make_cfg(path, kind="torch", identity=False, flip_p=None, seed=0):
     cfg = Config()
     cfg.data.loader, cfg.data.train, cfg.data.image_size, cfg.data.gpu_resident = kind, path, 32, True
     cfg.data.batch_size, cfg.data.workers, cfg.train.seed = BATCH, 1, seed
-    if identity:   # views = stored images
-        cfg.aug = dataclasses.replace(cfg.aug, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
-                                      jitter_p=0.0, gray_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+    if identity:  # views = stored images
+        cfg.aug = dataclasses.replace(
+            cfg.aug,
+            crop_scale=(1.0, 1.0),
+            crop_ratio=(1.0, 1.0),
+            flip_p=0.0,
+            jitter_p=0.0,
+            gray_p=0.0,
+            blur_p=(0.0, 0.0),
+            solarize_p=(0.0, 0.0),
+        )
     if flip_p is not None:
         cfg.aug = dataclasses.replace(cfg.aug, flip_p=flip_p)
     return cfg
@@ -74,10 +84,10 @@ def test_train_protocol(kind, folder, beton, labels):
     for b, (a, v, y) in enumerate(batches):
         assert a.shape == v.shape == (BATCH, 32, 32, 3) and a.dtype == v.dtype == torch.uint8
         assert a.is_contiguous() and v.is_contiguous() and y.dtype == torch.int64
-        assert np.array_equal(y.numpy(), labels[order[b * BATCH:(b + 1) * BATCH]])
-        assert (a != v).float().mean() > 0.5                              # two different augmentations
-    assert same(batches, loader.epoch(0))                                 # seeded: the epoch repeats
-    assert same(batches[2:], loader.epoch(0, start_batch=2))              # resume = the tail
+        assert np.array_equal(y.numpy(), labels[order[b * BATCH : (b + 1) * BATCH]])
+        assert (a != v).float().mean() > 0.5  # two different augmentations
+    assert same(batches, loader.epoch(0))  # seeded: the epoch repeats
+    assert same(batches[2:], loader.epoch(0, start_batch=2))  # resume = the tail
     assert not torch.equal(torch.cat([x[0] for x in loader.epoch(1)]), torch.cat([x[0] for x in batches]))
 
 
@@ -85,7 +95,7 @@ def test_beton_and_folder_hold_the_same_images(folder, beton, labels):
     from_folder = build_eval_loader(make_cfg(folder, "torch"), folder, 0, 1, "cpu").data
     from_beton = build_eval_loader(make_cfg(beton, "ffcv"), beton, 0, 1, "cpu").data
     assert from_folder.images.shape == (N, 32, 32, 3)
-    assert torch.equal(from_folder.images, from_beton.images)            # raw .beton: the same pixels
+    assert torch.equal(from_folder.images, from_beton.images)  # raw .beton: the same pixels
     assert np.array_equal(from_beton.labels.numpy(), labels)
 
 
@@ -98,19 +108,19 @@ def test_identity_flip_and_ranks(folder):
         order = rank_order(N, 0, 3, rank, 2, BATCH // 2)
         views = list(loader.epoch(3))
         for b, (a, v, _) in enumerate(views):
-            idx = order[b * (BATCH // 2):(b + 1) * (BATCH // 2)]
-            assert torch.equal(a, stored[idx]) and torch.equal(v, stored[idx])   # identity crops
+            idx = order[b * (BATCH // 2) : (b + 1) * (BATCH // 2)]
+            assert torch.equal(a, stored[idx]) and torch.equal(v, stored[idx])  # identity crops
         seen += order.tolist()
-    assert len(set(seen)) == len(seen) == N                              # disjoint, covering (N % batch = 0)
+    assert len(set(seen)) == len(seen) == N  # disjoint, covering (N % batch = 0)
     mirrored = build_train_loader(make_cfg(folder, identity=True, flip_p=1.0), 0, 1, "cpu")
     a, v, _ = next(iter(mirrored.epoch(0)))
     idx = rank_order(N, 0, 0, 0, 1, BATCH)[:BATCH]
-    assert torch.equal(a, stored[idx].flip(2)) and torch.equal(v, a)    # flip_p = 1: the mirror image
+    assert torch.equal(a, stored[idx].flip(2)) and torch.equal(v, a)  # flip_p = 1: the mirror image
 
 
 def test_eval_every_sample_once(folder, labels):
     cfg = make_cfg(folder)
-    cfg.data.batch_size = 12                                             # 20 per rank: 6, 6, 6, 2 (no drop)
+    cfg.data.batch_size = 12  # 20 per rank: 6, 6, 6, 2 (no drop)
     stored = GpuResidentEvalLoader(cfg, folder, 0, 1, "cpu").data.images
     images, ys = {}, {}
     for rank in (0, 1):
@@ -121,7 +131,7 @@ def test_eval_every_sample_once(folder, labels):
             assert i not in images
             images[i], ys[i] = x, int(y)
     assert sorted(images) == list(range(N))
-    assert torch.equal(torch.stack([images[i] for i in range(N)]), stored)   # 32 px: the centre crop is all
+    assert torch.equal(torch.stack([images[i] for i in range(N)]), stored)  # 32 px: the centre crop is all
     assert [ys[i] for i in range(N)] == labels.tolist()
 
 
@@ -136,12 +146,19 @@ def test_crops_match_torchvision():
     diffs = []
     for i in range(4):
         for v in range(2):
-            ref = TF.resized_crop(image[i].permute(2, 0, 1).float(), int(top[i, v]), int(left[i, v]),
-                                  int(h[i, v]), int(w[i, v]), [24, 24], antialias=False)
+            ref = TF.resized_crop(
+                image[i].permute(2, 0, 1).float(),
+                int(top[i, v]),
+                int(left[i, v]),
+                int(h[i, v]),
+                int(w[i, v]),
+                [24, 24],
+                antialias=False,
+            )
             ref = (ref.flip(-1) if flip[i, v] else ref).round().permute(1, 2, 0)
             diffs.append((ref - views[i, v].float()).abs())
     diffs = torch.stack(diffs)
-    assert diffs.max() <= 1 and (diffs > 0).float().mean() < 0.01     # off by one only at .5 (float32)
+    assert diffs.max() <= 1 and (diffs > 0).float().mean() < 0.01  # off by one only at .5 (float32)
     # ten misses (the crop can never fit): the whole image clamped to the ratio range, centred
     top, left, h, w = random_resized_boxes(16, 30, 40, (1.0, 1.0), (1.0, 1.0), g)
     assert set(zip(top.tolist(), left.tolist(), h.tolist(), w.tolist())) == {(0.0, 5.0, 30.0, 30.0)}
@@ -160,16 +177,18 @@ def test_mixed_sizes_are_centre_cropped(tmp_path):
     cfg = make_cfg(str(tmp_path))
     cfg.data.image_size, cfg.data.batch_size = 16, 2
     loader = build_train_loader(cfg, 0, 1, "cpu")
-    assert loader.data.images.shape == (4, 16, 16, 3)                     # round(16 / 1.0) square
+    assert loader.data.images.shape == (4, 16, 16, 3)  # round(16 / 1.0) square
     a, v, _ = next(iter(loader.epoch(0)))
     assert a.shape == v.shape == (2, 16, 16, 3)
     x, y = next(iter(build_eval_loader(cfg, str(tmp_path), 0, 1, "cpu")))
     assert x.shape == (2, 16, 16, 3) and y.tolist() == [0, 0]
     sys.path.insert(0, str(REPO))
     from data_prep import write_ffcv
+
     out = tmp_path / "mixed.beton"
-    assert write_ffcv.main(["--source", str(tmp_path), "--output", str(out), "--write-mode", "raw",
-                            "--workers", "1"]) == 0
+    assert (
+        write_ffcv.main(["--source", str(tmp_path), "--output", str(out), "--write-mode", "raw", "--workers", "1"]) == 0
+    )
     cfg.data.loader = "ffcv"
     data = build_eval_loader(cfg, str(out), 0, 1, "cpu").data
     assert data.images.shape == (4, 16, 16, 3) and data.labels.tolist() == [0, 0, 1, 1]
@@ -177,7 +196,7 @@ def test_mixed_sizes_are_centre_cropped(tmp_path):
 
 def test_refuses_a_set_over_budget(folder, monkeypatch):
     monkeypatch.setattr(gpu_resident, "CPU_BUDGET_BYTES", 100_000)
-    monkeypatch.setattr(gpu_resident, "_resident", type(gpu_resident._resident)())   # nothing cached
+    monkeypatch.setattr(gpu_resident, "_resident", type(gpu_resident._resident)())  # nothing cached
     with pytest.raises(ConfigError) as err:
         build_train_loader(make_cfg(folder), 0, 1, "cpu")
     message = str(err.value)

@@ -52,8 +52,7 @@ CUTMIX_CASES = {
 }
 
 # name -> (n, h, w, policy changes over BYOL's t' (or "t1"/"t2": BYOL's own views), input layout)
-ONLY = dict(jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, gray_p=0.0, blur_p=0.0,
-            solarize_p=0.0)
+ONLY = dict(jitter_p=0.0, brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 PHOTO_CASES = {
     "brightness_only": (3, 9, 7, dict(ONLY, jitter_p=1.0, brightness=0.4), "nhwc"),
     "contrast_only": (3, 9, 7, dict(ONLY, jitter_p=1.0, contrast=0.4), "nhwc"),
@@ -68,9 +67,9 @@ PHOTO_CASES = {
     "byol_t2_odd_23x17": (4, 23, 17, "t2", "nhwc"),
     "byol_t1_n1": (1, 12, 10, "t1", "nhwc"),
     "byol_t2_n2": (2, 10, 12, "t2", "nhwc"),
-    "byol_t1_loader_pair_view": (3, 16, 16, "t1", "pair"),   # views_u8[:, 0] of the loaders' [N, 2, H, W, 3]
-    "byol_t2_planar_view": (3, 16, 16, "t2", "planar"),      # the GPU-resident loader's permuted NCHW
-    "blur_multi_tile_72x70": (2, 72, 70, dict(ONLY, blur_p=1.0, solarize_p=0.5), "nhwc"),   # 7 taps, 2x2 tiles
+    "byol_t1_loader_pair_view": (3, 16, 16, "t1", "pair"),  # views_u8[:, 0] of the loaders' [N, 2, H, W, 3]
+    "byol_t2_planar_view": (3, 16, 16, "t2", "planar"),  # the GPU-resident loader's permuted NCHW
+    "blur_multi_tile_72x70": (2, 72, 70, dict(ONLY, blur_p=1.0, solarize_p=0.5), "nhwc"),  # 7 taps, 2x2 tiles
     "all_combined_32x32": (4, 32, 32, dict(jitter_p=1.0, gray_p=0.3, blur_p=0.5, solarize_p=0.5), "pair"),
 }
 
@@ -98,8 +97,7 @@ def make_cutmix_case(name: str, device: str = "cpu"):
             mean, std = torch.tensor(MEAN, dtype=torch.float64), torch.tensor(STD)
     elif box_kind == "borders":  # each box touches a different border (or all of them)
         boxes = torch.tensor(
-            [[0, 3, 2, 6], [5, h, 1, 4], [2, 7, 0, 3], [1, 4, 6, w], [0, h, 0, w], [0, 1, w - 1, w]],
-            dtype=torch.int32,
+            [[0, 3, 2, 6], [5, h, 1, 4], [2, 7, 0, 3], [1, 4, 6, w], [0, h, 0, w], [0, 1, w - 1, w]], dtype=torch.int32
         )
     elif box_kind == "empty":  # lambda = 1: mixed == plain
         boxes = torch.tensor([[0, 0, 0, 0], [3, 3, 2, 5], [2, 4, 6, 6]], dtype=torch.int32)
@@ -118,8 +116,9 @@ def compare_cutmix(name: str, device: str) -> dict:
     views, partner, boxes, mean, std, dtype = make_cutmix_case(name, device)
     plain, mixed = mix.cutmix_normalize(views, partner, boxes, mean, std, dtype)
     cpu = lambda t: t.cpu() if isinstance(t, torch.Tensor) else t  # noqa: E731
-    ref_plain, ref_mixed = mix.cutmix_normalize_reference(cpu(views), cpu(partner), cpu(boxes), cpu(mean),
-                                                          cpu(std), dtype)
+    ref_plain, ref_mixed = mix.cutmix_normalize_reference(
+        cpu(views), cpu(partner), cpu(boxes), cpu(mean), cpu(std), dtype
+    )
     n, h, w, _ = views.shape
     want_strides = torch.empty((n, 3, h, w), memory_format=torch.channels_last).stride()
     report = {
@@ -130,23 +129,28 @@ def compare_cutmix(name: str, device: str) -> dict:
         "ref_mixed_is_none": ref_mixed is None,
     }
     if mixed is not None:
-        report.update(mixed_shape_ok=mixed.shape == plain.shape and mixed.dtype == dtype,
-                      mixed_channels_last=mixed.stride() == want_strides,
-                      mixed_equal=torch.equal(mixed.cpu(), ref_mixed))
-    if dtype != torch.float32:   # the rounding: nearest-even from the fp32 value, not truncation
-        plain32, _ = mix.cutmix_normalize_reference(cpu(views), cpu(partner), cpu(boxes), cpu(mean), cpu(std),
-                                                    torch.float32)
+        report.update(
+            mixed_shape_ok=mixed.shape == plain.shape and mixed.dtype == dtype,
+            mixed_channels_last=mixed.stride() == want_strides,
+            mixed_equal=torch.equal(mixed.cpu(), ref_mixed),
+        )
+    if dtype != torch.float32:  # the rounding: nearest-even from the fp32 value, not truncation
+        plain32, _ = mix.cutmix_normalize_reference(
+            cpu(views), cpu(partner), cpu(boxes), cpu(mean), cpu(std), torch.float32
+        )
         report["rne_of_fp32"] = torch.equal(plain.cpu(), plain32.to(dtype))
-        report["truncation_differs"] = not torch.equal(
-            plain.cpu(), (plain32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype)) \
-            if dtype == torch.bfloat16 else True
+        report["truncation_differs"] = (
+            not torch.equal(plain.cpu(), (plain32.view(torch.int32) & ~0xFFFF).view(torch.float32).to(dtype))
+            if dtype == torch.bfloat16
+            else True
+        )
     return report
 
 
 def check_cutmix_report(rep: dict) -> None:
     assert "error" not in rep, rep.get("error")
     assert rep["shape_ok"] and rep["channels_last"], rep
-    assert rep["plain_equal"], rep   # bit-identical in every dtype: same fp32 value, same rounding
+    assert rep["plain_equal"], rep  # bit-identical in every dtype: same fp32 value, same rounding
     assert rep["mixed_is_none"] == rep["ref_mixed_is_none"], rep
     if not rep["mixed_is_none"]:
         assert rep["mixed_shape_ok"] and rep["mixed_channels_last"] and rep["mixed_equal"], rep
@@ -170,7 +174,7 @@ def make_photo_case(name: str, device: str = "cpu"):
     n, h, w, spec, layout = PHOTO_CASES[name]
     gen = torch.Generator().manual_seed(sum(map(ord, name)))
     x = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
-    x[:, : max(1, h // 4)] = x[:, : max(1, h // 4), :, :1]   # grey rows: zero chroma for hue and saturation
+    x[:, : max(1, h // 4)] = x[:, : max(1, h // 4), :, :1]  # grey rows: zero chroma for hue and saturation
     x[:, -1, :, 0] = 255
     if layout == "pair":
         x = torch.stack([x, x.flip(1)], dim=1).to(device)[:, 0]
@@ -187,12 +191,19 @@ def compare_photometric(name: str, device: str) -> dict:
     x, policy, seed = make_photo_case(name, device)
     out = augment.photometric(x, policy, torch.Generator(device=device).manual_seed(seed))
     again = augment.photometric(x, policy, torch.Generator(device=device).manual_seed(seed))
-    ref = augment.photometric_reference(x.cpu(), policy, torch.Generator().manual_seed(seed)) if device == "cpu" \
+    ref = (
+        augment.photometric_reference(x.cpu(), policy, torch.Generator().manual_seed(seed))
+        if device == "cpu"
         else augment.photometric_reference(x, policy, torch.Generator(device=device).manual_seed(seed)).cpu()
+    )
     diff = (out.cpu().int() - ref.int()).abs()
-    return dict(shape_ok=out.shape == x.shape and out.dtype == torch.uint8 and out.is_contiguous(),
-                deterministic=torch.equal(out, again), max_diff=int(diff.max()),
-                frac_diff=float((diff > 0).float().mean()), changed=not torch.equal(out.cpu(), x.cpu()))
+    return dict(
+        shape_ok=out.shape == x.shape and out.dtype == torch.uint8 and out.is_contiguous(),
+        deterministic=torch.equal(out, again),
+        max_diff=int(diff.max()),
+        frac_diff=float((diff > 0).float().mean()),
+        changed=not torch.equal(out.cpu(), x.cpu()),
+    )
 
 
 def compare_tied_order_keys() -> dict:
@@ -206,8 +217,7 @@ def compare_tied_order_keys() -> dict:
     g = torch.Generator().manual_seed(11)
     x = torch.randint(0, 256, (4, 6, 5, 3), dtype=torch.uint8, generator=g)
     u = torch.rand(4, 13, generator=g)
-    u[:, 5:9] = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.7, 0.2, 0.7, 0.2], [0.1, 0.9, 0.9, 0.1],
-                              [0.3, 0.3, 0.6, 0.3]])
+    u[:, 5:9] = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.7, 0.2, 0.7, 0.2], [0.1, 0.9, 0.9, 0.1], [0.3, 0.3, 0.6, 0.3]])
     out = kernel.photometric(x, u, policy, augment.blur_kernel_size(5))
     diff = (out.int() - augment._transform(x, u, policy).int()).abs()
     return dict(max_diff=int(diff.max()), frac_diff=float((diff > 0).float().mean()))
@@ -216,8 +226,8 @@ def compare_tied_order_keys() -> dict:
 def check_photo_report(rep: dict) -> None:
     assert "error" not in rep, rep.get("error")
     assert rep["shape_ok"] and rep["deterministic"] and rep["changed"], rep
-    assert rep["max_diff"] <= 1, rep              # within one grey level of the reference
-    assert rep["frac_diff"] <= 0.1, rep           # and few of those: float rounding, fp16 blur products
+    assert rep["max_diff"] <= 1, rep  # within one grey level of the reference
+    assert rep["frac_diff"] <= 0.1, rep  # and few of those: float rounding, fp16 blur products
 
 
 def view_budget_counts(mode: str, size: int = 32, n: int = 4) -> dict:
@@ -234,7 +244,7 @@ def view_budget_counts(mode: str, size: int = 32, n: int = 4) -> dict:
     boxes = mix.sample_boxes(n, size, size, 1.0, generator=g)[0] if mode != "sim" else None
     stats = mix.check_cutmix_inputs(pair[:, 0].contiguous(), partner, boxes, MEAN, STD, torch.bfloat16)
 
-    def step_on_device():   # make_views' device calls (its host draws and checks are not device work)
+    def step_on_device():  # make_views' device calls (its host draws and checks are not device work)
         gen = torch.Generator().manual_seed(1)
         a = augment.photometric(pair[:, 0], policies[0], gen)
         b = augment.photometric(pair[:, 1], policies[1], gen)
@@ -244,9 +254,15 @@ def view_budget_counts(mode: str, size: int = 32, n: int = 4) -> dict:
     counts = count_launches(step_on_device)
     elems = n * size * size * 3
     outputs = 1 if mode == "sim" else 2
-    return dict(launches_per_view=counts["launches"] / 2, bytes_per_view=counts["bytes"] / 2,
-                unique_bytes_per_view=counts["unique_bytes"] / 2, triton=counts["triton"], aten=counts["aten"],
-                budget_bytes_per_view=3 * elems * (1 + outputs * 2), exact=counts["bytes_exact"])
+    return dict(
+        launches_per_view=counts["launches"] / 2,
+        bytes_per_view=counts["bytes"] / 2,
+        unique_bytes_per_view=counts["unique_bytes"] / 2,
+        triton=counts["triton"],
+        aten=counts["aten"],
+        budget_bytes_per_view=3 * elems * (1 + outputs * 2),
+        exact=counts["bytes_exact"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -266,8 +282,11 @@ def interpreter_reports(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("kernels") / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--interpreter-cases", str(out)],
-        cwd=ROOT, env=_subprocess_env(TRITON_INTERPRET="1", BSIM_FAST_TRITON="1", CUDA_VISIBLE_DEVICES=""),
-        capture_output=True, text=True, timeout=900,
+        cwd=ROOT,
+        env=_subprocess_env(TRITON_INTERPRET="1", BSIM_FAST_TRITON="1", CUDA_VISIBLE_DEVICES=""),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     reports = {}
     for line in proc.stdout.splitlines():
@@ -275,8 +294,9 @@ def interpreter_reports(tmp_path_factory) -> dict:
             rec = json.loads(line[5:])
             reports[rec.pop("name")] = rec
     if proc.returncode != 0 or not reports:
-        pytest.fail(f"interpreter subprocess failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n"
-                    f"{proc.stderr[-3000:]}")
+        pytest.fail(
+            f"interpreter subprocess failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     reports["__bench_json__"] = json.loads(out.read_text()) if out.exists() else None
     return reports
 
@@ -305,7 +325,7 @@ def test_interpreter_launch_and_byte_budget_per_view(interpreter_reports, mode):
     assert "error" not in rep, rep.get("error")
     assert rep["exact"]
     assert rep["launches_per_view"] + 0.5 <= 6, rep
-    assert rep["triton"].count("_cutmix_normalize_kernel") == 2 and len(rep["aten"]) == 2, rep   # 1 draw/view
+    assert rep["triton"].count("_cutmix_normalize_kernel") == 2 and len(rep["aten"]) == 2, rep  # 1 draw/view
     assert rep["bytes_per_view"] <= rep["budget_bytes_per_view"], rep
     assert rep["unique_bytes_per_view"] <= rep["bytes_per_view"], rep
 
@@ -349,8 +369,9 @@ def _good(n=4, h=6, w=5):
     gen = torch.Generator().manual_seed(7)
     views = torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=gen)
     boxes, _ = mix.sample_boxes(n, h, w, 1.0, generator=gen)
-    return dict(views_u8=views, partner=mix.derangement(n, generator=gen), boxes=boxes, mean=MEAN, std=STD,
-                dtype=torch.bfloat16)
+    return dict(
+        views_u8=views, partner=mix.derangement(n, generator=gen), boxes=boxes, mean=MEAN, std=STD, dtype=torch.bfloat16
+    )
 
 
 def _bad_inputs():
@@ -404,7 +425,7 @@ def test_bad_inputs_raise_before_launch(no_launch, case):
     msg = str(info.value)
     assert words in msg and "\n" not in msg, msg
     assert no_launch == []
-    mix.cutmix_normalize(**good)   # and valid input does reach the launcher
+    mix.cutmix_normalize(**good)  # and valid input does reach the launcher
     assert no_launch == ["cutmix"]
 
 
@@ -469,6 +490,7 @@ def _compiler_available() -> bool:
         return False
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
+
         return True
     except ImportError:
         return False
@@ -484,7 +506,7 @@ def test_ptx_for_sm90_vector_accesses_and_rounding():
     rows = {r["name"]: r for r in ptx_report()}
     mixed = rows["cutmix_normalize"]
     widths = mixed["global_access_bytes"]
-    assert widths.get("ld8B", 0) >= 4 and widths.get("st16B", 0) >= 4, widths     # data: vectors
+    assert widths.get("ld8B", 0) >= 4 and widths.get("st16B", 0) >= 4, widths  # data: vectors
     assert not any(k in widths for k in ("ld1B", "ld2B", "st1B", "st2B", "st4B", "st8B")), widths
     assert mixed["cvt_rn_bf16"] and mixed["instructions_per_element"] <= 30, mixed
     assert rows["cutmix_normalize_sim"]["instructions_per_element"] <= 12
@@ -525,8 +547,9 @@ def test_gpu_imagenet_batch_views_and_launches():
     n, s = 256, 224
     pair = torch.randint(0, 256, (n, 2, s, s, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)).cuda()
     out = [augment.photometric(pair[:, v], policies[v], torch.Generator("cuda").manual_seed(v)) for v in (0, 1)]
-    ref = [augment.photometric_reference(pair[:, v], policies[v], torch.Generator("cuda").manual_seed(v))
-           for v in (0, 1)]
+    ref = [
+        augment.photometric_reference(pair[:, v], policies[v], torch.Generator("cuda").manual_seed(v)) for v in (0, 1)
+    ]
     for o, r in zip(out, ref):
         diff = (o.int() - r.int()).abs()
         assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.1
@@ -566,8 +589,7 @@ def test_gpu_offsets_beyond_int32():
     last = torch.arange(n - 3, n, device="cuda")
     sub_views = torch.cat([views[last - 1], views[last]])  # partners first, then the images
     sub_partner = torch.tensor([3, 4, 5, 0, 1, 2], device="cuda")  # images 3..5 mix with 0..2
-    ref_plain, ref_mixed = mix.cutmix_normalize_reference(sub_views, sub_partner, boxes[:6], MEAN, STD,
-                                                          torch.bfloat16)
+    ref_plain, ref_mixed = mix.cutmix_normalize_reference(sub_views, sub_partner, boxes[:6], MEAN, STD, torch.bfloat16)
     assert torch.equal(plain[last], ref_plain[3:]) and torch.equal(mixed[last], ref_mixed[3:])
 
 
@@ -582,13 +604,15 @@ def _run_interpreter_cases(bench_json: str) -> int:
     assert os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("BSIM_FAST_TRITON") == "1"
     torch.manual_seed(0)
     jobs = [(f"cutmix:{name}", lambda name=name: compare_cutmix(name, "cpu")) for name in sorted(CUTMIX_CASES)]
-    jobs += [(f"photometric:{name}", lambda name=name: compare_photometric(name, "cpu"))
-             for name in sorted(PHOTO_CASES)]
+    jobs += [
+        (f"photometric:{name}", lambda name=name: compare_photometric(name, "cpu")) for name in sorted(PHOTO_CASES)
+    ]
     jobs.append(("photometric:tied_order_keys", compare_tied_order_keys))
     jobs += [(f"budget:{mode}", lambda mode=mode: view_budget_counts(mode)) for mode in ("bsim", "sim")]
 
     def bench():
         from bsim_fast.kernels import bench as kernel_bench
+
         kernel_bench._main(["--tiny", "--json", bench_json])
         return {}
 

@@ -1,6 +1,7 @@
 """Loader protocol on ~200 built-in images: real FFCV (written by data_prep/write_ffcv.py) and the torch
 loader, on CPU. With crop scale = ratio = 1, no flip and photometric off, a view is the stored image itself,
 which lets the tests find which sample every yielded view came from."""
+
 import dataclasses
 import os
 import sys
@@ -17,7 +18,7 @@ from bsim_fast.loaders.base import DatasetError, eval_shard, loader_throughput, 
 from data_prep import common
 
 REPO = Path(__file__).resolve().parents[1]
-PER_CLASS = 20          # 10 classes -> 200 images
+PER_CLASS = 20  # 10 classes -> 200 images
 BATCH = 32
 
 
@@ -42,9 +43,9 @@ def source_labels(tree):
 def beton(tree):
     sys.path.insert(0, str(REPO))
     from data_prep import write_ffcv
+
     out = tree.parent / "tree.beton"
-    assert write_ffcv.main(["--source", str(tree), "--output", str(out), "--write-mode", "jpg",
-                            "--workers", "1"]) == 0
+    assert write_ffcv.main(["--source", str(tree), "--output", str(out), "--write-mode", "jpg", "--workers", "1"]) == 0
     return str(out)
 
 
@@ -52,9 +53,17 @@ def make_cfg(loader, path, identity=False, seed=0):
     cfg = Config()
     cfg.data.loader, cfg.data.train, cfg.data.image_size = loader, path, 32
     cfg.data.batch_size, cfg.data.workers, cfg.train.seed = BATCH, 1, seed
-    if identity:   # views = stored images
-        cfg.aug = dataclasses.replace(cfg.aug, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
-                                      jitter_p=0.0, gray_p=0.0, blur_p=(0.0, 0.0), solarize_p=(0.0, 0.0))
+    if identity:  # views = stored images
+        cfg.aug = dataclasses.replace(
+            cfg.aug,
+            crop_scale=(1.0, 1.0),
+            crop_ratio=(1.0, 1.0),
+            flip_p=0.0,
+            jitter_p=0.0,
+            gray_p=0.0,
+            blur_p=(0.0, 0.0),
+            solarize_p=(0.0, 0.0),
+        )
     return cfg
 
 
@@ -71,7 +80,7 @@ def eval_reference(kind, path):
         for i, xi, yi in zip(eval_shard(len(x) * 2, rank, 2), x, y):
             images[int(i)], labels[int(i)] = xi, int(yi)
             seen.append(int(i))
-    assert sorted(seen) == list(range(len(seen)))           # every sample exactly once over the ranks
+    assert sorted(seen) == list(range(len(seen)))  # every sample exactly once over the ranks
     return torch.stack([images[i] for i in sorted(images)]), np.array([labels[i] for i in sorted(labels)])
 
 
@@ -89,8 +98,8 @@ def check_train_protocol(loader, labels_of, n):
     for b, (a, v, y) in enumerate(batches):
         assert a.shape == v.shape == (BATCH, 32, 32, 3) and a.dtype == v.dtype == torch.uint8
         assert y.dtype == torch.int64
-        assert np.array_equal(y.numpy(), labels_of[order[b * BATCH:(b + 1) * BATCH]])
-        assert (a != v).float().mean() > 0.5                   # two different augmentations
+        assert np.array_equal(y.numpy(), labels_of[order[b * BATCH : (b + 1) * BATCH]])
+        assert (a != v).float().mean() > 0.5  # two different augmentations
     again = list(loader.epoch(0))
     assert all(torch.equal(p, q) for x, z in zip(batches, again) for p, q in zip(x, z))
     tail = list(loader.epoch(0, start_batch=2))
@@ -111,9 +120,9 @@ def check_ranks(kind, path, reference):
         for a, v, _ in loader.epoch(3):
             assert torch.equal(a, v)
             seen += [find(img) for img in a]
-        assert seen[-(BATCH // 2):] == list(rank_order(n, 0, 3, rank, 2, BATCH // 2)[-(BATCH // 2):])
-    assert len(set(seen)) == len(seen) == 2 * len(loader) * (BATCH // 2)    # disjoint
-    assert len(seen) >= n - 2 * (BATCH // 2)                                 # covers all but drop_last
+        assert seen[-(BATCH // 2) :] == list(rank_order(n, 0, 3, rank, 2, BATCH // 2)[-(BATCH // 2) :])
+    assert len(set(seen)) == len(seen) == 2 * len(loader) * (BATCH // 2)  # disjoint
+    assert len(seen) >= n - 2 * (BATCH // 2)  # covers all but drop_last
 
 
 def test_rank_order():
@@ -122,8 +131,8 @@ def test_rank_order():
     assert len(full) == (n // bs) * bs and len(set(full)) == len(full)
     assert np.array_equal(full, rank_order(n, 5, 2, 0, 1, bs))
     assert not np.array_equal(full, rank_order(n, 5, 3, 0, 1, bs))
-    assert not np.array_equal(full, rank_order(n, 6, 1, 0, 1, bs))         # seed+epoch collisions avoided
-    assert np.array_equal(rank_order(n, 5, 2, 0, 1, bs, start_batch=3), full[3 * bs:])
+    assert not np.array_equal(full, rank_order(n, 6, 1, 0, 1, bs))  # seed+epoch collisions avoided
+    assert np.array_equal(rank_order(n, 5, 2, 0, 1, bs, start_batch=3), full[3 * bs :])
     parts = [rank_order(n, 5, 2, r, 4, bs) for r in range(4)]
     allp = np.concatenate(parts)
     assert len(set(allp)) == len(allp) and len(allp) == 4 * ((n // 4) // bs) * bs
@@ -154,7 +163,7 @@ def test_torch_train_and_eval(tree, source_labels):
     assert np.array_equal(ref_labels, source_labels)
     loader = build_train_loader(make_cfg("torch", str(tree)), 0, 1, "cpu")
     batches = check_train_protocol(loader, source_labels, len(source_labels))
-    fresh = build_train_loader(make_cfg("torch", str(tree)), 0, 1, "cpu")   # a "resumed" process
+    fresh = build_train_loader(make_cfg("torch", str(tree)), 0, 1, "cpu")  # a "resumed" process
     assert all(torch.equal(p, q) for x, z in zip(batches, fresh.epoch(0)) for p, q in zip(x, z))
     check_ranks("torch", str(tree), reference)
 

@@ -6,6 +6,7 @@ run on each back end: length, order as a function of (seed, epoch), exact `start
 photometric augmentation coming from `augment.photometric`, eval reading every sample once, labels equal
 across back ends, the worker cap, and an unlabeled set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,23 @@ def sets(tmp_path_factory):
     folder = tiny_folder(root / "folder", per_class=10, classes=4)
     beton, shards = root / "set.beton", root / "shards"
     assert write_ffcv.main(["--source", str(folder), "--output", str(beton), "--workers", "1"]) == 0
-    assert write_dali.main(["--source", str(folder), "--output", str(shards), "--workers", "1", "--order",
-                            "source", "--shard-size", "16"]) == 0
+    assert (
+        write_dali.main(
+            [
+                "--source",
+                str(folder),
+                "--output",
+                str(shards),
+                "--workers",
+                "1",
+                "--order",
+                "source",
+                "--shard-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     return {"ffcv": str(beton), "dali": str(shards), "torch": str(folder), "gpu_resident": str(folder)}
 
 
@@ -91,6 +107,7 @@ def same(xs, ys) -> bool:
 
 # ---- the contract ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_train_contract(kind, sets, folder_labels):
     needs(kind)
@@ -104,10 +121,10 @@ def test_train_contract(kind, sets, folder_labels):
         assert a.shape == b.shape == (BATCH, SIZE, SIZE, 3) and a.dtype == b.dtype == torch.uint8
         assert a.is_contiguous() and b.is_contiguous()
         assert y.shape == (BATCH,) and y.dtype == torch.int64 and y.device.type == "cpu"
-        assert (a != b).float().mean() > 0.5                            # two different augmentations
+        assert (a != b).float().mean() > 0.5  # two different augmentations
     labels = torch.cat([y for *_, y in first]).numpy()
-    assert sorted(labels) == sorted(folder_labels)                     # N % BATCH == 0: every sample once
-    if kind != "dali":                                                 # DALI's reader has its own shuffle
+    assert sorted(labels) == sorted(folder_labels)  # N % BATCH == 0: every sample once
+    if kind != "dali":  # DALI's reader has its own shuffle
         assert np.array_equal(labels, folder_labels[rank_order(N, 0, 0, 0, 1, BATCH)])
     # order and draws depend on (seed, epoch) only; a resumed process reads exactly the tail
     assert same(first, take(loader.epoch(0)))
@@ -115,7 +132,7 @@ def test_train_contract(kind, sets, folder_labels):
     assert same(first[2:], take(resumed.epoch(0, start_batch=2)))
     assert take(loader.epoch(0, start_batch=len(loader))) == []
     with pytest.raises(ValueError, match="start_batch"):
-        loader.epoch(0, start_batch=len(loader) + 1)                   # at the call, not the first batch
+        loader.epoch(0, start_batch=len(loader) + 1)  # at the call, not the first batch
     assert not torch.equal(torch.cat([a for a, *_ in first]), torch.cat([a for a, *_ in loader.epoch(1)]))
     other_seed = build_train_loader(make_cfg(kind, path, seed=1), 0, 1, "cpu")
     assert not torch.equal(torch.cat([a for a, *_ in first]), torch.cat([a for a, *_ in other_seed.epoch(0)]))
@@ -131,7 +148,7 @@ def test_train_contract(kind, sets, folder_labels):
 @pytest.mark.parametrize("kind", KINDS)
 def test_eval_reads_every_sample_once_with_the_folders_labels(kind, sets, folder_labels):
     needs(kind)
-    cfg = make_cfg(kind, sets[kind], batch=12)                         # 20 per rank: 6, 6, 6, 2
+    cfg = make_cfg(kind, sets[kind], batch=12)  # 20 per rank: 6, 6, 6, 2
     labels = {}
     for rank in (0, 1):
         loader = build_eval_loader(cfg, sets[kind], rank, 2, "cpu")
@@ -143,7 +160,7 @@ def test_eval_reads_every_sample_once_with_the_folders_labels(kind, sets, folder
             assert int(i) not in labels
             labels[int(i)] = int(y)
     assert sorted(labels) == list(range(N))
-    assert [labels[i] for i in range(N)] == folder_labels.tolist()     # the same labels from every back end
+    assert [labels[i] for i in range(N)] == folder_labels.tolist()  # the same labels from every back end
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -178,7 +195,7 @@ def test_workers_are_capped_to_the_cores(kind, sets, monkeypatch, capsys):
     assert evaluation.workers == 2 and sum(len(y) for _, y in evaluation) == N
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "data.workers" in ln]
     assert lines == ["[loaders] data.workers=64: 2 CPU core(s) available; using 2 workers"]
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")                        # two ranks share the node's cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks share the node's cores
     assert base.loader_workers(cfg) == 1
 
 
@@ -200,6 +217,7 @@ def test_ffcv_leaves_torch_threads_alone(kind, sets):
 
 
 # ---- one crop reference -------------------------------------------------------------------------------
+
 
 class _ReplayTorch:
     """Stands in for `torch` inside torchvision's RandomResizedCrop.get_params and answers its random draws
@@ -241,10 +259,16 @@ class _ReplayTorch:
 def test_reference_is_torchvisions_get_params(monkeypatch):
     """Same draws -> same box, over shapes where crops fit, shapes that fall back, and ratio clamping."""
     import torchvision.transforms.transforms as tv
+
     rng = np.random.default_rng(0)
-    cases = [((30, 40), (0.08, 1.0), (3 / 4, 4 / 3)), ((224, 224), (0.2, 1.0), (3 / 4, 4 / 3)),
-             ((5, 100), (0.5, 1.0), (3 / 4, 4 / 3)), ((100, 5), (0.9, 1.0), (0.5, 2.0)),
-             ((32, 32), (1.0, 1.0), (1.0, 1.0)), ((7, 9), (0.08, 0.3), (0.2, 5.0))]
+    cases = [
+        ((30, 40), (0.08, 1.0), (3 / 4, 4 / 3)),
+        ((224, 224), (0.2, 1.0), (3 / 4, 4 / 3)),
+        ((5, 100), (0.5, 1.0), (3 / 4, 4 / 3)),
+        ((100, 5), (0.9, 1.0), (0.5, 2.0)),
+        ((32, 32), (1.0, 1.0), (1.0, 1.0)),
+        ((7, 9), (0.08, 0.3), (0.2, 5.0)),
+    ]
     fallbacks = 0
     for (height, width), scale, ratio in cases:
         image = torch.zeros(3, height, width)
@@ -256,12 +280,13 @@ def test_reference_is_torchvisions_get_params(monkeypatch):
             monkeypatch.undo()
             assert random_resized_crop_params(height, width, scale, ratio, uniforms) == expected
             fallbacks += replay.positions == 0
-    assert fallbacks > 100                                               # the fallback path was exercised
+    assert fallbacks > 100  # the fallback path was exercised
 
 
 def test_torch_loader_crops_with_the_reference(sets):
     """A TwoViewFolder item = Pillow's resize of the reference's box for the loader's seeded draws."""
     from bsim_fast.loaders.torch_loader import FULL_RESOLUTION, TwoViewFolder
+
     source = datasets.scan_image_folder(Path(sets["torch"]))
     scale, ratio = (0.08, 1.0), (3 / 4, 4 / 3)
     dataset = TwoViewFolder(source, SIZE, scale, ratio, 0.5, seed=5)
@@ -271,8 +296,9 @@ def test_torch_loader_crops_with_the_reference(sets):
         image = Image.fromarray(source.load_rgb(index, FULL_RESOLUTION))
         rng = np.random.default_rng(base.seed_sequence(5, 3, index))
         for v in range(2):
-            top, left, h, w = random_resized_crop_params(image.height, image.width, scale, ratio,
-                                                         rng.random((CROP_ATTEMPTS, 4)))
+            top, left, h, w = random_resized_crop_params(
+                image.height, image.width, scale, ratio, rng.random((CROP_ATTEMPTS, 4))
+            )
             expected = image.resize((SIZE, SIZE), Image.BILINEAR, box=(left, top, left + w, top + h))
             if rng.random() < 0.5:
                 expected = expected.transpose(Image.FLIP_LEFT_RIGHT)
@@ -281,12 +307,16 @@ def test_torch_loader_crops_with_the_reference(sets):
 
 def _ffcv_view_uniforms(seed: int, epoch: int, index: int, view: int):
     from bsim_fast.loaders import ffcv_loader as fl
+
     uniform = fl._make_uniform(fl._splitmix64)
     entry = np.uint64(index) | (np.uint64(epoch) << fl._EPOCH_SHIFT)
-    with np.errstate(over="ignore"):   # the hash wraps modulo 2**64 by design (numba does not warn)
+    with np.errstate(over="ignore"):  # the hash wraps modulo 2**64 by design (numba does not warn)
         key = fl._splitmix64(fl._splitmix64(np.uint64(base.mix_seed(seed, bits=64)) ^ entry) + np.uint64(view))
-        return key, np.array([[uniform(key, 4 * k + d) for d in range(4)] for k in range(CROP_ATTEMPTS)]), \
-            uniform(key, 4 * CROP_ATTEMPTS)
+        return (
+            key,
+            np.array([[uniform(key, 4 * k + d) for d in range(4)] for k in range(CROP_ATTEMPTS)]),
+            uniform(key, 4 * CROP_ATTEMPTS),
+        )
 
 
 def test_ffcv_decoder_crops_with_the_reference(tmp_path, sets):
@@ -297,8 +327,13 @@ def test_ffcv_decoder_crops_with_the_reference(tmp_path, sets):
 
     from bsim_fast.loaders import ffcv_loader as fl
     from bsim_fast.loaders.gpu_resident import load_resident
-    compiled = numba.njit(fastmath=True)(fl._make_view_params(numba.njit(fl._make_uniform(numba.njit(fl._splitmix64))),
-                                                              numba.njit(fastmath=True)(random_resized_crop_params)))
+
+    compiled = numba.njit(fastmath=True)(
+        fl._make_view_params(
+            numba.njit(fl._make_uniform(numba.njit(fl._splitmix64))),
+            numba.njit(fastmath=True)(random_resized_crop_params),
+        )
+    )
     scale, ratio = np.array([0.08, 1.0]), np.array([3 / 4, 4 / 3])
     for index in range(200):
         for height, width in ((32, 32), (30, 41), (6, 90)):
@@ -307,14 +342,15 @@ def test_ffcv_decoder_crops_with_the_reference(tmp_path, sets):
             assert got == (*random_resized_crop_params(height, width, scale, ratio, uniforms), flip_u < 0.5)
     # end to end on a raw .beton (stored pixels known exactly), photometric off
     raw = tmp_path / "raw.beton"
-    assert write_ffcv.main(["--source", sets["torch"], "--output", str(raw), "--write-mode", "raw",
-                            "--workers", "1"]) == 0
+    assert (
+        write_ffcv.main(["--source", sets["torch"], "--output", str(raw), "--write-mode", "raw", "--workers", "1"]) == 0
+    )
     stored = load_resident(str(raw), SIZE, 1, torch.device("cpu"), 0).images.numpy()
     cfg = make_cfg("ffcv", str(raw), seed=11, **NO_PHOTOMETRIC)
     loader = build_train_loader(cfg, 0, 1, "cpu")
     order = rank_order(N, 11, 2, 0, 1, BATCH)
     for b, (a_u8, b_u8, _) in enumerate(loader.epoch(2)):
-        for row, index in enumerate(order[b * BATCH:(b + 1) * BATCH]):
+        for row, index in enumerate(order[b * BATCH : (b + 1) * BATCH]):
             for view, got in enumerate((a_u8[row], b_u8[row])):
                 _, uniforms, flip_u = _ffcv_view_uniforms(11, 2, int(index), view)
                 top, left, h, w = random_resized_crop_params(32, 32, cfg.aug.crop_scale, cfg.aug.crop_ratio, uniforms)
@@ -328,10 +364,14 @@ def test_ffcv_decoder_crops_with_the_reference(tmp_path, sets):
 def test_gpu_resident_boxes_are_the_reference():
     """The batched device version gives the reference's box for every row of the same uniforms."""
     from bsim_fast.loaders.gpu_resident import boxes_from_uniforms
+
     rng = np.random.default_rng(1)
-    for (height, width), scale, ratio in [((30, 40), (0.08, 1.0), (3 / 4, 4 / 3)),
-                                          ((5, 100), (0.5, 1.0), (3 / 4, 4 / 3)),
-                                          ((100, 5), (0.9, 1.0), (0.5, 2.0)), ((32, 32), (1.0, 1.0), (1.0, 1.0))]:
+    for (height, width), scale, ratio in [
+        ((30, 40), (0.08, 1.0), (3 / 4, 4 / 3)),
+        ((5, 100), (0.5, 1.0), (3 / 4, 4 / 3)),
+        ((100, 5), (0.9, 1.0), (0.5, 2.0)),
+        ((32, 32), (1.0, 1.0), (1.0, 1.0)),
+    ]:
         uniforms = rng.random((500, CROP_ATTEMPTS, 4))
         boxes = torch.stack(boxes_from_uniforms(torch.from_numpy(uniforms), height, width, scale, ratio), dim=1)
         expected = [random_resized_crop_params(height, width, scale, ratio, u) for u in uniforms]
@@ -344,6 +384,7 @@ def _ks(x: np.ndarray, y: np.ndarray) -> float:
 
     def cdf(s):
         return np.searchsorted(np.sort(s), grid, side="right") / len(s)
+
     return float(np.abs(cdf(x) - cdf(y)).max())
 
 
@@ -356,13 +397,31 @@ def test_dali_crop_windows_follow_the_reference(tmp_path):
     from torchvision.transforms.v2 import functional as TF
 
     from bsim_fast.loaders.dali_loader import READER_NAME, DaliTrainLoader
+
     height, width, count = 60, 80, 256
-    smooth = torch.nn.functional.interpolate(torch.rand(count, 3, 6, 8, generator=torch.Generator().manual_seed(0)),
-                                             size=(height, width), mode="bicubic", align_corners=False)
+    smooth = torch.nn.functional.interpolate(
+        torch.rand(count, 3, 6, 8, generator=torch.Generator().manual_seed(0)),
+        size=(height, width),
+        mode="bicubic",
+        align_corners=False,
+    )
     images = (smooth.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.savez(tmp_path / "smooth.npz", images=images, labels=np.zeros(count, np.int64))
-    assert write_dali.main(["--source", str(tmp_path / "smooth.npz"), "--output", str(tmp_path / "shards"),
-                            "--workers", "1", "--jpeg-quality", "100"]) == 0
+    assert (
+        write_dali.main(
+            [
+                "--source",
+                str(tmp_path / "smooth.npz"),
+                "--output",
+                str(tmp_path / "shards"),
+                "--workers",
+                "1",
+                "--jpeg-quality",
+                "100",
+            ]
+        )
+        == 0
+    )
     cfg = make_cfg("dali", str(tmp_path / "shards"), batch=32, **NO_PHOTOMETRIC)
     loader = DaliTrainLoader(cfg, 0, 1, "cpu")
     areas, aspects, right, wrong = [], [], [], []
@@ -376,19 +435,23 @@ def test_dali_crop_windows_follow_the_reference(tmp_path):
                 assert bool((anchor >= 0).all()) and bool((anchor + shape <= torch.tensor([height, width])).all())
                 areas += (shape[:, 0] * shape[:, 1] / (height * width)).tolist()
                 aspects += torch.log(shape[:, 1] / shape[:, 0]).tolist()
-                for i in range(4):                                      # pixels: the resize of the window
+                for i in range(4):  # pixels: the resize of the window
                     (top, left), (h, w) = anchor[i].tolist(), shape[i].tolist()
-                    ref = TF.resized_crop(out["image"][i].permute(2, 0, 1), top, left, h, w, [SIZE, SIZE],
-                                          antialias=True).permute(1, 2, 0).float()
+                    ref = (
+                        TF.resized_crop(out["image"][i].permute(2, 0, 1), top, left, h, w, [SIZE, SIZE], antialias=True)
+                        .permute(1, 2, 0)
+                        .float()
+                    )
                     got = out[view][i].float()
                     right.append(float(((ref.flip(1) if flip[i] else ref) - got).abs().mean()))
                     wrong.append(float(((ref if flip[i] else ref.flip(1)) - got).abs().mean()))
         del it, pipe
     drawn = np.random.default_rng(0).random((len(areas), CROP_ATTEMPTS, 4))
-    boxes = np.array([random_resized_crop_params(height, width, cfg.aug.crop_scale, cfg.aug.crop_ratio, u)
-                      for u in drawn])
-    assert _ks(np.array(areas), boxes[:, 2] * boxes[:, 3] / (height * width)) < 0.1     # measured: 0.03
-    assert _ks(np.array(aspects), np.log(boxes[:, 3] / boxes[:, 2])) < 0.1               # measured: 0.03
+    boxes = np.array(
+        [random_resized_crop_params(height, width, cfg.aug.crop_scale, cfg.aug.crop_ratio, u) for u in drawn]
+    )
+    assert _ks(np.array(areas), boxes[:, 2] * boxes[:, 3] / (height * width)) < 0.1  # measured: 0.03
+    assert _ks(np.array(aspects), np.log(boxes[:, 3] / boxes[:, 2])) < 0.1  # measured: 0.03
     # DALI's and torchvision's antialiasing filters differ by a few grey levels (mean 0.46 measured); the
     # same window mirrored the other way is far off, so this pins the flip and the window's placement
     assert max(right) < 1.5 and np.median(wrong) > 10 * np.median(right)
@@ -396,11 +459,13 @@ def test_dali_crop_windows_follow_the_reference(tmp_path):
 
 # ---- seeds, registry, paths ---------------------------------------------------------------------------
 
+
 def test_one_seed_mixer():
-    assert np.array_equal(rank_order(50, 3, 2, 0, 1, 5),
-                          np.random.default_rng((3, 2)).permutation(50)[:50])   # orders kept from before
+    assert np.array_equal(
+        rank_order(50, 3, 2, 0, 1, 5), np.random.default_rng((3, 2)).permutation(50)[:50]
+    )  # orders kept from before
     assert base.mix_seed(0, 1) != base.mix_seed(1, 0) and base.mix_seed(0, 1) == base.mix_seed(0, 1)
-    assert 0 <= base.mix_seed(7, bits=31) < 2 ** 31 and 0 <= base.mix_seed(-3, bits=64) < 2 ** 64
+    assert 0 <= base.mix_seed(7, bits=31) < 2**31 and 0 <= base.mix_seed(-3, bits=64) < 2**64
     g, h = base.batch_generator(0, 1, 2, 0, "cpu"), base.batch_generator(0, 1, 2, 0, "cpu", stream=1)
     assert not torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=h))
 
@@ -408,25 +473,35 @@ def test_one_seed_mixer():
 def test_registry_is_the_one_list_of_loaders():
     assert choices("data", "loader") == KINDS == ("ffcv", "dali", "torch", "gpu_resident")
     import importlib
+
     for spec in LOADERS.values():
         module = importlib.import_module(f"bsim_fast.loaders.{spec.module}")
         assert issubclass(getattr(module, spec.train), TrainLoader)
         assert issubclass(getattr(module, spec.eval), EvalLoader)
-    code = ("import sys, bsim_fast.config; "
-            "print(sorted(m for m in ('torch', 'ffcv', 'nvidia.dali') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.stdout.strip() == "[]"                                    # the registry loads no back end
+    code = (
+        "import sys, bsim_fast.config; print(sorted(m for m in ('torch', 'ffcv', 'nvidia.dali') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert out.stdout.strip() == "[]"  # the registry loads no back end
 
 
 def test_paths_of_the_wrong_kind_are_one_line(sets, tmp_path):
     assert [kind_for_path(sets[k]) for k in ("ffcv", "dali", "torch")] == ["ffcv", "dali", "torch"]
     assert kind_for_path("builtin:test") == "torch"
-    cases = [("dali", sets["ffcv"], "is an FFCV .beton file", "set data.loader=ffcv"),
-             ("torch", sets["ffcv"], "is an FFCV .beton file", "set data.loader=ffcv"),
-             ("ffcv", sets["torch"], "is an image folder", "set data.loader=torch"),
-             ("ffcv", sets["dali"], "is a DALI shard folder", "set data.loader=dali"),
-             ("gpu_resident", sets["dali"], "is a DALI shard folder", "data.gpu_resident=false")]
+    cases = [
+        ("dali", sets["ffcv"], "is an FFCV .beton file", "set data.loader=ffcv"),
+        ("torch", sets["ffcv"], "is an FFCV .beton file", "set data.loader=ffcv"),
+        ("ffcv", sets["torch"], "is an image folder", "set data.loader=torch"),
+        ("ffcv", sets["dali"], "is a DALI shard folder", "set data.loader=dali"),
+        ("gpu_resident", sets["dali"], "is a DALI shard folder", "data.gpu_resident=false"),
+    ]
     for kind, path, what, hint in cases:
         with pytest.raises(DatasetError) as err:
             check_dataset(kind, path, "data.train")
@@ -448,25 +523,43 @@ def test_paths_of_the_wrong_kind_are_one_line(sets, tmp_path):
 
 
 def _train_cli(tmp_path, *overrides):
-    return subprocess.run([sys.executable, "-m", "bsim_fast.train", "--config", "configs/small/byol_bsim.yaml",
-                           *TINY, f"train.out_dir={tmp_path / 'run'}", "data.val=", *overrides],
-                          capture_output=True, text=True, cwd=REPO, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bsim_fast.train",
+            "--config",
+            "configs/small/byol_bsim.yaml",
+            *TINY,
+            f"train.out_dir={tmp_path / 'run'}",
+            "data.val=",
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
 
 
 def test_cli_wrong_kind_is_one_line_and_exit_2(sets, tmp_path):
     out = _train_cli(tmp_path, "data.loader=dali", f"data.train={sets['ffcv']}")
     assert out.returncode == 2, out.stderr
-    assert out.stderr.strip().splitlines() == [(
-        f"error: data.train = {sets['ffcv']!r} is an FFCV .beton file; data.loader=dali reads a DALI shard "
-        f"folder; set data.loader=ffcv")]
-    assert not (tmp_path / "run").exists()                              # refused before any work
+    assert out.stderr.strip().splitlines() == [
+        (
+            f"error: data.train = {sets['ffcv']!r} is an FFCV .beton file; data.loader=dali reads a DALI shard "
+            f"folder; set data.loader=ffcv"
+        )
+    ]
+    assert not (tmp_path / "run").exists()  # refused before any work
 
 
 def test_cli_truncated_jpeg_under_the_torch_loader_names_the_file(tmp_path):
     folder = tiny_folder(tmp_path / "data", per_class=4, classes=2)
     bad = sorted((folder / sorted(os.listdir(folder))[1]).iterdir())[2]
-    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     out = _train_cli(tmp_path, "data.loader=torch", f"data.train={folder}", "train.epochs=1")
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
@@ -486,7 +579,7 @@ def test_torch_loader_lists_folders_as_the_converters_do(tmp_path):
     os.symlink(root / classes[1], root / classes[1] / "loop")
     cfg = make_cfg("torch", str(root), batch=4)
     torch_labels = torch.cat([y for _, y in build_eval_loader(cfg, str(root), 0, 1, "cpu")]).tolist()
-    assert torch_labels == [1] * 4 + [2] * 4 + [3] * 4                  # '0_empty' keeps index 0
+    assert torch_labels == [1] * 4 + [2] * 4 + [3] * 4  # '0_empty' keeps index 0
     beton = tmp_path / "tree.beton"
     assert write_ffcv.main(["--source", str(root), "--output", str(beton), "--workers", "1"]) == 0
     cfg.data.loader = "ffcv"
@@ -494,6 +587,7 @@ def test_torch_loader_lists_folders_as_the_converters_do(tmp_path):
 
 
 # ---- unlabeled sets ---------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def unlabeled(tmp_path_factory):

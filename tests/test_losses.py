@@ -32,7 +32,7 @@ def _moco_v2(q, k, queue, tau):
 # ---------------------------------------------------------------- values by hand
 
 P2 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-Z2 = torch.tensor([[3.0, 0.0], [1.0, 1.0]])          # unnormalised on purpose: cos uses directions only
+Z2 = torch.tensor([[3.0, 0.0], [1.0, 1.0]])  # unnormalised on purpose: cos uses directions only
 PARTNER = torch.tensor([1, 0])
 LAM = torch.tensor([0.25, 0.5])
 
@@ -55,10 +55,10 @@ def test_moco_by_hand():
     queue = torch.tensor([[-1.0, 0.0]])
     lam = torch.tensor([0.75, 0.0])
     tau = 0.5
-    row0 = 0.75 * (math.log(math.e ** 2 + math.e ** -2) - 2) + 0.25 * math.log(1 + math.e ** -2)
-    row1 = math.log(2.0)        # lam = 0: only the partner key counts, q1 . k0 = 0 and q1 . queue = 0
+    row0 = 0.75 * (math.log(math.e**2 + math.e**-2) - 2) + 0.25 * math.log(1 + math.e**-2)
+    row1 = math.log(2.0)  # lam = 0: only the partner key counts, q1 . k0 = 0 and q1 . queue = 0
     assert losses.moco_loss(q, k, queue, PARTNER, lam, tau).item() == pytest.approx((row0 + row1) / 2)
-    sim = (math.log(math.e ** 2 + math.e ** -2) - 2 + math.log(math.e ** 2 + 1) - 2) / 2
+    sim = (math.log(math.e**2 + math.e**-2) - 2 + math.log(math.e**2 + 1) - 2) / 2
     assert losses.moco_loss(q, k, queue, tau=tau).item() == pytest.approx(sim)
 
 
@@ -66,7 +66,7 @@ def test_moco_normalises_the_queue_it_is_given():
     """Inputs need not be normalised, the queue included: a queue of length-3 keys gives the same loss."""
     q = k = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     tau = 0.5
-    sim = (math.log(math.e ** 2 + math.e ** -2) - 2 + math.log(math.e ** 2 + 1) - 2) / 2   # as above
+    sim = (math.log(math.e**2 + math.e**-2) - 2 + math.log(math.e**2 + 1) - 2) / 2  # as above
     assert losses.moco_loss(q, k, torch.tensor([[-3.0, 0.0]]), tau=tau).item() == pytest.approx(sim)
     queue = _rand(7, 2, seed=9)
     assert torch.allclose(losses.moco_loss(q, 4 * k, 5 * queue, tau=tau), losses.moco_loss(q, k, queue, tau=tau))
@@ -89,9 +89,14 @@ N, D = 6, 5
 
 @pytest.fixture
 def views():
-    return dict(p=_rand(N, D, seed=1), z=_rand(N, D, seed=2), q=_rand(N, D, seed=3), k=_rand(N, D, seed=4),
-                queue=F.normalize(_rand(11, D, seed=5), dim=1),
-                partner=mix.derangement(N, torch.Generator().manual_seed(6)))
+    return dict(
+        p=_rand(N, D, seed=1),
+        z=_rand(N, D, seed=2),
+        q=_rand(N, D, seed=3),
+        k=_rand(N, D, seed=4),
+        queue=F.normalize(_rand(11, D, seed=5), dim=1),
+        partner=mix.derangement(N, torch.Generator().manual_seed(6)),
+    )
 
 
 @pytest.mark.parametrize("loss", [losses.byol_loss, losses.simsiam_loss])
@@ -124,8 +129,9 @@ def test_simclr_is_nt_xent_and_lam_invariants(views):
     assert torch.allclose(losses.simclr_loss(z_a, z_b, z_a, z_b), reference, atol=1e-5)
     ones, zeros = torch.ones(N), torch.zeros(N)
     assert torch.allclose(losses.simclr_loss(z_a, z_b, z_a, z_b, partner, ones, ones), reference, atol=1e-5)
-    assert torch.allclose(losses.simclr_loss(z_a[partner], z_b[partner], z_a, z_b, partner, zeros, zeros),
-                          reference, atol=1e-5)
+    assert torch.allclose(
+        losses.simclr_loss(z_a[partner], z_b[partner], z_a, z_b, partner, zeros, zeros), reference, atol=1e-5
+    )
 
 
 def test_losses_are_linear_in_lam(views):
@@ -133,12 +139,13 @@ def test_losses_are_linear_in_lam(views):
     p, z, partner = views["p"], views["z"], views["partner"]
     lam = torch.rand(N, generator=torch.Generator().manual_seed(9))
     for loss in (losses.byol_loss, losses.simsiam_loss):
-        own = torch.stack([loss(p[i:i + 1], z[i:i + 1]) for i in range(N)])
-        other = torch.stack([loss(p[i:i + 1], z[partner[i]:partner[i] + 1]) for i in range(N)])
+        own = torch.stack([loss(p[i : i + 1], z[i : i + 1]) for i in range(N)])
+        other = torch.stack([loss(p[i : i + 1], z[partner[i] : partner[i] + 1]) for i in range(N)])
         assert torch.allclose(loss(p, z, partner, lam), (lam * own + (1 - lam) * other).mean(), atol=1e-6)
 
 
 # ---------------------------------------------------------------- gradients and precision
+
 
 def test_targets_and_keys_get_no_gradient(views):
     for loss, args in [(losses.byol_loss, ()), (losses.simsiam_loss, ()), (losses.moco_loss, ("queue",))]:
@@ -159,8 +166,12 @@ def test_simclr_gradient_reaches_every_view(views):
 
 def test_half_precision_inputs_give_float32_losses(views):
     p, z, k, queue = (views[n].to(torch.bfloat16) for n in ("p", "z", "k", "queue"))
-    for value in (losses.byol_loss(p, z), losses.simsiam_loss(p, z), losses.moco_loss(p, k, queue),
-                  losses.simclr_loss(p, z, p, z)):
+    for value in (
+        losses.byol_loss(p, z),
+        losses.simsiam_loss(p, z),
+        losses.moco_loss(p, k, queue),
+        losses.simclr_loss(p, z, p, z),
+    ):
         assert value.dtype == torch.float32 and torch.isfinite(value)
 
 
@@ -174,8 +185,11 @@ def test_finite_for_two_samples_and_extreme_lam():
 def test_losses_stay_float32_under_autocast(views):
     p, z, k, queue, partner = views["p"], views["z"], views["k"], views["queue"], views["partner"]
     lam = torch.full((N,), 0.6)
-    calls = [lambda: losses.byol_loss(p, z, partner, lam), lambda: losses.moco_loss(p, k, queue, partner, lam),
-             lambda: losses.simclr_loss(p, z, k, queue[:N], partner, lam, lam)]
+    calls = [
+        lambda: losses.byol_loss(p, z, partner, lam),
+        lambda: losses.moco_loss(p, k, queue, partner, lam),
+        lambda: losses.simclr_loss(p, z, k, queue[:N], partner, lam, lam),
+    ]
     exact = [call() for call in calls]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast = [call() for call in calls]

@@ -44,11 +44,13 @@ def tiny_batch(seed=0):
     cfg = Config()
     plain_a, mixed_a = mix.cutmix_normalize(a_u8, partner, boxes_a, cfg.data.mean, cfg.data.std, torch.float32)
     plain_b, mixed_b = mix.cutmix_normalize(b_u8, partner, boxes_b, cfg.data.mean, cfg.data.std, torch.float32)
-    return dict(plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner,
-                lam_a=lam_a, lam_b=lam_b)
+    return dict(
+        plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner, lam_a=lam_a, lam_b=lam_b
+    )
 
 
 # ---------------------------------------------------------------- models
+
 
 def test_cifar_backbone_and_heads():
     net, feat_dim = build_backbone("resnet18", cifar_stem=True)
@@ -66,13 +68,14 @@ def test_cifar_backbone_and_heads():
 
 # ---------------------------------------------------------------- every method x mode
 
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_and_mode_trains(name):
     batch = tiny_batch()
     torch.manual_seed(0)
     method = build_method(tiny_cfg(name))
     for mode in ("sim", "bsim", "wbsim"):
-        method.mode = mode                     # routing reads the mode at every call
+        method.mode = mode  # routing reads the mode at every call
         method.zero_grad(set_to_none=True)
         out = method(**batch)
         assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
@@ -82,7 +85,7 @@ def test_every_method_and_mode_trains(name):
         out["loss"].backward()
         grads = [p.grad for p in method.backbone.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads)
-        for p in method.parameters():         # frozen (target / key) networks get nothing
+        for p in method.parameters():  # frozen (target / key) networks get nothing
             assert p.requires_grad or p.grad is None
         method.momentum_update(0.5)
 
@@ -123,6 +126,7 @@ def test_state_dict_covers_target_queue_and_pointer():
 
 # ---------------------------------------------------------------- BYOL target network
 
+
 def test_byol_tau_schedule():
     byol = build_method(tiny_cfg("byol", tau_base=0.99))
     assert byol.ema_tau(0.0) == pytest.approx(0.99)
@@ -144,22 +148,23 @@ def test_byol_ema_arithmetic():
     for t, b, o in zip(byol.target.parameters(), before, online):
         assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-6)
     after = [t.clone() for t in byol.target.parameters()]
-    byol.momentum_update(1.0)                  # tau = 1 at the end of the run: the target stays put
+    byol.momentum_update(1.0)  # tau = 1 at the end of the run: the target stays put
     assert all(torch.equal(t, a) for t, a in zip(byol.target.parameters(), after))
 
 
 # ---------------------------------------------------------------- MoCo queue
 
+
 def test_moco_enqueue_pointer_and_wrap_around():
     moco: MoCo = build_method(tiny_cfg("moco", queue_size=5, proj_dim=2))
-    keys = torch.arange(8, dtype=torch.float32).repeat_interleave(2).view(8, 2)   # row i = (i, i)
+    keys = torch.arange(8, dtype=torch.float32).repeat_interleave(2).view(8, 2)  # row i = (i, i)
     moco.enqueue(keys[:4])
     assert moco.queue_ptr.item() == 4 and torch.equal(moco.queue[:4], keys[:4])
-    moco.enqueue(keys[4:8])                   # slots 4, 0, 1, 2
+    moco.enqueue(keys[4:8])  # slots 4, 0, 1, 2
     assert moco.queue_ptr.item() == 3
     assert torch.equal(moco.queue, keys[[5, 6, 7, 3, 4]])
-    moco.enqueue(torch.cat([keys, keys[:1]]))   # more keys than slots: the newest 5 are kept
-    assert moco.queue_ptr.item() == 3          # a whole lap: the pointer comes back to where it was
+    moco.enqueue(torch.cat([keys, keys[:1]]))  # more keys than slots: the newest 5 are kept
+    assert moco.queue_ptr.item() == 3  # a whole lap: the pointer comes back to where it was
     assert sorted(moco.queue[:, 0].tolist()) == [0.0, 4.0, 5.0, 6.0, 7.0]
 
 
@@ -179,7 +184,7 @@ def test_moco_forward_enqueues_only_plain_keys(symmetric):
     assert torch.allclose(moco.queue[:n_keys], expected, atol=1e-5)
     assert torch.equal(moco.queue[n_keys:], start[n_keys:])
     moco.eval()
-    moco(**batch)                              # evaluation leaves the queue alone
+    moco(**batch)  # evaluation leaves the queue alone
     assert moco.queue_ptr.item() == n_keys
 
 
@@ -199,6 +204,7 @@ def test_moco_routing_by_hand(symmetric):
 
         def nce(view, keys, partner=None, lam=None):
             return losses.moco_loss(q[view], keys, queue, partner, lam, tau)
+
         p = batch["partner"]
         if symmetric:
             sim = (nce("plain_a", key_b) + nce("plain_b", key_a)) / 2
@@ -225,6 +231,7 @@ def test_simsiam_targets_are_stop_gradient():
 
 
 # ---------------------------------------------------------------- the registry
+
 
 def test_a_new_method_registers_itself_and_its_settings():
     """What a fifth method needs from the rest of the package: a class with `@register` and its `Settings`;

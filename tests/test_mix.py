@@ -6,6 +6,7 @@ from bsim_fast import mix
 
 # ---------------------------------------------------------------- derangement
 
+
 @pytest.mark.parametrize("n", [2, 3, 5, 64])
 def test_derangement_is_a_single_cycle_without_fixed_points(n):
     g = torch.Generator().manual_seed(n)
@@ -14,7 +15,7 @@ def test_derangement_is_a_single_cycle_without_fixed_points(n):
         assert p.dtype == torch.long and p.shape == (n,)
         assert sorted(p.tolist()) == list(range(n))
         assert not (p == torch.arange(n)).any()
-        i, seen = 0, set()            # following partner links visits every index before returning
+        i, seen = 0, set()  # following partner links visits every index before returning
         while i not in seen:
             seen.add(i)
             i = int(p[i])
@@ -38,6 +39,7 @@ def test_derangement_reproducible_from_generator():
 
 
 # ---------------------------------------------------------------- sample_boxes
+
 
 def test_boxes_are_clipped_half_open_and_lam_is_the_kept_fraction():
     h, w = 7, 11
@@ -91,6 +93,7 @@ def test_sample_boxes_rejects_bad_alpha():
 
 # ---------------------------------------------------------------- cutmix_normalize
 
+
 def _tiny_views():
     # views[i, y, x, c] = 100 i + 10 y + x + c, so (v - mean) / std with mean = (0, 1, 2) is
     # (100 i + 10 y + x) / std[c]: every output pixel names where it came from.
@@ -106,16 +109,16 @@ def test_reference_exact_values_on_a_2x4x5_example():
     partner = torch.tensor([1, 0])
     boxes = torch.tensor([[1, 3, 2, 5], [3, 4, 0, 1]], dtype=torch.int32)
     plain, mixed = mix.cutmix_normalize_reference(views, partner, boxes, MEAN, STD, torch.float32)
-    expected_mixed_0 = torch.tensor([[0, 1, 2, 3, 4],
-                                     [10, 11, 112, 113, 114],
-                                     [20, 21, 122, 123, 124],
-                                     [30, 31, 32, 33, 34]], dtype=torch.float32)
-    expected_mixed_1 = torch.tensor([[100, 101, 102, 103, 104],
-                                     [110, 111, 112, 113, 114],
-                                     [120, 121, 122, 123, 124],
-                                     [30, 131, 132, 133, 134]], dtype=torch.float32)
-    expected_plain_0 = torch.tensor([[0, 1, 2, 3, 4], [10, 11, 12, 13, 14],
-                                     [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]], dtype=torch.float32)
+    expected_mixed_0 = torch.tensor(
+        [[0, 1, 2, 3, 4], [10, 11, 112, 113, 114], [20, 21, 122, 123, 124], [30, 31, 32, 33, 34]], dtype=torch.float32
+    )
+    expected_mixed_1 = torch.tensor(
+        [[100, 101, 102, 103, 104], [110, 111, 112, 113, 114], [120, 121, 122, 123, 124], [30, 131, 132, 133, 134]],
+        dtype=torch.float32,
+    )
+    expected_plain_0 = torch.tensor(
+        [[0, 1, 2, 3, 4], [10, 11, 12, 13, 14], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]], dtype=torch.float32
+    )
     for c, s in enumerate(STD):
         assert torch.equal(mixed[0, c], expected_mixed_0 / s)
         assert torch.equal(mixed[1, c], expected_mixed_1 / s)
@@ -148,34 +151,46 @@ def test_no_boxes_means_sim():
     plain, mixed = mix.cutmix_normalize(views, None, None, MEAN, STD, torch.float32)
     assert mixed is None
     assert plain.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(plain, mix.cutmix_normalize(views, torch.tensor([1, 0]), torch.zeros(2, 4, dtype=torch.int32),
-                                                   MEAN, STD, torch.float32)[0])
+    assert torch.equal(
+        plain,
+        mix.cutmix_normalize(
+            views, torch.tensor([1, 0]), torch.zeros(2, 4, dtype=torch.int32), MEAN, STD, torch.float32
+        )[0],
+    )
 
 
 def _call(**over):
-    args = dict(views_u8=_tiny_views(), partner=torch.tensor([1, 0]),
-                boxes=torch.tensor([[0, 2, 0, 2], [1, 4, 1, 3]], dtype=torch.int32),
-                mean=MEAN, std=STD, dtype=torch.float32)
+    args = dict(
+        views_u8=_tiny_views(),
+        partner=torch.tensor([1, 0]),
+        boxes=torch.tensor([[0, 2, 0, 2], [1, 4, 1, 3]], dtype=torch.int32),
+        mean=MEAN,
+        std=STD,
+        dtype=torch.float32,
+    )
     args.update(over)
     return mix.cutmix_normalize(**args)
 
 
-@pytest.mark.parametrize("over, error, words", [
-    (dict(views_u8=_tiny_views().float()), TypeError, "views_u8 must be uint8"),
-    (dict(views_u8=torch.zeros(2, 4, 5, 4, dtype=torch.uint8)), ValueError, r"views_u8 must be \[N, H, W, 3\]"),
-    (dict(views_u8=torch.zeros(2, 3, 4, 5, dtype=torch.uint8).permute(0, 2, 3, 1)), ValueError, "contiguous"),
-    (dict(partner=torch.tensor([1, 0, 0])), ValueError, r"partner must have shape \[2\]"),
-    (dict(partner=torch.tensor([1.0, 0.0])), TypeError, "partner must be int32 or int64"),
-    (dict(partner=torch.tensor([2, 0])), ValueError, r"partner values must be in \[0, 2\)"),
-    (dict(boxes=torch.tensor([[0, 2, 0, 2]], dtype=torch.int32)), ValueError, r"boxes must have shape \[2, 4\]"),
-    (dict(boxes=torch.tensor([[0, 5, 0, 2], [0, 1, 0, 1]], dtype=torch.int32)), ValueError, r"boxes\[0\]"),
-    (dict(boxes=torch.tensor([[0, 1, 0, 1], [0, 1, 3, 2]], dtype=torch.int32)), ValueError, r"boxes\[1\]"),
-    (dict(mean=(1.0, 2.0)), ValueError, "mean must have 3 values"),
-    (dict(std=(1.0, 0.0, 1.0)), ValueError, "std must be > 0"),
-    (dict(dtype=torch.int8), TypeError, "dtype must be one of"),
-    (dict(partner=torch.tensor([1, 0], device="meta")), ValueError, "partner is on meta"),
-    (dict(mean=torch.zeros(3, device="meta")), ValueError, "mean is on meta"),
-])
+@pytest.mark.parametrize(
+    "over, error, words",
+    [
+        (dict(views_u8=_tiny_views().float()), TypeError, "views_u8 must be uint8"),
+        (dict(views_u8=torch.zeros(2, 4, 5, 4, dtype=torch.uint8)), ValueError, r"views_u8 must be \[N, H, W, 3\]"),
+        (dict(views_u8=torch.zeros(2, 3, 4, 5, dtype=torch.uint8).permute(0, 2, 3, 1)), ValueError, "contiguous"),
+        (dict(partner=torch.tensor([1, 0, 0])), ValueError, r"partner must have shape \[2\]"),
+        (dict(partner=torch.tensor([1.0, 0.0])), TypeError, "partner must be int32 or int64"),
+        (dict(partner=torch.tensor([2, 0])), ValueError, r"partner values must be in \[0, 2\)"),
+        (dict(boxes=torch.tensor([[0, 2, 0, 2]], dtype=torch.int32)), ValueError, r"boxes must have shape \[2, 4\]"),
+        (dict(boxes=torch.tensor([[0, 5, 0, 2], [0, 1, 0, 1]], dtype=torch.int32)), ValueError, r"boxes\[0\]"),
+        (dict(boxes=torch.tensor([[0, 1, 0, 1], [0, 1, 3, 2]], dtype=torch.int32)), ValueError, r"boxes\[1\]"),
+        (dict(mean=(1.0, 2.0)), ValueError, "mean must have 3 values"),
+        (dict(std=(1.0, 0.0, 1.0)), ValueError, "std must be > 0"),
+        (dict(dtype=torch.int8), TypeError, "dtype must be one of"),
+        (dict(partner=torch.tensor([1, 0], device="meta")), ValueError, "partner is on meta"),
+        (dict(mean=torch.zeros(3, device="meta")), ValueError, "mean is on meta"),
+    ],
+)
 def test_bad_inputs_raise_one_line_errors(over, error, words):
     with pytest.raises(error, match=words) as info:
         _call(**over)

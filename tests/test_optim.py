@@ -1,4 +1,5 @@
 """LARS against solo-learn's update rule written out by hand, the parameter groups, and the lr schedule."""
+
 import math
 
 import pytest
@@ -21,14 +22,23 @@ def lars_reference(w, g, lr, wd, eta, clip, eps=1e-8):
 
 
 def one_lars_step(lr, clip, exclude=True, wd=0.1, eta=0.02):
-    cfg = load_config(None, ["optim.name=lars", f"optim.lr={lr}", "data.batch_size=256", f"optim.weight_decay={wd}",
-                             f"optim.trust_coefficient={eta}", f"optim.clip_lr={str(clip).lower()}",
-                             f"optim.exclude_bias_norm={str(exclude).lower()}"])
+    cfg = load_config(
+        None,
+        [
+            "optim.name=lars",
+            f"optim.lr={lr}",
+            "data.batch_size=256",
+            f"optim.weight_decay={wd}",
+            f"optim.trust_coefficient={eta}",
+            f"optim.clip_lr={str(clip).lower()}",
+            f"optim.exclude_bias_norm={str(exclude).lower()}",
+        ],
+    )
     layer = nn.Linear(2, 1)
     with torch.no_grad():
-        layer.weight.copy_(torch.tensor([[3.0, 4.0]]))        # |w| = 5
+        layer.weight.copy_(torch.tensor([[3.0, 4.0]]))  # |w| = 5
         layer.bias.fill_(2.0)
-    layer.weight.grad = torch.tensor([[0.6, 0.8]])           # |g| = 1
+    layer.weight.grad = torch.tensor([[0.6, 0.8]])  # |g| = 1
     layer.bias.grad = torch.tensor([0.5])
     optimizer = build_optimizer(layer, cfg, torch.device("cpu"))
     optimizer.step()
@@ -39,7 +49,7 @@ def one_lars_step(lr, clip, exclude=True, wd=0.1, eta=0.02):
 def test_one_lars_step_moves_the_weight_as_solo_learn(lr, clip):
     weight, bias = one_lars_step(lr, clip)
     assert weight == pytest.approx(lars_reference([3.0, 4.0], [0.6, 0.8], lr, 0.1, 0.02, clip), rel=1e-6)
-    assert bias == pytest.approx(2.0 - lr * 0.5)          # excluded: neither weight decay nor adaptation
+    assert bias == pytest.approx(2.0 - lr * 0.5)  # excluded: neither weight decay nor adaptation
 
 
 def test_lars_by_hand_numbers():
@@ -57,9 +67,16 @@ def test_lars_without_exclusion_adapts_the_bias_too():
     assert bias == pytest.approx(2.0 - 0.5 * ratio * (0.5 + 0.1 * 2.0))
 
 
-@pytest.mark.parametrize("recipe,decays_norms", [("configs/moco.yaml", True), ("configs/simsiam.yaml", True),
-                                                 ("configs/small/moco.yaml", True), ("configs/byol.yaml", False),
-                                                 ("configs/small/simclr.yaml", False)])
+@pytest.mark.parametrize(
+    "recipe,decays_norms",
+    [
+        ("configs/moco.yaml", True),
+        ("configs/simsiam.yaml", True),
+        ("configs/small/moco.yaml", True),
+        ("configs/byol.yaml", False),
+        ("configs/small/simclr.yaml", False),
+    ],
+)
 def test_weight_decay_reaches_biases_and_norms_only_where_the_anchor_does(recipe, decays_norms):
     """MoCo v2's and SimSiam's code (and solo-learn's SGD recipes) decay every parameter; BYOL and SimCLR
     exclude biases and norm weights from weight decay and LARS adaptation."""

@@ -1,4 +1,5 @@
 """The trainer: every recipe in 2 gloo processes, exact resume, export, logging."""
+
 import csv
 import json
 import math
@@ -19,8 +20,11 @@ from bsim_fast.eval import knn_monitor
 from bsim_fast.train import make_views as real_make_views
 from bsim_fast.train import train
 
-RECIPES = [f"{m}{'' if mode == 'sim' else '_' + mode}" for m in ("byol", "simclr", "moco", "simsiam")
-           for mode in ("sim", "bsim", "wbsim")]
+RECIPES = [
+    f"{m}{'' if mode == 'sim' else '_' + mode}"
+    for m in ("byol", "simclr", "moco", "simsiam")
+    for mode in ("sim", "bsim", "wbsim")
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +40,15 @@ def free_port():
 
 
 def _run_all_recipes(rank, world, port, train_dir, out_root, results):
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     for recipe in RECIPES:
-        cfg = load_config(f"configs/small/{recipe}.yaml",
-                          TINY + [f"data.train={train_dir}", "data.val=", "train.max_steps=2",
-                                  f"train.out_dir={out_root}/{recipe}"])
+        cfg = load_config(
+            f"configs/small/{recipe}.yaml",
+            TINY + [f"data.train={train_dir}", "data.val=", "train.max_steps=2", f"train.out_dir={out_root}/{recipe}"],
+        )
         out = train(cfg, resume="none")
         if rank == 0:
             results[recipe] = out["loss"]
@@ -59,9 +65,18 @@ def test_every_recipe_runs_in_two_gloo_processes(data, tmp_path):
 
 
 def run(data, out, *extra, resume="auto", callback=None):
-    cfg = load_config("configs/small/byol_bsim.yaml",
-                      TINY + [f"data.train={data[0]}", "data.val=", "train.epochs=2", "train.ckpt_every_steps=2",
-                              f"train.out_dir={out}", *extra])
+    cfg = load_config(
+        "configs/small/byol_bsim.yaml",
+        TINY
+        + [
+            f"data.train={data[0]}",
+            "data.val=",
+            "train.epochs=2",
+            "train.ckpt_every_steps=2",
+            f"train.out_dir={out}",
+            *extra,
+        ],
+    )
     return train(cfg, resume=resume, callback=callback)
 
 
@@ -86,9 +101,9 @@ def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path):
     assert 0 <= out["knn_top1"] <= 100
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     net = torchvision.models.resnet18()
-    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)     # the CIFAR stem the recipe asks for
+    net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem the recipe asks for
     net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
-    net.load_state_dict(sd)   # strict: every key matches torchvision's names
+    net.load_state_dict(sd)  # strict: every key matches torchvision's names
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["arch"] == "resnet18" and meta["cifar_stem"] is True
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -96,7 +111,7 @@ def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path):
     assert {"loss", "lr", "lam", "img_s"} <= names
     assert [r for r in rows if r["kind"] == "knn" and r["name"] == "knn_top1"]
     lam = [float(r["value"]) for r in rows if r["name"] == "lam"]
-    assert all(0 < v < 1 for v in lam)   # BSIM: a mean of actual kept fractions
+    assert all(0 < v < 1 for v in lam)  # BSIM: a mean of actual kept fractions
 
 
 def test_sim_mode_logs_lambda_one(data, tmp_path):
@@ -109,18 +124,30 @@ def test_sim_mode_logs_lambda_one(data, tmp_path):
 def converted(data, tmp_path_factory):
     """The tiny train folder through both converters (folder → .beton and → DALI shards)."""
     from data_prep import write_dali, write_ffcv
+
     out = tmp_path_factory.mktemp("converted")
     assert write_ffcv.main(["--source", str(data[0]), "--output", str(out / "t.beton"), "--workers", "1"]) == 0
     assert write_dali.main(["--source", str(data[0]), "--output", str(out / "shards"), "--workers", "1"]) == 0
     return {"ffcv": out / "t.beton", "dali": out / "shards", "torch": data[0]}
 
 
-@pytest.mark.parametrize("loader,extra", [("ffcv", []), ("dali", []), ("ffcv", ["data.gpu_resident=true"]),
-                                          ("torch", ["train.accum_steps=2"])])
+@pytest.mark.parametrize(
+    "loader,extra",
+    [("ffcv", []), ("dali", []), ("ffcv", ["data.gpu_resident=true"]), ("torch", ["train.accum_steps=2"])],
+)
 def test_training_runs_through_every_loader(converted, tmp_path, loader, extra):
-    cfg = load_config("configs/small/byol_bsim.yaml",
-                      TINY + [f"data.loader={loader}", f"data.train={converted[loader]}", "data.val=",
-                              "train.max_steps=2", f"train.out_dir={tmp_path}", *extra])
+    cfg = load_config(
+        "configs/small/byol_bsim.yaml",
+        TINY
+        + [
+            f"data.loader={loader}",
+            f"data.train={converted[loader]}",
+            "data.val=",
+            "train.max_steps=2",
+            f"train.out_dir={tmp_path}",
+            *extra,
+        ],
+    )
     out = train(cfg, resume="none")
     assert out["step"] == 2 and math.isfinite(out["loss"])
     assert latest_valid(tmp_path)[1]["step"] == 2
@@ -147,8 +174,12 @@ def poison(monkeypatch, step, accum=1, seed=0):
 def test_nan_skipped_step_then_stop_and_resume_ends_bitwise_equal(data, tmp_path, monkeypatch, capsys, stop_by, accum):
     # 24 images / batch 4 = 6 batches an epoch. NaN in step 2's first batch: skipped, so the epoch's batches
     # run one ahead of the steps; the stopped run's checkpoint must say where the loader was, not the step.
-    extra = ["data.batch_size=4" if accum == 1 else "data.batch_size=8", f"train.accum_steps={accum}",
-             "train.nan_policy=skip", "train.ckpt_every_steps=100"]
+    extra = [
+        "data.batch_size=4" if accum == 1 else "data.batch_size=8",
+        f"train.accum_steps={accum}",
+        "train.nan_policy=skip",
+        "train.ckpt_every_steps=100",
+    ]
     stop_at = 4 if accum == 1 else 2
     hit = poison(monkeypatch, 2 if accum == 1 else 1, accum)
     full = run(data, tmp_path / "full", *extra, resume="none")
@@ -189,22 +220,24 @@ def test_metrics_and_tensorboard_cut_back_to_the_resumed_step(data, tmp_path):
     rows = [(r["step"], r["kind"], r["name"]) for r in csv.DictReader(open(tmp_path / "metrics.csv"))]
     assert len(rows) == len(set(rows)) and {s for s, _, _ in rows} == {"1", "2", "3", "4"}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(tmp_path / "tb")).Reload().Scalars("train/loss")
     assert [e.step for e in events] == [1, 2, 3, 4]
 
 
 def test_progress_line_counts_to_max_steps_and_a_callback_can_run_knn(data, tmp_path, capsys):
     from bsim_fast.loaders import build_eval_loader
+
     seen = {}
 
-    def knn_at_step_1(state, method):   # what a time-to-accuracy runner does at its wall-clock marks
+    def knn_at_step_1(state, method):  # what a time-to-accuracy runner does at its wall-clock marks
         if state.step == 1:
             seen.update(knn_monitor(method.backbone, cfg, build_eval_loader, 0, 1, torch.device("cpu")))
             seen["training"] = method.backbone.training
 
     cfg = load_config("configs/small/byol_bsim.yaml", TINY + [f"data.train={data[0]}", f"data.val={data[1]}"])
     result = run(data, tmp_path, "train.max_steps=2", resume="none", callback=knn_at_step_1)
-    assert "step 2/2 " in capsys.readouterr().out   # not 2/6 (the epochs' total)
+    assert "step 2/2 " in capsys.readouterr().out  # not 2/6 (the epochs' total)
     assert result["step"] == 2 and 0 <= seen["knn_top1"] <= 100 and seen["training"] is True
 
 
@@ -221,28 +254,40 @@ def copy_run(src, dest):
     return dest
 
 
-@pytest.mark.parametrize("extra,named", [(["data.batch_size=4"], "data.batch_size 8 -> 4"),
-                                         (["method.name=moco"], "method.name 'byol' -> 'moco'"),
-                                         (["optim.lr=0.5", "train.epochs=3"], "train.epochs 2 -> 3")])
+@pytest.mark.parametrize(
+    "extra,named",
+    [
+        (["data.batch_size=4"], "data.batch_size 8 -> 4"),
+        (["method.name=moco"], "method.name 'byol' -> 'moco'"),
+        (["optim.lr=0.5", "train.epochs=3"], "train.epochs 2 -> 3"),
+    ],
+)
 def test_resume_with_a_different_config_is_refused_naming_the_keys(data, one_step_run, tmp_path, extra, named):
     out = copy_run(one_step_run, tmp_path / "run")
     with pytest.raises(CheckpointError) as e:
         run(data, out, *extra, resume="auto")
     msg = str(e.value)
     assert "\n" not in msg and named in msg and "--resume force" in msg
-    assert json.loads((out / "config.json").read_text())["data"]["batch_size"] == 8   # nothing rewritten
+    assert json.loads((out / "config.json").read_text())["data"]["batch_size"] == 8  # nothing rewritten
 
 
 def test_resume_allows_bookkeeping_changes_and_force(data, one_step_run, tmp_path, capsys):
     out = copy_run(one_step_run, tmp_path / "run")
-    result = run(data, out, "train.max_steps=2", "train.log_every=2", "train.keep_checkpoints=3",
-                 "train.nan_policy=skip", resume="auto")
+    result = run(
+        data,
+        out,
+        "train.max_steps=2",
+        "train.log_every=2",
+        "train.keep_checkpoints=3",
+        "train.nan_policy=skip",
+        resume="auto",
+    )
     assert result["step"] == 2
     out = copy_run(one_step_run, tmp_path / "forced")
     result = run(data, out, "train.max_steps=2", "optim.lr=0.1", resume="force")
     assert result["step"] == 2 and "--resume force: continuing" in capsys.readouterr().out
     out = copy_run(one_step_run, tmp_path / "other_model")
-    with pytest.raises(CheckpointError, match="do not fit this model"):   # one line, not torch's key dump
+    with pytest.raises(CheckpointError, match="do not fit this model"):  # one line, not torch's key dump
         run(data, out, "model.proj_dim=8", "train.max_steps=2", resume="force")
 
 
@@ -256,7 +301,7 @@ def test_resume_none_moves_the_earlier_run_aside(data, one_step_run, tmp_path, c
 
 
 def test_knn_monitor_skips_unlabeled_data_in_one_line(data, tmp_path):
-    class Unlabeled:   # what the loaders expose for a set converted without labels
+    class Unlabeled:  # what the loaders expose for a set converted without labels
         labeled = False
 
         def __iter__(self):

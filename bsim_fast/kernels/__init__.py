@@ -23,6 +23,8 @@ def use_triton(device: torch.device) -> bool:
     if device.type != "cpu" or os.environ.get("BSIM_FAST_TRITON", "0").strip().lower() not in _ON:
         return False
     if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in _ON:
-        raise RuntimeError("BSIM_FAST_TRITON=1 runs the Triton kernels on CPU tensors only under TRITON_INTERPRET=1 "
-                           "(set both before Python starts)")
+        raise RuntimeError(
+            "BSIM_FAST_TRITON=1 runs the Triton kernels on CPU tensors only under TRITON_INTERPRET=1 "
+            "(set both before Python starts)"
+        )
     return True

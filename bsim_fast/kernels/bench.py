@@ -40,14 +40,44 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 __all__ = ["bench_kernels", "count_launches", "ptx_report", "TARGET_MS"]
 
-TARGET_MS = 2.0   # augmentation + CutMix + normalise of a 256 x 224² two-view batch on an H100
+TARGET_MS = 2.0  # augmentation + CutMix + normalise of a 256 x 224² two-view batch on an H100
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 # aten ops that allocate or re-view memory: no kernel launch, no traffic
-_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "view", "_unsafe_view",
-              "as_strided", "alias", "detach", "t", "permute", "select", "slice", "unsqueeze", "squeeze", "expand",
-              "reshape", "unbind", "split", "lift_fresh", "set_", "is_pinned", "view_as", "resolve_conj",
-              "resolve_neg", "_reshape_alias", "sym_size", "sym_stride", "sym_numel", "dim", "is_same_size"}
+_NO_KERNEL = {
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "view",
+    "_unsafe_view",
+    "as_strided",
+    "alias",
+    "detach",
+    "t",
+    "permute",
+    "select",
+    "slice",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "reshape",
+    "unbind",
+    "split",
+    "lift_fresh",
+    "set_",
+    "is_pinned",
+    "view_as",
+    "resolve_conj",
+    "resolve_neg",
+    "_reshape_alias",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "dim",
+    "is_same_size",
+}
 
 
 def _interpreting() -> bool:
@@ -55,6 +85,7 @@ def _interpreting() -> bool:
 
 
 # ---- counting --------------------------------------------------------------------------------------------
+
 
 class _AtenOps(TorchDispatchMode):
     def __init__(self, paused: Callable[[], bool]):
@@ -84,8 +115,9 @@ class _KernelTraffic:
     def _unique_bytes(self, chunks) -> int:
         if not chunks:
             return 0
-        return int(np.unique(np.concatenate([(a[:, None] + np.arange(es, dtype=np.uint64)).ravel()
-                                             for a, es in chunks])).size)
+        return int(
+            np.unique(np.concatenate([(a[:, None] + np.arange(es, dtype=np.uint64)).ravel() for a, es in chunks])).size
+        )
 
     @contextlib.contextmanager
     def active(self):
@@ -109,9 +141,14 @@ class _KernelTraffic:
                 finally:
                     self.inside = False
                     accessed = sum(a.size * es for a, es in record["reads"] + record["writes"])
-                    self.launches.append(dict(name=getattr(fn_self, "__name__", "?"), bytes=accessed,
-                                              unique_bytes=self._unique_bytes(record["reads"])
-                                              + self._unique_bytes(record["writes"])))
+                    self.launches.append(
+                        dict(
+                            name=getattr(fn_self, "__name__", "?"),
+                            bytes=accessed,
+                            unique_bytes=self._unique_bytes(record["reads"]) + self._unique_bytes(record["writes"]),
+                        )
+                    )
+
             return run
 
         patch(jit.JITFunction, "run", counted(jit.JITFunction.run))
@@ -154,18 +191,33 @@ def count_launches(fn: Callable[[], object]) -> dict[str, object]:
     with traffic.active(), aten:
         fn()
     aten_bytes = sum(b for _, b in aten.ops)
-    return dict(launches=len(traffic.launches) + len(aten.ops), triton=[k["name"] for k in traffic.launches],
-                aten=[name for name, _ in aten.ops], bytes=sum(k["bytes"] for k in traffic.launches) + aten_bytes,
-                unique_bytes=sum(k["unique_bytes"] for k in traffic.launches) + aten_bytes,
-                bytes_exact=_interpreting(), per_launch=traffic.launches)
+    return dict(
+        launches=len(traffic.launches) + len(aten.ops),
+        triton=[k["name"] for k in traffic.launches],
+        aten=[name for name, _ in aten.ops],
+        bytes=sum(k["bytes"] for k in traffic.launches) + aten_bytes,
+        unique_bytes=sum(k["unique_bytes"] for k in traffic.launches) + aten_bytes,
+        bytes_exact=_interpreting(),
+        per_launch=traffic.launches,
+    )
 
 
 # ---- PTX for sm_90, compiled without a GPU ---------------------------------------------------------------
 
+
 def _type_of(value) -> str:
     if isinstance(value, torch.Tensor):
-        return "*" + {torch.uint8: "u8", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
-                      torch.int32: "i32", torch.int64: "i64"}[value.dtype]
+        return (
+            "*"
+            + {
+                torch.uint8: "u8",
+                torch.bfloat16: "bf16",
+                torch.float16: "fp16",
+                torch.float32: "fp32",
+                torch.int32: "i32",
+                torch.int64: "i64",
+            }[value.dtype]
+        )
     return "fp32" if isinstance(value, float) else "i32"
 
 
@@ -177,8 +229,9 @@ def compile_ptx(kernel, args: dict, constexprs: dict, num_warps: int, arch: int 
     from triton.compiler import ASTSource
 
     if not isinstance(kernel, triton.runtime.jit.JITFunction):
-        raise RuntimeError("compile_ptx: the kernels were decorated under TRITON_INTERPRET=1; compile in a "
-                           "process without it")
+        raise RuntimeError(
+            "compile_ptx: the kernels were decorated under TRITON_INTERPRET=1; compile in a process without it"
+        )
     fn = kernel
     signature, consts, attrs = {}, dict(constexprs), {}
     for name in fn.arg_names:
@@ -190,8 +243,11 @@ def compile_ptx(kernel, args: dict, constexprs: dict, num_warps: int, arch: int 
             signature[name], consts[name] = "constexpr", 1
             continue
         signature[name] = _type_of(value)
-        aligned = value.data_ptr() % 16 == 0 if isinstance(value, torch.Tensor) else (
-            isinstance(value, int) and value % 16 == 0)
+        aligned = (
+            value.data_ptr() % 16 == 0
+            if isinstance(value, torch.Tensor)
+            else (isinstance(value, int) and value % 16 == 0)
+        )
         if aligned and not isinstance(value, float):
             attrs[(fn.arg_names.index(name),)] = [["tt.divisibility", 16]]
     src = ASTSource(fn, signature, constexprs=consts, attrs=attrs)
@@ -200,7 +256,7 @@ def compile_ptx(kernel, args: dict, constexprs: dict, num_warps: int, arch: int 
 
 def ptx_stats(ptx: str) -> dict:
     """Instruction count of the kernel body and the global-memory access widths (bytes per thread)."""
-    body = ptx[ptx.index(".visible .entry"):]
+    body = ptx[ptx.index(".visible .entry") :]
     ops = []
     for line in body.splitlines():
         line = re.sub(r"^@!?%p\d+\s+", "", line.strip())
@@ -212,9 +268,12 @@ def ptx_stats(ptx: str) -> dict:
         m = re.match(r"(ld|st)\.global(?:\.[a-z:]+)*?(?:\.v(\d))?\.[bfsu](\d+)$", op)
         if m:
             widths[f"{m.group(1)}{int(m.group(2) or 1) * int(m.group(3)) // 8}B"] += 1
-    return dict(instructions=len(ops), global_access_bytes=dict(sorted(widths.items())),
-                mma=sum(op.startswith(("mma", "wgmma")) for op in ops),
-                cvt_rn_bf16=any(op.startswith("cvt.rn.bf16") for op in ops))
+    return dict(
+        instructions=len(ops),
+        global_access_bytes=dict(sorted(widths.items())),
+        mma=sum(op.startswith(("mma", "wgmma")) for op in ops),
+        cvt_rn_bf16=any(op.startswith("cvt.rn.bf16") for op in ops),
+    )
 
 
 def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
@@ -229,38 +288,109 @@ def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.b
     hw3 = height * width * 3
     tiles = -(-hw3 // cutmix.BLOCK)
     rows = []
-    args = dict(x_ptr=x, plain_ptr=out, mixed_ptr=out, boxes_ptr=torch.zeros((n, 4), dtype=torch.int32),
-                partner_ptr=torch.zeros(n, dtype=torch.int64), m0=0.5, m1=0.5, m2=0.5, s0=0.5, s1=0.5, s2=0.5,
-                HW3=hw3, tiles_per_image=tiles)
+    args = dict(
+        x_ptr=x,
+        plain_ptr=out,
+        mixed_ptr=out,
+        boxes_ptr=torch.zeros((n, 4), dtype=torch.int32),
+        partner_ptr=torch.zeros(n, dtype=torch.int64),
+        m0=0.5,
+        m1=0.5,
+        m2=0.5,
+        s0=0.5,
+        s1=0.5,
+        s2=0.5,
+        HW3=hw3,
+        tiles_per_image=tiles,
+    )
     for mix in (True, False):
-        ptx = compile_ptx(cutmix._cutmix_normalize_kernel, args,
-                          dict(W3=width * 3, HAS_MIX=mix, INT_RNE=False, CHUNKS=cutmix.BLOCK // vec, VEC=vec),
-                          cutmix.NUM_WARPS)
+        ptx = compile_ptx(
+            cutmix._cutmix_normalize_kernel,
+            args,
+            dict(W3=width * 3, HAS_MIX=mix, INT_RNE=False, CHUNKS=cutmix.BLOCK // vec, VEC=vec),
+            cutmix.NUM_WARPS,
+        )
         stats = ptx_stats(ptx)
         per_thread = cutmix.BLOCK / (32 * cutmix.NUM_WARPS)
-        rows.append(dict(name="cutmix_normalize" if mix else "cutmix_normalize_sim", **stats,
-                         instructions_per_element=stats["instructions"] / per_thread))
+        rows.append(
+            dict(
+                name="cutmix_normalize" if mix else "cutmix_normalize_sim",
+                **stats,
+                instructions_per_element=stats["instructions"] / per_thread,
+            )
+        )
     u = torch.zeros((n, 13))
     hw = height * width
     ptiles = -(-hw // ph.BLOCK_PIXELS)
-    strides = dict(sN=hw * 6, sH=width * 3, sW=3, sC=1)   # a view of the loader's [N, 2, H, W, 3]
-    floats = dict(jitter_p=0.8, b_lo=0.6, b_span=0.8, c_lo=0.6, c_span=0.8, s_lo=0.8, s_span=0.4, hue=0.1,
-                  gray_p=0.2, blur_p=0.5, solarize_p=0.2, sigma_lo=0.1, sigma_span=1.9)
+    strides = dict(sN=hw * 6, sH=width * 3, sW=3, sC=1)  # a view of the loader's [N, 2, H, W, 3]
+    floats = dict(
+        jitter_p=0.8,
+        b_lo=0.6,
+        b_span=0.8,
+        c_lo=0.6,
+        c_span=0.8,
+        s_lo=0.8,
+        s_span=0.4,
+        hue=0.1,
+        gray_p=0.2,
+        blur_p=0.5,
+        solarize_p=0.2,
+        sigma_lo=0.1,
+        sigma_span=1.9,
+    )
     flags = dict(HAS_B=True, HAS_C=True, HAS_S=True, HAS_H=True)
     k = 2 * (int(0.1 * min(height, width)) // 2) + 1
     t = ph.blur_tile(k, max(height, width))
     kernels = [
-        ("photometric_contrast_mean", ph._contrast_mean_kernel, ph.NUM_WARPS,
-         dict(W=width, BLOCK=ph.BLOCK_PIXELS, HAS_B=True, HAS_S=True, HAS_H=True)),
-        ("photometric_pointwise", ph._pointwise_kernel, ph.NUM_WARPS,
-         dict(W=width, BLOCK=ph.BLOCK_PIXELS, TILES_P2=1 << (ptiles - 1).bit_length(), HAS_GRAY=True,
-              HAS_BLUR=True, HAS_SOLARIZE=True, **flags)),
-        ("photometric_blur", ph._blur_kernel, ph.BLUR_WARPS[t],
-         dict(H=height, W=width, KSIZE=k, KSIZE_P2=1 << (k - 1).bit_length(), T=t,
-              TILES_P2=1 << (ptiles - 1).bit_length(), HAS_GRAY=True, HAS_SOLARIZE=True, **flags)),
+        (
+            "photometric_contrast_mean",
+            ph._contrast_mean_kernel,
+            ph.NUM_WARPS,
+            dict(W=width, BLOCK=ph.BLOCK_PIXELS, HAS_B=True, HAS_S=True, HAS_H=True),
+        ),
+        (
+            "photometric_pointwise",
+            ph._pointwise_kernel,
+            ph.NUM_WARPS,
+            dict(
+                W=width,
+                BLOCK=ph.BLOCK_PIXELS,
+                TILES_P2=1 << (ptiles - 1).bit_length(),
+                HAS_GRAY=True,
+                HAS_BLUR=True,
+                HAS_SOLARIZE=True,
+                **flags,
+            ),
+        ),
+        (
+            "photometric_blur",
+            ph._blur_kernel,
+            ph.BLUR_WARPS[t],
+            dict(
+                H=height,
+                W=width,
+                KSIZE=k,
+                KSIZE_P2=1 << (k - 1).bit_length(),
+                T=t,
+                TILES_P2=1 << (ptiles - 1).bit_length(),
+                HAS_GRAY=True,
+                HAS_SOLARIZE=True,
+                **flags,
+            ),
+        ),
     ]
-    common = dict(x_ptr=x, u_ptr=u, partial_ptr=torch.zeros((n, ptiles)), out_ptr=x, HW=hw, TILES=ptiles,
-                  TILES_X=6, BLUR_TILES=36, **strides, **floats)
+    common = dict(
+        x_ptr=x,
+        u_ptr=u,
+        partial_ptr=torch.zeros((n, ptiles)),
+        out_ptr=x,
+        HW=hw,
+        TILES=ptiles,
+        TILES_X=6,
+        BLUR_TILES=36,
+        **strides,
+        **floats,
+    )
     for name, kernel, warps, consts in kernels:
         stats = ptx_stats(compile_ptx(kernel, common, consts, warps))
         rows.append(dict(name=name, **stats))
@@ -269,13 +399,14 @@ def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.b
 
 # ---- timing ----------------------------------------------------------------------------------------------
 
+
 def _time_ms(fn, iters: int, device: torch.device) -> float:
     """Median time of ``fn`` in ms: CUDA events with L2 flushed before every run (the way a fresh batch
     arrives); wall time under the interpreter."""
-    fn()   # warm-up: compilation, allocator
+    fn()  # warm-up: compilation, allocator
     times = []
     if device.type == "cuda":
-        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)   # larger than any L2
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # larger than any L2
         for _ in range(iters):
             flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -332,10 +463,10 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list
     gpu = device.type == "cuda"
     n, size = (16, 32) if tiny else (256, 224)
     if not gpu:
-        n, size = 4, 32   # the interpreter runs every program in Python
+        n, size = 4, 32  # the interpreter runs every program in Python
     iters = (50 if not tiny else 20) if gpu else 1
     dtype = torch.bfloat16
-    cfg = Config()   # BYOL's view policies (blur 1.0 / 0.1, solarize 0.0 / 0.2) and statistics
+    cfg = Config()  # BYOL's view policies (blur 1.0 / 0.1, solarize 0.0 / 0.2) and statistics
     cfg.data.image_size, cfg.method.mode = size, "bsim"
     policies = augment.policy_for(cfg)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -346,8 +477,14 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list
     partner_d, boxes_d = mix.to_device([partner, boxes], device)
     elems = n * size * size * 3
     esize = torch.empty((), dtype=dtype).element_size()
-    info = dict(kind="kernel", device=torch.cuda.get_device_name(device) if gpu else "cpu (triton interpreter)",
-                n=n, size=size, dtype=str(dtype).replace("torch.", ""), measured_on_gpu=gpu)
+    info = dict(
+        kind="kernel",
+        device=torch.cuda.get_device_name(device) if gpu else "cpu (triton interpreter)",
+        n=n,
+        size=size,
+        dtype=str(dtype).replace("torch.", ""),
+        measured_on_gpu=gpu,
+    )
 
     src = torch.empty(elems * (1 + 2 * esize) // 2, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
@@ -363,31 +500,54 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list
             counts = count_launches(count_fn or kernel_fn)
         with _reference_path():
             ref_ms = _time_ms(reference_fn, iters if gpu else 1, device) if reference_fn else float("nan")
-        r = dict(info, name=name, ms=ms, ref_ms=ref_ms, speedup=ref_ms / ms, min_bytes=min_bytes // per,
-                 gbps=min_bytes / ms / 1e6, copy_gbps=copy_gbps, frac_of_copy=min_bytes / ms / 1e6 / copy_gbps,
-                 launches=counts["launches"] / per, triton_launches=len(counts["triton"]) / per,
-                 aten_ops=counts["aten"], bytes=counts["bytes"] / per, unique_bytes=counts["unique_bytes"] / per,
-                 bytes_exact=counts["bytes_exact"],
-                 **extra)
+        r = dict(
+            info,
+            name=name,
+            ms=ms,
+            ref_ms=ref_ms,
+            speedup=ref_ms / ms,
+            min_bytes=min_bytes // per,
+            gbps=min_bytes / ms / 1e6,
+            copy_gbps=copy_gbps,
+            frac_of_copy=min_bytes / ms / 1e6 / copy_gbps,
+            launches=counts["launches"] / per,
+            triton_launches=len(counts["triton"]) / per,
+            aten_ops=counts["aten"],
+            bytes=counts["bytes"] / per,
+            unique_bytes=counts["unique_bytes"] / per,
+            bytes_exact=counts["bytes_exact"],
+            **extra,
+        )
         if budget:
             r.update(budget_launches=budget[0], budget_bytes=budget[1] // per)
         return r
 
     rows = []
-    mix_bytes = elems * (1 + 2 * esize)   # uint8 read once, plain and mixed written once
-    stats = mix.check_cutmix_inputs(views, partner, boxes, MEAN, STD, dtype)   # host work, not counted
-    rows.append(row("cutmix_normalize",
-                    lambda: mix.cutmix_normalize(views, partner_d, boxes_d, MEAN, STD, dtype),
-                    lambda: mix.cutmix_normalize_reference(views, partner_d, boxes_d, MEAN, STD, dtype),
-                    mix_bytes, count_fn=lambda: mix._normalize_checked(views, partner_d, boxes_d, *stats, dtype),
-                    mean_box_fraction=float(1 - lam.mean())))
+    mix_bytes = elems * (1 + 2 * esize)  # uint8 read once, plain and mixed written once
+    stats = mix.check_cutmix_inputs(views, partner, boxes, MEAN, STD, dtype)  # host work, not counted
+    rows.append(
+        row(
+            "cutmix_normalize",
+            lambda: mix.cutmix_normalize(views, partner_d, boxes_d, MEAN, STD, dtype),
+            lambda: mix.cutmix_normalize_reference(views, partner_d, boxes_d, MEAN, STD, dtype),
+            mix_bytes,
+            count_fn=lambda: mix._normalize_checked(views, partner_d, boxes_d, *stats, dtype),
+            mean_box_fraction=float(1 - lam.mean()),
+        )
+    )
     for v, policy in enumerate(policies):
-        rows.append(row(f"photometric_t{v + 1}",
-                        lambda p=policy, v=v: augment.photometric(pair[:, v], p, photo_gen()),
-                        lambda p=policy, v=v: augment.photometric_reference(pair[:, v], p, photo_gen()),
-                        2 * elems, blur_p=policy.blur_p, solarize_p=policy.solarize_p))
+        rows.append(
+            row(
+                f"photometric_t{v + 1}",
+                lambda p=policy, v=v: augment.photometric(pair[:, v], p, photo_gen()),
+                lambda p=policy, v=v: augment.photometric_reference(pair[:, v], p, photo_gen()),
+                2 * elems,
+                blur_p=policy.blur_p,
+                solarize_p=policy.solarize_p,
+            )
+        )
 
-    def two_views():   # what every step asks of the device outside the model (loader hand-off + make_views)
+    def two_views():  # what every step asks of the device outside the model (loader hand-off + make_views)
         g = photo_gen()
         a = augment.photometric(pair[:, 0], policies[0], g)
         b = augment.photometric(pair[:, 1], policies[1], g)
@@ -408,44 +568,72 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list
         b = augment.photometric_reference(pair[:, 1], policies[1], g)
         return mix.make_views(a, b, cfg, torch.Generator().manual_seed(2), dtype)
 
-    step = row("augment_cutmix_normalize_two_views", two_views, two_views_reference, 2 * mix_bytes,
-               count_fn=two_views_on_device, per=2, budget=(6, 3 * 2 * mix_bytes), h2d_copies_per_step=1,
-               target_ms=TARGET_MS if (gpu and not tiny) else None)
+    step = row(
+        "augment_cutmix_normalize_two_views",
+        two_views,
+        two_views_reference,
+        2 * mix_bytes,
+        count_fn=two_views_on_device,
+        per=2,
+        budget=(6, 3 * 2 * mix_bytes),
+        h2d_copies_per_step=1,
+        target_ms=TARGET_MS if (gpu and not tiny) else None,
+    )
     rows.append(step)
 
     if sweep and gpu:
         from . import cutmix
         from . import photometric as ph
+
         saved = cutmix.BLOCK, cutmix.NUM_WARPS, ph.BLOCK_PIXELS, ph.NUM_WARPS
         try:
             for block in (2048, 4096, 8192, 16384):
                 for warps in (4, 8, 16):
                     cutmix.BLOCK, cutmix.NUM_WARPS = block, warps
-                    ms = _time_ms(lambda: mix.cutmix_normalize(views, partner_d, boxes_d, MEAN, STD, dtype),
-                                  iters, device)
-                    rows.append(dict(info, name=f"cutmix_normalize[BLOCK={block},warps={warps}]", ms=ms,
-                                     gbps=mix_bytes / ms / 1e6, frac_of_copy=mix_bytes / ms / 1e6 / copy_gbps))
+                    ms = _time_ms(
+                        lambda: mix.cutmix_normalize(views, partner_d, boxes_d, MEAN, STD, dtype), iters, device
+                    )
+                    rows.append(
+                        dict(
+                            info,
+                            name=f"cutmix_normalize[BLOCK={block},warps={warps}]",
+                            ms=ms,
+                            gbps=mix_bytes / ms / 1e6,
+                            frac_of_copy=mix_bytes / ms / 1e6 / copy_gbps,
+                        )
+                    )
             cutmix.BLOCK, cutmix.NUM_WARPS = saved[:2]
             for block in (256, 512, 1024, 2048):
                 for warps in (2, 4, 8):
                     ph.BLOCK_PIXELS, ph.NUM_WARPS = block, warps
                     ms = _time_ms(lambda: augment.photometric(pair[:, 1], policies[1], photo_gen()), iters, device)
-                    rows.append(dict(info, name=f"photometric_t2[BLOCK_PIXELS={block},warps={warps}]", ms=ms,
-                                     gbps=2 * elems / ms / 1e6))
+                    rows.append(
+                        dict(
+                            info,
+                            name=f"photometric_t2[BLOCK_PIXELS={block},warps={warps}]",
+                            ms=ms,
+                            gbps=2 * elems / ms / 1e6,
+                        )
+                    )
         finally:
             cutmix.BLOCK, cutmix.NUM_WARPS, ph.BLOCK_PIXELS, ph.NUM_WARPS = saved
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'kernel':<44}{'ms':>9}{'ref ms':>9}{'x ref':>7}{'GB/s':>8}{'% copy':>7}{'launch/view':>12}"
-             f"{'bytes/view':>12}"]
+    lines = [
+        f"{'kernel':<44}{'ms':>9}{'ref ms':>9}{'x ref':>7}{'GB/s':>8}{'% copy':>7}{'launch/view':>12}{'bytes/view':>12}"
+    ]
     for r in rows:
+
         def f(key, fmt, scale=1.0, r=r):
             v = r.get(key)
             return format(scale * v, fmt) if isinstance(v, (int, float)) and v == v else "-"
-        lines.append(f"{r['name']:<44}{f('ms', '9.3f')}{f('ref_ms', '9.3f')}{f('speedup', '7.1f')}"
-                     f"{f('gbps', '8.0f')}{f('frac_of_copy', '7.0%')}{f('launches', '12.1f')}{f('bytes', '12.0f')}")
+
+        lines.append(
+            f"{r['name']:<44}{f('ms', '9.3f')}{f('ref_ms', '9.3f')}{f('speedup', '7.1f')}"
+            f"{f('gbps', '8.0f')}{f('frac_of_copy', '7.0%')}{f('launches', '12.1f')}{f('bytes', '12.0f')}"
+        )
     return "\n".join(lines)
 
 
@@ -463,8 +651,9 @@ def _main(argv=None) -> int:
     rows = bench_kernels(args.tiny, device, sweep=args.sweep)
     result = {"rows": rows}
     if args.ptx:
-        if _interpreting():   # the compiler needs the kernels decorated without the interpreter
+        if _interpreting():  # the compiler needs the kernels decorated without the interpreter
             import subprocess
+
             env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "BSIM_FAST_TRITON")}
             code = "import json; from bsim_fast.kernels.bench import ptx_report; print(json.dumps(ptx_report()))"
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

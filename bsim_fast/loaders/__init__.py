@@ -14,6 +14,7 @@ works without the others installed. What the back ends share is in `base.py`.
 Adding a loader: a module here with a `TrainLoader` and an `EvalLoader` subclass (base.py), plus one line in
 `LOADERS` (and one in `FORMATS` if it reads a new kind of path).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,29 +25,41 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class LoaderSpec:
-    module: str                 # bsim_fast.loaders.<module>
-    train: str                  # its TrainLoader subclass
-    eval: str                   # its EvalLoader subclass
-    reads: tuple[str, ...]      # FORMATS it opens; the first is how it reads the built-in set
+    module: str  # bsim_fast.loaders.<module>
+    train: str  # its TrainLoader subclass
+    eval: str  # its EvalLoader subclass
+    reads: tuple[str, ...]  # FORMATS it opens; the first is how it reads the built-in set
     about: str
 
 
 # What a dataset path can be, by what is on disk (`path_format`).
-FORMATS = {
-    "beton": "an FFCV .beton file",
-    "shards": "a DALI shard folder",
-    "folder": "an image folder",
-}
+FORMATS = {"beton": "an FFCV .beton file", "shards": "a DALI shard folder", "folder": "an image folder"}
 
 LOADERS = {
-    "ffcv": LoaderSpec("ffcv_loader", "FfcvTrainLoader", "FfcvEvalLoader", ("beton",),
-                       "FFCV: JPEG decode + crops in numba threads"),
-    "dali": LoaderSpec("dali_loader", "DaliTrainLoader", "DaliEvalLoader", ("shards",),
-                       "DALI: decode + crops on the GPU (CPU without one)"),
-    "torch": LoaderSpec("torch_loader", "TorchTrainLoader", "TorchEvalLoader", ("folder",),
-                        "torch DataLoader over an image folder (Pillow in worker processes)"),
-    "gpu_resident": LoaderSpec("gpu_resident", "GpuResidentTrainLoader", "GpuResidentEvalLoader",
-                               ("folder", "beton"), "small sets decoded once into device memory"),
+    "ffcv": LoaderSpec(
+        "ffcv_loader", "FfcvTrainLoader", "FfcvEvalLoader", ("beton",), "FFCV: JPEG decode + crops in numba threads"
+    ),
+    "dali": LoaderSpec(
+        "dali_loader",
+        "DaliTrainLoader",
+        "DaliEvalLoader",
+        ("shards",),
+        "DALI: decode + crops on the GPU (CPU without one)",
+    ),
+    "torch": LoaderSpec(
+        "torch_loader",
+        "TorchTrainLoader",
+        "TorchEvalLoader",
+        ("folder",),
+        "torch DataLoader over an image folder (Pillow in worker processes)",
+    ),
+    "gpu_resident": LoaderSpec(
+        "gpu_resident",
+        "GpuResidentTrainLoader",
+        "GpuResidentEvalLoader",
+        ("folder", "beton"),
+        "small sets decoded once into device memory",
+    ),
 }
 KINDS = tuple(LOADERS)
 
@@ -74,6 +87,7 @@ def kind_for_path(path: str) -> str:
     if path == "builtin" or path.startswith("builtin:"):
         return "torch"
     from .base import DatasetError
+
     if not os.path.exists(path):
         raise DatasetError(f"{path}: dataset not found")
     fmt = path_format(path)
@@ -89,6 +103,7 @@ def check_dataset(kind: str, path: str, key: str = "data path") -> str:
     One line (a ConfigError: exit 2) naming the path, what it is and the `data.loader` that reads it; for the
     built-in set, the converter command when the converted copy is missing."""
     from .base import check_format, resolve_path
+
     resolved = resolve_path(kind, path)
     check_format(kind, resolved, key)
     return resolved

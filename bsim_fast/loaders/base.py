@@ -13,6 +13,7 @@ draws the same colours whatever the back end.
 compiles it with numba, the GPU-resident loader evaluates it batched on the device (tested equal to it), and
 DALI draws its own windows (tests/test_loaders_conformance.py checks their bounds and distribution).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,11 +29,13 @@ from .. import augment, datasets
 from ..config import ConfigError
 from . import FORMATS, LOADERS, path_format
 
-UNLABELED = datasets.UNLABELED            # the label of every sample of an unlabeled set
-CROP_ATTEMPTS = 10                        # torchvision's RandomResizedCrop
+UNLABELED = datasets.UNLABELED  # the label of every sample of an unlabeled set
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
 # Where the converters put the built-in set by default (configs/small name the same files).
-BUILTIN_CONVERTED = {"beton": ("data_out/cifar10_mini_{split}.beton", "data_prep/write_ffcv.py"),
-                     "shards": ("data_out/cifar10_mini_{split}_dali", "data_prep/write_dali.py")}
+BUILTIN_CONVERTED = {
+    "beton": ("data_out/cifar10_mini_{split}.beton", "data_prep/write_ffcv.py"),
+    "shards": ("data_out/cifar10_mini_{split}_dali", "data_prep/write_dali.py"),
+}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -44,6 +47,7 @@ class DatasetError(ConfigError, datasets.SourceError):
 
 
 # ---- seeds ---------------------------------------------------------------------------------------------
+
 
 def seed_sequence(*parts: int) -> np.random.SeedSequence:
     """The one seed mixer of the loaders: nearby tuples (seed 0 epoch 1, seed 1 epoch 0) give unrelated
@@ -60,8 +64,9 @@ def batch_generator(seed: int, epoch: int, batch_index: int, rank: int, device, 
     """A generator on `device` that depends on (seed, epoch, batch index, rank, stream) only. Stream 0 is the
     photometric augmentation; a loader that draws on the device (the GPU-resident crops) uses another."""
     g = torch.Generator(device=device)
-    g.manual_seed(mix_seed(seed, epoch, batch_index, rank) if stream == 0
-                  else mix_seed(seed, epoch, batch_index, rank, stream))
+    g.manual_seed(
+        mix_seed(seed, epoch, batch_index, rank) if stream == 0 else mix_seed(seed, epoch, batch_index, rank, stream)
+    )
     return g
 
 
@@ -72,13 +77,15 @@ def photometric_generator(seed: int, epoch: int, batch_index: int, rank: int, de
 
 # ---- order ---------------------------------------------------------------------------------------------
 
+
 def per_rank_batch(cfg, world_size: int) -> int:
     """Global batch over ranks and accumulation steps (the trainer checks divisibility)."""
     return max(1, cfg.data.batch_size // (world_size * cfg.train.accum_steps))
 
 
-def rank_order(num_samples: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int,
-               start_batch: int = 0) -> np.ndarray:
+def rank_order(
+    num_samples: int, seed: int, epoch: int, rank: int, world_size: int, batch_size: int, start_batch: int = 0
+) -> np.ndarray:
     """Sample indices this rank reads in `epoch`, batches [start_batch, len) of it, drop_last.
 
     One permutation of the whole set per (seed, epoch), dealt round-robin to the ranks (as torch's
@@ -87,9 +94,9 @@ def rank_order(num_samples: int, seed: int, epoch: int, rank: int, world_size: i
     (Seeded by the pair (seed, epoch) rather than ffcv's seed + epoch: seed 0 epoch 1 and seed 1 epoch 0
     must not share an order.)"""
     perm = np.random.default_rng(seed_sequence(seed, epoch)).permutation(num_samples)
-    share = perm[rank:(num_samples // world_size) * world_size:world_size]
+    share = perm[rank : (num_samples // world_size) * world_size : world_size]
     batches = len(share) // batch_size
-    return share[start_batch * batch_size:batches * batch_size]
+    return share[start_batch * batch_size : batches * batch_size]
 
 
 def eval_shard(num_samples: int, rank: int, world_size: int) -> np.ndarray:
@@ -103,6 +110,7 @@ def eval_crop_ratio(image_size: int) -> float:
 
 
 # ---- the crop reference --------------------------------------------------------------------------------
+
 
 def random_resized_crop_params(height, width, scale, ratio, uniforms):
     """(top, left, h, w) of torchvision's `RandomResizedCrop.get_params`, its random draws given.
@@ -144,7 +152,7 @@ def available_cores() -> int:
     """CPU cores this process may run on (its affinity mask: a container's or a scheduler's limit)."""
     try:
         return len(os.sched_getaffinity(0))
-    except AttributeError:                   # not Linux
+    except AttributeError:  # not Linux
         return os.cpu_count() or 1
 
 
@@ -160,8 +168,7 @@ def loader_workers(cfg, rank: int = 0) -> int:
     if rank == 0 and (requested, cap) not in _told:
         _told.add((requested, cap))
         per = f" for each of {ranks_here} ranks" if ranks_here > 1 else ""
-        print(f"[loaders] data.workers={requested}: {cap} CPU core(s) available{per}; using {cap} workers",
-              flush=True)
+        print(f"[loaders] data.workers={requested}: {cap} CPU core(s) available{per}; using {cap} workers", flush=True)
     return cap
 
 
@@ -201,9 +208,11 @@ def resolve_path(kind: str, path: str) -> str:
     for candidate in (Path(converted), REPO_ROOT / converted):
         if candidate.exists():
             return str(candidate)
-    raise DatasetError(f"data path {path!r} with data.loader={kind} needs the converted set {converted}: run "
-                       f"`python {converter} --split {split}` (writes {converted}), "
-                       f"or set data.loader=torch to read the built-in images directly")
+    raise DatasetError(
+        f"data path {path!r} with data.loader={kind} needs the converted set {converted}: run "
+        f"`python {converter} --split {split}` (writes {converted}), "
+        f"or set data.loader=torch to read the built-in images directly"
+    )
 
 
 def check_format(kind: str, path: str, key: str = "data path") -> None:
@@ -218,8 +227,9 @@ def check_format(kind: str, path: str, key: str = "data path") -> None:
     hint = f"; set data.loader={readers[0]}" if readers else ""
     if kind == "gpu_resident" and readers:
         hint += " and data.gpu_resident=false"
-    raise DatasetError(f"{key} = {path!r} is {what}; data.loader={kind} reads "
-                       f"{' or '.join(FORMATS[f] for f in spec.reads)}{hint}")
+    raise DatasetError(
+        f"{key} = {path!r} is {what}; data.loader={kind} reads {' or '.join(FORMATS[f] for f in spec.reads)}{hint}"
+    )
 
 
 def scan_folder(root: str, rank: int = 0) -> datasets.FolderSource:
@@ -234,8 +244,10 @@ def scan_folder(root: str, rank: int = 0) -> datasets.FolderSource:
     if rank == 0 and not labeled:
         print(f"[loaders] {root}: no class folders, read as an unlabeled set of {len(source)} images", flush=True)
     if rank == 0 and source.empty_classes:
-        print(f"[loaders] {root}: empty class folder(s) {', '.join(source.empty_classes)} keep their label "
-              f"indices", flush=True)
+        print(
+            f"[loaders] {root}: empty class folder(s) {', '.join(source.empty_classes)} keep their label indices",
+            flush=True,
+        )
     return source
 
 
@@ -245,6 +257,7 @@ def is_labeled(labels: np.ndarray) -> bool:
 
 
 # ---- the base classes ----------------------------------------------------------------------------------
+
 
 def augment_views(a_u8: torch.Tensor, b_u8: torch.Tensor, policies, generator: torch.Generator):
     """Both geometric views (uint8 [N, S, S, 3] on the device) -> photometrically augmented, each with its
@@ -289,12 +302,11 @@ class TrainLoader:
         raise NotImplementedError
 
     def __len__(self) -> int:
-        return (self.num_samples // self.world_size) // self.batch_size       # as rank_order cuts it
+        return (self.num_samples // self.world_size) // self.batch_size  # as rank_order cuts it
 
     def order(self, epoch: int, start_batch: int = 0) -> np.ndarray:
         """The sample indices of batches start_batch.. of `epoch` on this rank."""
-        return rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size,
-                          start_batch)
+        return rank_order(self.num_samples, self.seed, epoch, self.rank, self.world_size, self.batch_size, start_batch)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Exactly len(self) - start_batch batches (see the class docstring); raises here, not at the first
@@ -343,6 +355,7 @@ class EvalLoader:
 
 
 # ---- throughput ----------------------------------------------------------------------------------------
+
 
 def _sync(t: torch.Tensor) -> None:
     if t.device.type == "cuda":

@@ -22,6 +22,7 @@ splits each batch between the hardware and CUDA decoders by `hw_decoder_load`; t
 the position in the batch, but the two decoders may differ by a grey level on some pixels, so "same
 batches" means same samples and augmentation parameters, and pixels equal to decoder precision.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,6 +47,7 @@ SHUFFLE_BUFFER = 4096
 # ---------------------------------------------------------------------------------------------------------
 # The shard folder
 # ---------------------------------------------------------------------------------------------------------
+
 
 class ShardSet:
     """The tar shards of a folder written by data_prep/write_dali.py, validated against meta.json.
@@ -93,16 +95,25 @@ def _device_id(device) -> int | None:
 # Graph pieces (called inside a `with pipeline:` block)
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _read(shards: ShardSet, order, rank, world_size, shuffle: bool, seed: int, pad_last_batch: bool):
     from nvidia.dali import fn
 
     paths, index_paths = shards.ordered(order)
     return fn.readers.webdataset(
-        paths=paths, index_paths=index_paths, ext=["jpg", "cls"],
-        missing_component_behavior="error",      # a sample without its label must not read as class 0
-        shard_id=rank, num_shards=world_size, stick_to_shard=True,
-        random_shuffle=shuffle, initial_fill=SHUFFLE_BUFFER, seed=seed,
-        pad_last_batch=pad_last_batch, name=READER_NAME)
+        paths=paths,
+        index_paths=index_paths,
+        ext=["jpg", "cls"],
+        missing_component_behavior="error",  # a sample without its label must not read as class 0
+        shard_id=rank,
+        num_shards=world_size,
+        stick_to_shard=True,
+        random_shuffle=shuffle,
+        initial_fill=SHUFFLE_BUFFER,
+        seed=seed,
+        pad_last_batch=pad_last_batch,
+        name=READER_NAME,
+    )
 
 
 def _parse_label(cls):
@@ -115,9 +126,9 @@ def _parse_label(cls):
     minus = types.Constant(0, dtype=types.INT64)
     for i in range(LABEL_WIDTH):
         d = digits[i]
-        is_digit = (d >= 48) & (d <= 57)          # '0'..'9'; padding and whitespace leave the value as is
+        is_digit = (d >= 48) & (d <= 57)  # '0'..'9'; padding and whitespace leave the value as is
         label = label * (1 + 9 * is_digit) + is_digit * (d - 48)
-        minus = minus + (d == 45)                 # '-'
+        minus = minus + (d == 45)  # '-'
     return label * (1 - 2 * minus)
 
 
@@ -142,10 +153,11 @@ def _crop_view(jpegs, images, aug: AugCfg, size: int):
     area, not the whole image)."""
     from nvidia.dali import fn, types
 
-    anchor, shape = fn.random_crop_generator(fn.peek_image_shape(jpegs), random_area=list(aug.crop_scale),
-                                             random_aspect_ratio=list(aug.crop_ratio))
+    anchor, shape = fn.random_crop_generator(
+        fn.peek_image_shape(jpegs), random_area=list(aug.crop_scale), random_aspect_ratio=list(aug.crop_ratio)
+    )
     flip = fn.random.coin_flip(probability=float(aug.flip_p), dtype=types.INT32)
-    mirror = fn.stack(0 * flip, flip)                          # [y, x]: x start and end swap when flipped
+    mirror = fn.stack(0 * flip, flip)  # [y, x]: x start and end swap when flipped
     start = fn.cast(anchor + mirror * shape, dtype=types.FLOAT)
     end = fn.cast(anchor + shape - mirror * shape, dtype=types.FLOAT)
     view = fn.resize(images, roi_start=start, roi_end=end, size=[size, size], antialias=True)
@@ -156,12 +168,14 @@ def _crop_view(jpegs, images, aug: AugCfg, size: int):
 # Loaders
 # ---------------------------------------------------------------------------------------------------------
 
+
 def _iterate(pipe, outputs: list[str], policy) -> Iterator[dict]:
     """Runs a built pipeline through DALI's PyTorch iterator (torch tensors on the pipeline's device)."""
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-    it = DALIGenericIterator([pipe], outputs, reader_name=READER_NAME, last_batch_policy=policy,
-                             auto_reset=False, prepare_first_batch=False)
+    it = DALIGenericIterator(
+        [pipe], outputs, reader_name=READER_NAME, last_batch_policy=policy, auto_reset=False, prepare_first_batch=False
+    )
     for batch in it:
         yield batch[0]
 
@@ -191,7 +205,7 @@ def _pipeline_error(shards: ShardSet, err: Exception) -> Exception:
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
     reason = next((lines[i + 1] for i, ln in enumerate(lines[:-1]) if ln == "encountered:"), None)
     reason = reason or next((ln for ln in lines if not ln.startswith("Critical error")), type(err).__name__)
-    culprit = _first_bad_jpeg(shards)     # the header peek or the decoder may be the op that failed
+    culprit = _first_bad_jpeg(shards)  # the header peek or the decoder may be the op that failed
     if culprit:
         return DatasetError(f"{culprit}: not a valid JPEG (DALI: {reason})")
     return RuntimeError(f"{shards.root}: DALI pipeline failed while reading the shards: {reason}")
@@ -217,15 +231,17 @@ class DaliTrainLoader(TrainLoader):
         # Same shard order on every rank (depends on seed and epoch only), so rank ranges stay disjoint.
         order = np.random.default_rng(mix_seed(cfg.train.seed, epoch)).permutation(len(self.shards.tars))
         on_gpu = self.device_id is not None
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.workers), device_id=self.device_id,
-                        seed=seed)
+        pipe = Pipeline(
+            batch_size=self.batch_size, num_threads=max(1, self.workers), device_id=self.device_id, seed=seed
+        )
         with pipe:
-            jpegs, cls = _read(self.shards, order, self.rank, self.world_size, shuffle=True,
-                               seed=seed, pad_last_batch=False)
+            jpegs, cls = _read(
+                self.shards, order, self.rank, self.world_size, shuffle=True, seed=seed, pad_last_batch=False
+            )
             images = _decode(jpegs, on_gpu, cfg.data.dali_hw_decoder_load)
             a, *window_a = _crop_view(jpegs, images, cfg.aug, cfg.data.image_size)
             b, *window_b = _crop_view(jpegs, images, cfg.aug, cfg.data.image_size)
-            outputs = [a, b, _parse_label(cls)]        # the label stays on the host: training does not read it
+            outputs = [a, b, _parse_label(cls)]  # the label stays on the host: training does not read it
             pipe.set_outputs(*(outputs + window_a + window_b + [images] if windows else outputs))
         pipe.build()
         return pipe
@@ -271,13 +287,24 @@ class DaliEvalLoader(EvalLoader):
 
         on_gpu = self.device_id is not None
         size = self.size
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.workers), device_id=self.device_id,
-                        seed=mix_seed(self.cfg.train.seed, self.rank, bits=31))
+        pipe = Pipeline(
+            batch_size=self.batch_size,
+            num_threads=max(1, self.workers),
+            device_id=self.device_id,
+            seed=mix_seed(self.cfg.train.seed, self.rank, bits=31),
+        )
         with pipe:
             # pad_last_batch repeats the last sample to fill the final batch; the iterator's PARTIAL policy
             # trims those copies again, so each rank returns exactly its range.
-            jpegs, cls = _read(self.shards, range(len(self.shards.tars)), self.rank, self.world_size,
-                               shuffle=False, seed=0, pad_last_batch=True)
+            jpegs, cls = _read(
+                self.shards,
+                range(len(self.shards.tars)),
+                self.rank,
+                self.world_size,
+                shuffle=False,
+                seed=0,
+                pad_last_batch=True,
+            )
             images = _decode(jpegs, on_gpu, self.cfg.data.dali_hw_decoder_load)
             x = fn.resize(images, resize_shorter=round(size / eval_crop_ratio(size)), antialias=True)
             x = fn.crop(x, crop=[size, size])
@@ -308,5 +335,5 @@ class DaliEvalLoader(EvalLoader):
         finally:
             batches.close()
             del pipe
-        if seen != mine:     # a DALI change in padding semantics must not go unnoticed
+        if seen != mine:  # a DALI change in padding semantics must not go unnoticed
             raise RuntimeError(f"{self.shards.root}: rank {self.rank} read {seen} samples, expected {mine}")

@@ -14,6 +14,7 @@ the compiled code in the high bits of each index (`_EPOCH_SHIFT`); the labels ar
 ffcv (its IntDecoder would read the salted index) but gathered from the .beton's metadata in Python, and
 stay on the host.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -56,8 +57,12 @@ def _quiet_numba_finalizer_keyerror() -> None:
     def hook(unraisable):
         exc, tb = unraisable.exc_value, unraisable.exc_traceback
         frames = traceback.extract_tb(tb) if tb is not None else []
-        if isinstance(exc, KeyError) and frames and frames[-1].filename.endswith(
-                os.path.join("numba", "core", "dispatcher.py")) and frames[-1].name == "finalizer":
+        if (
+            isinstance(exc, KeyError)
+            and frames
+            and frames[-1].filename.endswith(os.path.join("numba", "core", "dispatcher.py"))
+            and frames[-1].name == "finalizer"
+        ):
             return
         previous(unraisable)
 
@@ -66,7 +71,7 @@ def _quiet_numba_finalizer_keyerror() -> None:
 
 _quiet_numba_finalizer_keyerror()
 
-_EPOCH_SHIFT = np.uint64(40)                       # up to 2^40 samples, 2^24 distinct epoch salts
+_EPOCH_SHIFT = np.uint64(40)  # up to 2^40 samples, 2^24 distinct epoch salts
 _INDEX_MASK = np.uint64((1 << 40) - 1)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
@@ -82,6 +87,7 @@ def _make_uniform(splitmix):
     def uniform(key, counter):
         """The counter-th uniform in [0, 1) of the stream named by key (53 random bits)."""
         return np.float64(splitmix(key + np.uint64(counter) * _GOLDEN) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
     return uniform
 
 
@@ -94,6 +100,7 @@ def _make_view_params(uniform, crop_params):
                 uniforms[k, d] = uniform(key, 4 * k + d)
         top, left, h, w = crop_params(height, width, scale, ratio, uniforms)
         return top, left, h, w, uniform(key, 4 * CROP_ATTEMPTS) < flip_p
+
     return view_params
 
 
@@ -115,8 +122,7 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
     ResizedCropRGBImageDecoder: the full image is decoded into a per-sample scratch buffer (sized for the
     largest image of the file), then each view is cut and resized from it by libffcv's resize_crop."""
 
-    def __init__(self, output_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5,
-                 seed: int = 0):
+    def __init__(self, output_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5, seed: int = 0):
         super().__init__()
         self.output_size = int(output_size)
         self.scale = np.array(scale, dtype=np.float64)
@@ -129,8 +135,10 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         max_height = np.uint64(self.metadata["height"].max())
         shape = (2, self.output_size, self.output_size, 3)
         u8 = np.dtype("<u1")
-        return (replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
-                (AllocationQuery(shape, u8), AllocationQuery((max_height * max_width * np.uint64(3),), u8)))
+        return (
+            replace(previous_state, jit_mode=True, shape=shape, dtype=u8),
+            (AllocationQuery(shape, u8), AllocationQuery((max_height * max_width * np.uint64(3),), u8)),
+        )
 
     def generate_code(self):
         mem_read = self.memory_read
@@ -138,8 +146,9 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
         splitmix = Compiler.compile(_splitmix64)
-        view_params = Compiler.compile(_make_view_params(Compiler.compile(_make_uniform(splitmix)),
-                                                         Compiler.compile(random_resized_crop_params)))
+        view_params = Compiler.compile(
+            _make_view_params(Compiler.compile(_make_uniform(splitmix)), Compiler.compile(random_resized_crop_params))
+        )
         flip_rows = Compiler.compile(_flip_rows)
         jpg = IMAGE_MODES["jpg"]
         scale, ratio, flip_p, seed_key = self.scale, self.ratio, self.flip_p, self.seed_key
@@ -148,7 +157,7 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
             for dst_ix in my_range(len(batch_indices)):
-                entry = np.uint64(batch_indices[dst_ix])          # (epoch salt << 40) | sample index
+                entry = np.uint64(batch_indices[dst_ix])  # (epoch salt << 40) | sample index
                 field = metadata[entry & index_mask]
                 image_data = mem_read(field["data_ptr"], storage_state)
                 height = np.int64(field["height"])
@@ -156,19 +165,20 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
                 if field["mode"] == jpg:
                     image = scratch[dst_ix]
                     imdecode_c(image_data, image, height, width, height, width, 0, 0, 1, 1, False, False)
-                    image = image.reshape(-1)[:3 * height * width].reshape(height, width, 3)
+                    image = image.reshape(-1)[: 3 * height * width].reshape(height, width, 3)
                 else:
                     image = image_data.reshape(height, width, 3)
                 sample_key = splitmix(seed_key ^ entry)
                 uniforms = np.empty((CROP_ATTEMPTS, 4), dtype=np.float64)
                 for v in range(2):
-                    i, j, h, w, flip = view_params(splitmix(sample_key + np.uint64(v)), height, width,
-                                                   scale, ratio, flip_p, uniforms)
+                    i, j, h, w, flip = view_params(
+                        splitmix(sample_key + np.uint64(v)), height, width, scale, ratio, flip_p, uniforms
+                    )
                     view = destination[dst_ix, v]
                     resize_crop_c(image, i, i + h, j, j + w, view)
                     if flip:
                         flip_rows(view)
-            return destination[:len(batch_indices)]
+            return destination[: len(batch_indices)]
 
         decode.is_parallel = True
         return decode
@@ -195,14 +205,16 @@ def _to_device(device: torch.device) -> list:
 def _field_index(reader, name: str, path: str) -> int:
     names = list(reader.handlers)
     if name not in names:
-        raise DatasetError(f"{path}: .beton has fields {names}, expected '{name}' "
-                           f"(write it with data_prep/write_ffcv.py)")
+        raise DatasetError(
+            f"{path}: .beton has fields {names}, expected '{name}' (write it with data_prep/write_ffcv.py)"
+        )
     return names.index(name)
 
 
 def _labels(path: str) -> np.ndarray:
     """The label of every sample, from the .beton's metadata (no decoding)."""
     from ffcv.reader import Reader
+
     reader = Reader(path)
     _field_index(reader, "image", path)
     return np.ascontiguousarray(reader.metadata[f"f{_field_index(reader, 'label', path)}"]).astype(np.int64)
@@ -215,16 +227,23 @@ class FfcvTrainLoader(TrainLoader):
 
     def open(self, path: str):
         cfg = self.cfg
-        datasets.check_beton(path)      # names the file if it is truncated, instead of ffcv's garbage pointers
+        datasets.check_beton(path)  # names the file if it is truncated, instead of ffcv's garbage pointers
         self.labels = _labels(path)
-        decoder = TwoViewCropDecoder(cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio,
-                                     cfg.aug.flip_p, seed=self.seed)
+        decoder = TwoViewCropDecoder(
+            cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio, cfg.aug.flip_p, seed=self.seed
+        )
         # The order given to ffcv here is never used: crops() hands EpochIterator its own (rank_order).
         with keep_torch_threads():
-            self._loader = Loader(path, batch_size=self.batch_size, num_workers=max(1, self.workers),
-                                  order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=True, seed=self.seed,
-                                  pipelines={"image": [decoder, ToTensor()] + _to_device(self.device),
-                                             "label": None})
+            self._loader = Loader(
+                path,
+                batch_size=self.batch_size,
+                num_workers=max(1, self.workers),
+                order=OrderOption.SEQUENTIAL,
+                os_cache=True,
+                drop_last=True,
+                seed=self.seed,
+                pipelines={"image": [decoder, ToTensor()] + _to_device(self.device), "label": None},
+            )
         return len(self.labels), is_labeled(self.labels)
 
     def crops(self, epoch: int, start_batch: int):
@@ -235,7 +254,7 @@ class FfcvTrainLoader(TrainLoader):
         batches = EpochIterator(self._loader, salted)
         try:
             for b, (views_u8,) in enumerate(batches):
-                labels = torch.from_numpy(self.labels[order[b * self.batch_size:(b + 1) * self.batch_size]])
+                labels = torch.from_numpy(self.labels[order[b * self.batch_size : (b + 1) * self.batch_size]])
                 yield views_u8[:, 0], views_u8[:, 1], labels
         finally:
             batches.close()
@@ -254,13 +273,21 @@ class FfcvEvalLoader(EvalLoader):
     def batches(self):
         size = self.size
         with keep_torch_threads():
-            if self._loader is None:     # built at the first pass (it needs self.indices), reused by the next
+            if self._loader is None:  # built at the first pass (it needs self.indices), reused by the next
                 self._loader = Loader(
-                    self.path, batch_size=self.batch_size, num_workers=max(1, self.workers),
-                    order=OrderOption.SEQUENTIAL, os_cache=True, drop_last=False, indices=self.indices,
-                    pipelines={"image": [CenterCropRGBImageDecoder((size, size), eval_crop_ratio(size)), ToTensor()]
-                               + _to_device(self.device),
-                               "label": [IntDecoder(), ToTensor(), Squeeze()]})
+                    self.path,
+                    batch_size=self.batch_size,
+                    num_workers=max(1, self.workers),
+                    order=OrderOption.SEQUENTIAL,
+                    os_cache=True,
+                    drop_last=False,
+                    indices=self.indices,
+                    pipelines={
+                        "image": [CenterCropRGBImageDecoder((size, size), eval_crop_ratio(size)), ToTensor()]
+                        + _to_device(self.device),
+                        "label": [IntDecoder(), ToTensor(), Squeeze()],
+                    },
+                )
             batches = iter(self._loader)
         # ffcv reuses its output buffers a few batches later: hand out tensors the caller may keep
         for x_u8, labels in batches:

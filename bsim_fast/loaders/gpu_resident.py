@@ -26,6 +26,7 @@ Randomness: the crops and flips of a batch come from `batch_generator(seed, epoc
 CROP_STREAM)`, the colours from the base class's photometric generator; the order is `rank_order(seed,
 epoch)`. A resumed run (start_batch) therefore sees the same batches, crops and colours.
 """
+
 from __future__ import annotations
 
 import math
@@ -50,9 +51,9 @@ from .base import (
     scan_folder,
 )
 
-CPU_BUDGET_BYTES = 4 << 30       # the device is the CPU (tests, debugging): host memory is shared with all else
-GPU_BUDGET_FRACTION = 0.25       # of the free memory: the model, activations and optimiser need the rest
-CROP_STREAM = 1                  # batch_generator stream of the crops (0 is the photometric one)
+CPU_BUDGET_BYTES = 4 << 30  # the device is the CPU (tests, debugging): host memory is shared with all else
+GPU_BUDGET_FRACTION = 0.25  # of the free memory: the model, activations and optimiser need the rest
+CROP_STREAM = 1  # batch_generator stream of the crops (0 is the photometric one)
 GIB = 1 << 30
 
 
@@ -83,8 +84,10 @@ def check_budget(name: str, shape: tuple, device: torch.device) -> None:
         budget, limit = CPU_BUDGET_BYTES, f"the {CPU_BUDGET_BYTES / GIB:g} GiB allowed on {device}"
     if nbytes > budget:
         n, h, w, _ = shape
-        raise ConfigError(f"data.gpu_resident: {name} is {n} images of {h}x{w} = {nbytes / GIB:.2f} GiB decoded, "
-                          f"more than {limit}; set data.gpu_resident=false")
+        raise ConfigError(
+            f"data.gpu_resident: {name} is {n} images of {h}x{w} = {nbytes / GIB:.2f} GiB decoded, "
+            f"more than {limit}; set data.gpu_resident=false"
+        )
 
 
 def _read_beton(path: str, side: int, workers: int, device: torch.device) -> ResidentSet:
@@ -95,13 +98,14 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
 
     from . import ffcv_loader  # (also quiets a harmless numba message when a Loader is freed)
 
-    datasets.check_beton(path)                  # names a truncated file instead of reading garbage
+    datasets.check_beton(path)  # names a truncated file instead of reading garbage
     reader = Reader(path)
     names = list(reader.handlers)
     for field in ("image", "label"):
         if field not in names:
-            raise DatasetError(f"{path}: .beton has fields {names}, expected '{field}' "
-                               f"(write it with data_prep/write_ffcv.py)")
+            raise DatasetError(
+                f"{path}: .beton has fields {names}, expected '{field}' (write it with data_prep/write_ffcv.py)"
+            )
     meta = reader.metadata[f"f{names.index('image')}"]
     sizes = set(zip(meta["height"].tolist(), meta["width"].tolist()))
     uniform = len(sizes) == 1
@@ -109,13 +113,20 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
     check_budget(path, (len(meta), height, width, 3), device)
     decoder = SimpleRGBImageDecoder() if uniform else CenterCropRGBImageDecoder((side, side), ratio=1.0)
     with ffcv_loader.keep_torch_threads():
-        loader = Loader(path, batch_size=512, num_workers=workers, order=OrderOption.SEQUENTIAL, drop_last=False,
-                        os_cache=True, pipelines={"image": [decoder, ToTensor()], "label": None})
+        loader = Loader(
+            path,
+            batch_size=512,
+            num_workers=workers,
+            order=OrderOption.SEQUENTIAL,
+            drop_last=False,
+            os_cache=True,
+            pipelines={"image": [decoder, ToTensor()], "label": None},
+        )
         batches = iter(loader)
     images = torch.empty((len(meta), height, width, 3), dtype=torch.uint8, device=device)
     start = 0
-    for (batch,) in batches:                   # SEQUENTIAL, no drop: file order, every sample once
-        images[start:start + len(batch)].copy_(batch)
+    for (batch,) in batches:  # SEQUENTIAL, no drop: file order, every sample once
+        images[start : start + len(batch)].copy_(batch)
         start += len(batch)
     labels = np.ascontiguousarray(reader.metadata[f"f{names.index('label')}"]).astype(np.int64)
     return ResidentSet(images, torch.from_numpy(labels))
@@ -123,8 +134,9 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
 
 def _header_size(path: str) -> tuple:
     from PIL import Image
+
     try:
-        with Image.open(path) as image:        # reads the header only
+        with Image.open(path) as image:  # reads the header only
             return image.size[::-1]
     except Exception as exc:
         raise DatasetError(f"{path}: unreadable image ({exc})") from None
@@ -132,6 +144,7 @@ def _header_size(path: str) -> tuple:
 
 def _read_folder(root: str, side: int, workers: int, device: torch.device, rank: int) -> ResidentSet:
     from PIL import Image, ImageOps
+
     source = scan_folder(root, rank)
     with ThreadPoolExecutor(workers) as pool:  # Pillow releases the GIL while it reads and decodes
         sizes = set(pool.map(_header_size, source.paths))
@@ -141,10 +154,10 @@ def _read_folder(root: str, side: int, workers: int, device: torch.device, rank:
 
     def decode(i: int) -> None:
         try:
-            rgb = source.load_rgb(i, max_resolution=1 << 30)     # every pixel (converters cap at 512)
+            rgb = source.load_rgb(i, max_resolution=1 << 30)  # every pixel (converters cap at 512)
         except datasets.SampleError as exc:
             raise DatasetError(f"{source.describe(i)}: {exc}") from None
-        if rgb.shape[:2] != (height, width):   # mixed sizes (or an EXIF rotation): resize, centre crop
+        if rgb.shape[:2] != (height, width):  # mixed sizes (or an EXIF rotation): resize, centre crop
             rgb = np.asarray(ImageOps.fit(Image.fromarray(rgb), (width, height), Image.Resampling.BILINEAR))
         images[i] = rgb
 
@@ -169,16 +182,17 @@ def load_resident(path: str, image_size: int, workers: int, device: torch.device
 
 # ---- geometry on the device ----------------------------------------------------------------------------
 
+
 def boxes_from_uniforms(uniforms: torch.Tensor, height: int, width: int, scale, ratio):
     """`base.random_resized_crop_params` for n crops at once: uniforms float64 [n, 10, 4] (attempt k's draws:
     area, log aspect, top, left) -> (top, left, h, w), float64 [n] each, the reference's box for each row."""
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     area = height * width * (scale[0] + (scale[1] - scale[0]) * uniforms[..., 0])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * uniforms[..., 1])
-    w = torch.sqrt(area * aspect).round()      # round half to even, as Python's round()
+    w = torch.sqrt(area * aspect).round()  # round half to even, as Python's round()
     h = torch.sqrt(area / aspect).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)   # first attempt that fits (0 if none)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # first attempt that fits (0 if none)
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], fits.any(dim=1)
     position = uniforms.gather(1, first[..., None].expand(-1, 1, 4))[:, 0, 2:]
     # none fits in ten attempts: the whole image, clamped to the ratio range, centred
@@ -219,16 +233,18 @@ def crop_resize(images_u8: torch.Tensor, top, left, h, w, flip, size: int) -> to
     views = top.shape[1]
     ys = _sample_points(top.flatten(), h.flatten(), size, height).view(b, views, size)
     xs = _sample_points(left.flatten(), w.flatten(), size, width).view(b, views, size)
-    xs = torch.where(flip[..., None], xs.flip(-1), xs)                 # mirror after the crop
+    xs = torch.where(flip[..., None], xs.flip(-1), xs)  # mirror after the crop
     grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)  # [B,V,y,x,2]
     x = images_u8.permute(0, 3, 1, 2).float()
-    out = F.grid_sample(x, grid.view(b, views * size, size, 2), mode="bilinear", padding_mode="border",
-                        align_corners=False)                            # [B, 3, V*S, S]
+    out = F.grid_sample(
+        x, grid.view(b, views * size, size, 2), mode="bilinear", padding_mode="border", align_corners=False
+    )  # [B, 3, V*S, S]
     out = out.round_().clamp_(0, 255).to(torch.uint8)
     return out.view(b, 3, views, size, size).permute(0, 2, 3, 4, 1)
 
 
 # ---- the loaders ---------------------------------------------------------------------------------------
+
 
 class GpuResidentTrainLoader(TrainLoader):
     """Two augmented views per image, cut on the device from the resident set (see the module docstring)."""
@@ -241,17 +257,19 @@ class GpuResidentTrainLoader(TrainLoader):
 
     def crops(self, epoch: int, start_batch: int):
         order = self.order(epoch, start_batch)
-        order_on_device = torch.from_numpy(order).to(self.device)          # one copy per epoch
+        order_on_device = torch.from_numpy(order).to(self.device)  # one copy per epoch
         aug, size, bs = self.cfg.aug, self.cfg.data.image_size, self.batch_size
         _, height, width, _ = self.data.images.shape
         for b in range(len(order) // bs):
             g = batch_generator(self.seed, epoch, start_batch + b, self.rank, self.device, CROP_STREAM)
-            top, left, h, w = (t.view(bs, 2) for t in random_resized_boxes(
-                2 * bs, height, width, aug.crop_scale, aug.crop_ratio, g))
+            top, left, h, w = (
+                t.view(bs, 2) for t in random_resized_boxes(2 * bs, height, width, aug.crop_scale, aug.crop_ratio, g)
+            )
             flip = torch.rand(bs, 2, generator=g, device=self.device) < aug.flip_p
-            views_u8 = crop_resize(self.data.images[order_on_device[b * bs:(b + 1) * bs]], top, left, h, w, flip,
-                                   size)
-            yield views_u8[:, 0], views_u8[:, 1], self.data.labels[torch.from_numpy(order[b * bs:(b + 1) * bs])]
+            views_u8 = crop_resize(
+                self.data.images[order_on_device[b * bs : (b + 1) * bs]], top, left, h, w, flip, size
+            )
+            yield views_u8[:, 0], views_u8[:, 1], self.data.labels[torch.from_numpy(order[b * bs : (b + 1) * bs])]
 
 
 class GpuResidentEvalLoader(EvalLoader):
@@ -267,16 +285,16 @@ class GpuResidentEvalLoader(EvalLoader):
     def batches(self):
         _, height, width, _ = self.data.images.shape
         crop = round(min(height, width) * eval_crop_ratio(self.size))
-        top, left = round((height - crop) / 2), round((width - crop) / 2)   # torchvision's CenterCrop
+        top, left = round((height - crop) / 2), round((width - crop) / 2)  # torchvision's CenterCrop
         indices = torch.from_numpy(self.indices)
         on_device = indices.to(self.device)
         for k in range(0, len(indices), self.batch_size):
-            idx = on_device[k:k + self.batch_size]
+            idx = on_device[k : k + self.batch_size]
             x = self.data.images[idx]
-            if crop == self.size:              # the usual case: a plain slice, no resampling
-                x = x[:, top:top + crop, left:left + crop].contiguous()
+            if crop == self.size:  # the usual case: a plain slice, no resampling
+                x = x[:, top : top + crop, left : left + crop].contiguous()
             else:
                 box = [torch.full((len(idx), 1), float(v), device=self.device) for v in (top, left, crop, crop)]
                 flip = torch.zeros((len(idx), 1), dtype=torch.bool, device=self.device)
                 x = crop_resize(x, *box, flip, self.size)[:, 0]
-            yield x, self.data.labels[indices[k:k + self.batch_size]]
+            yield x, self.data.labels[indices[k : k + self.batch_size]]

@@ -9,6 +9,7 @@ the base class, as for the other loaders. Every random draw of a sample comes fr
 (seed, epoch, index), and the order is `rank_order(seed, epoch)`, so a resumed run sees the same batches
 and the same crops.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -37,8 +38,10 @@ def _bad_file(reason: str) -> DatasetError:
     # Fail rather than substitute another image: a substitute would train on a set that differs from the one
     # the converters write (they skip the file and list it), silently. The file named in one line can be
     # fixed or removed, and the run resumed from its last checkpoint with the same batches.
-    return DatasetError(f"{reason} (data.loader=torch decodes while training: replace or remove the file, or "
-                        f"convert the folder with data_prep/write_ffcv.py, which skips bad files and lists them)")
+    return DatasetError(
+        f"{reason} (data.loader=torch decodes while training: replace or remove the file, or "
+        f"convert the folder with data_prep/write_ffcv.py, which skips bad files and lists them)"
+    )
 
 
 class TwoViewFolder(Dataset):
@@ -62,8 +65,9 @@ class TwoViewFolder(Dataset):
             return torch.from_numpy(views), self.source.label(index), f"{self.source.describe(index)}: {exc}"
         rng = np.random.default_rng(seed_sequence(self.seed, epoch, index))
         for v in range(2):
-            top, left, h, w = random_resized_crop_params(image.height, image.width, self.scale, self.ratio,
-                                                         rng.random((CROP_ATTEMPTS, 4)))
+            top, left, h, w = random_resized_crop_params(
+                image.height, image.width, self.scale, self.ratio, rng.random((CROP_ATTEMPTS, 4))
+            )
             view = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
             if rng.random() < self.flip_p:
                 view = view.transpose(Image.FLIP_LEFT_RIGHT)
@@ -104,19 +108,22 @@ class TorchTrainLoader(TrainLoader):
     def open(self, path: str):
         cfg = self.cfg
         self.source = scan_folder(path, self.rank)
-        self.dataset = TwoViewFolder(self.source, cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio,
-                                     cfg.aug.flip_p, self.seed)
+        self.dataset = TwoViewFolder(
+            self.source, cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio, cfg.aug.flip_p, self.seed
+        )
         self._batches = _EpochBatches()
-        self._loader = DataLoader(self.dataset, batch_sampler=self._batches,
-                                  **_dataloader_kwargs(self.workers, self.device, persistent=True))
+        self._loader = DataLoader(
+            self.dataset, batch_sampler=self._batches, **_dataloader_kwargs(self.workers, self.device, persistent=True)
+        )
         return len(self.source), is_labeled(self.source.labels)
 
     def crops(self, epoch: int, start_batch: int):
         order = self.order(epoch, start_batch)
         if len(order) == 0:
             return
-        self._batches.batches = [[(epoch, int(i)) for i in order[k:k + self.batch_size]]
-                                 for k in range(0, len(order), self.batch_size)]
+        self._batches.batches = [
+            [(epoch, int(i)) for i in order[k : k + self.batch_size]] for k in range(0, len(order), self.batch_size)
+        ]
         for views_u8, labels, errors in self._loader:
             _raise_first_error(errors)
             views_u8 = views_u8.to(self.device, non_blocking=True)
@@ -126,9 +133,11 @@ class TorchTrainLoader(TrainLoader):
 class _CentreCropFolder(Dataset):
     def __init__(self, source: datasets.FolderSource, size: int):
         from torchvision.transforms import v2
+
         self.source = source
-        self.transform = v2.Compose([v2.Resize(round(size / eval_crop_ratio(size)), antialias=True),
-                                     v2.CenterCrop(size)])
+        self.transform = v2.Compose(
+            [v2.Resize(round(size / eval_crop_ratio(size)), antialias=True), v2.CenterCrop(size)]
+        )
         self.size = size
 
     def __len__(self) -> int:
@@ -155,8 +164,13 @@ class TorchEvalLoader(EvalLoader):
 
     def batches(self):
         dataset = torch.utils.data.Subset(_CentreCropFolder(self.source, self.size), self.indices.tolist())
-        loader = DataLoader(dataset, batch_size=self.batch_size, shuffle=False, drop_last=False,
-                            **_dataloader_kwargs(self.workers, self.device, persistent=False))
+        loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            drop_last=False,
+            **_dataloader_kwargs(self.workers, self.device, persistent=False),
+        )
         for x_u8, labels, errors in loader:
             _raise_first_error(errors)
             yield x_u8.to(self.device, non_blocking=True), labels

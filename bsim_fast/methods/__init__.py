@@ -3,6 +3,7 @@
 Every module of this package is imported here, so a new method file registers itself: the config's
 `method.name` choices and `build_method` read the one registry, `METHODS`.
 """
+
 import importlib
 import pkgutil
 

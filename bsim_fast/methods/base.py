@@ -5,6 +5,7 @@ views in BSIM and both in WBSIM, in one concatenated forward; the target / key s
 A method says how views are encoded, what the targets are and what the loss of one direction is; `forward`
 does the rest.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,12 +27,14 @@ METHODS: dict[str, type[Method]] = {}
 
 def register(name: str):
     """Class decorator: make a Method buildable as `method.name: <name>`."""
+
     def add(cls: type[Method]) -> type[Method]:
         if name in METHODS:
             raise ValueError(f"method {name!r} is registered twice ({METHODS[name].__module__}, {cls.__module__})")
         cls.name = name
         METHODS[name] = cls
         return cls
+
     return add
 
 
@@ -68,7 +71,7 @@ class Method(nn.Module):
     name: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
     networks: ClassVar[tuple[str, ...]] = ("encode",)
-    symmetric: bool = True        # both directions (a against b's targets, b against a's); one if False
+    symmetric: bool = True  # both directions (a against b's targets, b against a's); one if False
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -93,8 +96,11 @@ class Method(nn.Module):
             return {"loss": loss_sim, "loss_sim": loss_sim.detach()}
         if self.mode == "bsim":
             return {"loss": loss_bsim, "loss_bsim": loss_bsim.detach()}
-        return {"loss": loss_sim + self.weight * loss_bsim, "loss_sim": loss_sim.detach(),
-                "loss_bsim": loss_bsim.detach()}
+        return {
+            "loss": loss_sim + self.weight * loss_bsim,
+            "loss_sim": loss_sim.detach(),
+            "loss_bsim": loss_bsim.detach(),
+        }
 
     # BYOL, SimSiam and MoCo share one shape: encode the online views, get targets of the plain views, and
     # add the directions (view ' against the targets of '', and, when symmetric, '' against those of ').
@@ -114,7 +120,7 @@ class Method(nn.Module):
 
     def forward(self, plain_a, plain_b, mixed_a=None, mixed_b=None, partner=None, lam_a=None, lam_b=None):
         self._check_views(mixed_a, mixed_b)
-        k = 2 if self.symmetric else 1            # direction i: view i against the targets of view 1 - i
+        k = 2 if self.symmetric else 1  # direction i: view i against the targets of view 1 - i
         plain, mixed, lam = (plain_a, plain_b)[:k], (mixed_a, mixed_b)[:k], (lam_a, lam_b)
         views = ([] if self.mode == "bsim" else list(plain)) + ([] if self.mode == "sim" else list(mixed))
         out, proj = self.encode(torch.cat(views))
@@ -124,8 +130,7 @@ class Method(nn.Module):
         if self.mode != "bsim":
             loss_sim = sum(self.pair_loss(out[i], targets[1 - i], None, None) for i in range(k))
         if self.mode != "sim":
-            loss_bsim = sum(self.pair_loss(out[len(views) - k + i], targets[1 - i], partner, lam[i])
-                            for i in range(k))
+            loss_bsim = sum(self.pair_loss(out[len(views) - k + i], targets[1 - i], partner, lam[i]) for i in range(k))
         self.after_forward(targets)
         return self._result(loss_sim, loss_bsim)
 
@@ -150,5 +155,14 @@ def build_method(cfg: Config) -> Method:
     return METHODS[name](cfg)
 
 
-__all__ = ["METHODS", "Method", "NoSettings", "build_method", "compile_networks", "ema_rate", "ema_update",
-           "frozen_copy", "register"]
+__all__ = [
+    "METHODS",
+    "Method",
+    "NoSettings",
+    "build_method",
+    "compile_networks",
+    "ema_rate",
+    "ema_update",
+    "frozen_copy",
+    "register",
+]

@@ -1,5 +1,6 @@
 """BYOL (Grill et al. 2020) and its BSIM forms: an online network predicts a slow EMA target network's
 projection of the other view (docs/METHOD.md, "BYOL")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,8 @@ from bsim_fast.models import mlp
 
 @dataclass
 class BYOLSettings:
-    tau_base: float = setting(0.996, ge=0, le=1)    # target EMA rate at the start (BYOL App. A: 0.996)
-    tau_final: float = setting(1.0, ge=0, le=1)     # ... cosine-scheduled to this at the end (BYOL: 1)
+    tau_base: float = setting(0.996, ge=0, le=1)  # target EMA rate at the start (BYOL App. A: 0.996)
+    tau_final: float = setting(1.0, ge=0, le=1)  # ... cosine-scheduled to this at the end (BYOL: 1)
 
 
 @register("byol")

@@ -1,5 +1,6 @@
 """MoCo v2 (Chen et al. 2020b) and its BSIM forms: queries against the keys of an EMA key encoder and a queue
 of earlier keys (docs/METHOD.md, "MoCo v2")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,10 +18,10 @@ from bsim_fast.models import mlp
 
 @dataclass
 class MoCoSettings:
-    tau_base: float = setting(0.999, ge=0, le=1)    # key-encoder EMA rate m at the start (MoCo v2: 0.999)
-    tau_final: float = setting(0.999, ge=0, le=1)   # ... cosine-scheduled to this (MoCo v2: constant)
+    tau_base: float = setting(0.999, ge=0, le=1)  # key-encoder EMA rate m at the start (MoCo v2: 0.999)
+    tau_final: float = setting(0.999, ge=0, le=1)  # ... cosine-scheduled to this (MoCo v2: constant)
     temperature: float = setting(0.2, gt=0)
-    shuffle_bn: bool = True       # shuffle the key encoder's batch across ranks (nothing to shuffle in one process)
+    shuffle_bn: bool = True  # shuffle the key encoder's batch across ranks (nothing to shuffle in one process)
     # False: MoCo v2 as published, queries of view a against keys of view b, N keys enqueued per rank and step.
     # True: solo-learn's MoCo v2+, both directions, the loss their mean, 2N keys enqueued (docs/METHOD.md).
     symmetric: bool = False
@@ -49,11 +50,11 @@ class MoCo(Method):
 
     def targets(self, plain_a, plain_b, projections):
         with torch.no_grad():
-            if self.symmetric:   # a and b in one batch: one shuffle, one pair of collectives, one key forward
+            if self.symmetric:  # a and b in one batch: one shuffle, one pair of collectives, one key forward
                 keys = F.normalize(self.encode_keys(torch.cat([plain_a, plain_b])).float(), dim=1).chunk(2)
-            else:                # one direction: only b's keys are needed
+            else:  # one direction: only b's keys are needed
                 keys = (None, F.normalize(self.encode_keys(plain_b).float(), dim=1))
-        self._queue_now = self.queue.clone()    # the queue is updated in place before backward
+        self._queue_now = self.queue.clone()  # the queue is updated in place before backward
         return keys
 
     def _shuffles(self) -> bool:
@@ -62,8 +63,10 @@ class MoCo(Method):
         which a permutation leaves unchanged, so the gathers would be pure cost)."""
         if not (self.settings.shuffle_bn and world() > 1 and self.key_encoder.training):
             return False
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
-                   for m in self.key_encoder.modules())
+        return any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+            for m in self.key_encoder.modules()
+        )
 
     @torch.no_grad()
     def encode_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,15 +86,21 @@ class MoCo(Method):
             return self.key_forward(x)
         n, r = x.shape[0], rank()
         x_all = concat_all_gather(x)
-        perm = (torch.randperm(x_all.shape[0], device=x.device) if r == 0
-                else torch.empty(x_all.shape[0], dtype=torch.long, device=x.device))
+        perm = (
+            torch.randperm(x_all.shape[0], device=x.device)
+            if r == 0
+            else torch.empty(x_all.shape[0], dtype=torch.long, device=x.device)
+        )
         broadcast_(perm)
         # the gather is in plain layout; give the encoder the layout it was handed (channels_last or not)
-        layout = (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                  else torch.contiguous_format)
-        y = self.key_forward(x_all[perm[r * n:(r + 1) * n]].contiguous(memory_format=layout))
+        layout = (
+            torch.channels_last
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
+        y = self.key_forward(x_all[perm[r * n : (r + 1) * n]].contiguous(memory_format=layout))
         # row j of the gathered outputs encodes image perm[j]; argsort(perm) puts them back in image order
-        return concat_all_gather(y)[torch.argsort(perm)[r * n:(r + 1) * n]]
+        return concat_all_gather(y)[torch.argsort(perm)[r * n : (r + 1) * n]]
 
     def pair_loss(self, out, target, partner, lam):
         loss = losses.moco_loss(out, target, self._queue_now, partner, lam, self.settings.temperature)
@@ -106,12 +115,15 @@ class MoCo(Method):
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write the keys of all ranks over the oldest queue entries, wrapping around the end."""
-        keys = concat_all_gather(keys.contiguous())[-self.queue.shape[0]:]
+        keys = concat_all_gather(keys.contiguous())[-self.queue.shape[0] :]
         size = self.queue.shape[0]
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
         self.queue[idx] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     def momentum_update(self, progress: float) -> None:
-        ema_update(self.key_encoder, [self.backbone, self.head],
-                   ema_rate(self.settings.tau_base, self.settings.tau_final, progress))
+        ema_update(
+            self.key_encoder,
+            [self.backbone, self.head],
+            ema_rate(self.settings.tau_base, self.settings.tau_final, progress),
+        )

@@ -1,5 +1,6 @@
 """SimCLR (Chen et al. 2020a) and its BSIM forms: one soft-target InfoNCE over the views of all ranks
 (docs/METHOD.md, "SimCLR")."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from bsim_fast.models import mlp
 
 @dataclass
 class SimCLRSettings:
-    temperature: float = setting(0.1, gt=0)     # SimCLR's tau for batch 4096 (Chen et al. 2020a, B.9)
+    temperature: float = setting(0.1, gt=0)  # SimCLR's tau for batch 4096 (Chen et al. 2020a, B.9)
 
 
 @register("simclr")
@@ -48,6 +49,7 @@ class SimCLR(Method):
             lam_b = torch.ones(n, device=device) if lam_b is None else lam_b.to(device, torch.float32)
             # Partners index this rank's images; offset them to index the gathered batch.
             partner = concat_all_gather(partner) + torch.arange(world(), device=device).repeat_interleave(n) * n
-            loss_bsim = losses.simclr_loss(z[2], z[3], z[0], z[1], partner, concat_all_gather(lam_a),
-                                           concat_all_gather(lam_b), tau=tau)
+            loss_bsim = losses.simclr_loss(
+                z[2], z[3], z[0], z[1], partner, concat_all_gather(lam_a), concat_all_gather(lam_b), tau=tau
+            )
         return self._result(loss_sim, loss_bsim)

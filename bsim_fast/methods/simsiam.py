@@ -1,5 +1,6 @@
 """SimSiam (Chen & He 2021) and its BSIM forms: the targets are the same network's projections under
 stop-gradient (docs/METHOD.md, "SimSiam")."""
+
 from __future__ import annotations
 
 import torch
@@ -16,8 +17,7 @@ class SimSiam(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.model
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, num_layers=3, last_bn=True,
-                             last_bn_affine=False)
+        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim, num_layers=3, last_bn=True, last_bn_affine=False)
         self.predictor = mlp(m.proj_dim, m.pred_hidden, m.proj_dim)
 
     def encode(self, x):
@@ -28,9 +28,9 @@ class SimSiam(Method):
         return self.projector(self.backbone(x))
 
     def targets(self, plain_a, plain_b, projections):
-        if self.mode != "bsim":          # the plain views went through the online forward already
+        if self.mode != "bsim":  # the plain views went through the online forward already
             return projections[0], projections[1]
-        with torch.no_grad():            # BSIM: the online side saw only mixed views
+        with torch.no_grad():  # BSIM: the online side saw only mixed views
             return self.encode_target(torch.cat([plain_a, plain_b])).chunk(2)
 
     def pair_loss(self, out, target, partner, lam):
