@@ -21,6 +21,17 @@ TINY = [
     "train.knn_k=5",
 ]
 
+# aug settings under which a view is the stored image: full-image crops (of square images), no flip, no photometric
+IDENTITY_AUG = dict(
+    crop_scale=(1.0, 1.0),
+    crop_ratio=(1.0, 1.0),
+    flip_p=0.0,
+    jitter_p=0.0,
+    gray_p=0.0,
+    blur_p=(0.0, 0.0),
+    solarize_p=(0.0, 0.0),
+)
+
 
 def tiny_folder(dest: Path, split: str = "train", per_class: int = 6, classes: int = 4) -> Path:
     """The first `per_class` images of the first `classes` classes of the built-in set, as an ImageFolder."""

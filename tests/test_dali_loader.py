@@ -18,6 +18,8 @@ import torch
 pytest.importorskip("nvidia.dali")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/
 
+from helpers import IDENTITY_AUG  # noqa: E402
+
 from bsim_fast.config import Config  # noqa: E402
 from bsim_fast.datasets import CorruptOutputError  # noqa: E402
 from bsim_fast.loaders.base import DatasetError  # noqa: E402
@@ -89,15 +91,7 @@ def make_cfg(path: Path, batch_size: int = 4, **aug) -> Config:
 
 
 # Only the photometric op under test: full-image crops of square images are the identity geometry.
-NO_AUG = dict(
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    flip_p=0.0,
-    jitter_p=0.0,
-    gray_p=0.0,
-    blur_p=(0.0, 0.0),
-    solarize_p=(0.0, 0.0),
-)
+NO_AUG = IDENTITY_AUG
 
 
 def run_epoch(loader, epoch=0, start_batch=0):

@@ -86,35 +86,11 @@ def test_cli_from_export_and_from_checkpoint(run_dir, task, which):
 
 def test_cli_export_and_bad_paths(run_dir, tmp_path):
     root, tr, va = run_dir
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bsim_fast.eval",
-            "export",
-            "--checkpoint",
-            str(root / "run" / "ckpt_00000001.pt"),
-            "--output",
-            str(tmp_path / "b.pt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    export = [sys.executable, "-m", "bsim_fast.eval", "export"]
+    export += ["--checkpoint", str(root / "run" / "ckpt_00000001.pt"), "--output", str(tmp_path / "b.pt")]
+    r = subprocess.run(export, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bsim_fast.eval",
-            "export",
-            "--checkpoint",
-            str(root / "run" / "ckpt_00000001.pt"),
-            "--output",
-            str(tmp_path / "b.pt"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    r = subprocess.run(export, capture_output=True, text=True)  # the same again
     assert r.returncode == 2 and "--overwrite" in r.stderr and r.stderr.count("\n") == 1  # nothing replaced
     exported = torch.load(tmp_path / "b.pt", weights_only=True)
     original = torch.load(root / "run" / "backbone.pt", weights_only=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_folder
+from helpers import IDENTITY_AUG, tiny_folder
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
@@ -53,16 +53,7 @@ def make_cfg(path, kind="torch", identity=False, flip_p=None, seed=0):
     cfg.data.loader, cfg.data.train, cfg.data.image_size, cfg.data.gpu_resident = kind, path, 32, True
     cfg.data.batch_size, cfg.data.workers, cfg.train.seed = BATCH, 1, seed
     if identity:  # views = stored images
-        cfg.aug = dataclasses.replace(
-            cfg.aug,
-            crop_scale=(1.0, 1.0),
-            crop_ratio=(1.0, 1.0),
-            flip_p=0.0,
-            jitter_p=0.0,
-            gray_p=0.0,
-            blur_p=(0.0, 0.0),
-            solarize_p=(0.0, 0.0),
-        )
+        cfg.aug = dataclasses.replace(cfg.aug, **IDENTITY_AUG)
     if flip_p is not None:
         cfg.aug = dataclasses.replace(cfg.aug, flip_p=flip_p)
     return cfg

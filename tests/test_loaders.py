@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import IDENTITY_AUG
 
 from bsim_fast import datasets
 from bsim_fast.config import Config
@@ -54,16 +55,7 @@ def make_cfg(loader, path, identity=False, seed=0):
     cfg.data.loader, cfg.data.train, cfg.data.image_size = loader, path, 32
     cfg.data.batch_size, cfg.data.workers, cfg.train.seed = BATCH, 1, seed
     if identity:  # views = stored images
-        cfg.aug = dataclasses.replace(
-            cfg.aug,
-            crop_scale=(1.0, 1.0),
-            crop_ratio=(1.0, 1.0),
-            flip_p=0.0,
-            jitter_p=0.0,
-            gray_p=0.0,
-            blur_p=(0.0, 0.0),
-            solarize_p=(0.0, 0.0),
-        )
+        cfg.aug = dataclasses.replace(cfg.aug, **IDENTITY_AUG)
     return cfg
 
 

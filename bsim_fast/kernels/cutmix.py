@@ -52,7 +52,7 @@ __all__ = ["cutmix_normalize", "check_shape", "vec_for", "INTERPRET", "BLOCK", "
 #: True when the kernels were decorated under Triton's CPU interpreter (they then take CPU tensors).
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
-BLOCK = 4096  # input bytes per program
+BLOCK = 4096      # input bytes per program
 NUM_WARPS = 8
 
 
@@ -83,12 +83,7 @@ def _cutmix_normalize_kernel(
     mixed_ptr,  # same as plain_ptr (not used when HAS_MIX is False)
     boxes_ptr,  # int32/int64 [N, 4]: (y0, y1, x0, x1), half-open
     partner_ptr,  # int32/int64 [N]: mixed[i] takes partner[i]'s pixels inside box[i]
-    m0,
-    m1,
-    m2,
-    s0,
-    s1,
-    s2,  # fp32: mean and 1/std per channel
+    m0, m1, m2, s0, s1, s2,  # fp32: mean and 1/std per channel
     HW3,  # elements per image = H * W * 3 (int32; divisible by 16 -> vector accesses)
     tiles_per_image,
     W3: tl.constexpr,  # elements per image row = W * 3
@@ -161,14 +156,8 @@ def check_shape(n: int, height: int, width: int) -> str | None:
     return None
 
 
-def cutmix_normalize(
-    views_u8: torch.Tensor,
-    partner: torch.Tensor | None,
-    boxes: torch.Tensor | None,
-    mean: tuple,
-    inv_std: tuple,
-    dtype: torch.dtype,
-):
+def cutmix_normalize(views_u8: torch.Tensor, partner: torch.Tensor | None, boxes: torch.Tensor | None,
+                     mean: tuple, inv_std: tuple, dtype: torch.dtype):
     """Launch on already-validated tensors, all on one device (CUDA, or CPU under the interpreter).
 
     ``views_u8`` uint8 [N, H, W, 3] contiguous; ``partner`` int [N] with values in [0, N); ``boxes`` int [N, 4]
@@ -189,20 +178,6 @@ def cutmix_normalize(
     if not has_mix:  # never read: HAS_MIX is False
         boxes, partner = views_u8, views_u8
     _cutmix_normalize_kernel[(n * tiles,)](
-        views_u8,
-        plain,
-        mixed if has_mix else plain,
-        boxes,
-        partner,
-        *mean,
-        *inv_std,
-        hw3,
-        tiles,
-        W3=w * 3,
-        HAS_MIX=has_mix,
-        INT_RNE=INTERPRET,
-        CHUNKS=BLOCK // vec,
-        VEC=vec,
-        num_warps=NUM_WARPS,
-    )
+        views_u8, plain, mixed if has_mix else plain, boxes, partner, *mean, *inv_std, hw3, tiles,
+        W3=w * 3, HAS_MIX=has_mix, INT_RNE=INTERPRET, CHUNKS=BLOCK // vec, VEC=vec, num_warps=NUM_WARPS)
     return plain, mixed

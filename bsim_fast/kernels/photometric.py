@@ -35,17 +35,16 @@ import triton.language as tl
 
 __all__ = ["photometric", "blur_tile", "BLOCK_PIXELS", "NUM_WARPS", "BLUR_WARPS"]
 
-BLOCK_PIXELS = 1024  # pixels per program of the pointwise kernels: 8 per thread with 4 warps
+BLOCK_PIXELS = 1024   # pixels per program of the pointwise kernels: 8 per thread with 4 warps
 NUM_WARPS = 4
-BLUR_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}  # per blur tile side: a 64-tile's 4096 pixels are 16 per thread
+BLUR_WARPS = {16: 4, 32: 4, 64: 8, 128: 8}   # per blur tile side: a 64-tile's 4096 pixels are 16 per thread
 
 # torchvision's rgb_to_grayscale weights (as augment.GRAY_WEIGHTS)
 GRAY_R, GRAY_G, GRAY_B = tl.constexpr(0.2989), tl.constexpr(0.587), tl.constexpr(0.114)
-ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: (x + M) - M rounds fp32 x in 0..255 to nearest even
+ROUND_MAGIC = tl.constexpr(12582912.0)   # 1.5 * 2**23: (x + M) - M rounds fp32 x in 0..255 to nearest even
 
 
 # ---- pointwise ops on the three fp32 channels of a block of pixels (0..255) ------------------------------
-
 
 @triton.jit
 def _gray(r, g, b):
@@ -59,7 +58,8 @@ def _clamp255(x):
 
 @triton.jit
 def _blend(r, g, b, o_r, o_g, o_b, f):
-    return (_clamp255(r * f + o_r * (1.0 - f)), _clamp255(g * f + o_g * (1.0 - f)), _clamp255(b * f + o_b * (1.0 - f)))
+    return (_clamp255(r * f + o_r * (1.0 - f)), _clamp255(g * f + o_g * (1.0 - f)),
+            _clamp255(b * f + o_b * (1.0 - f)))
 
 
 @triton.jit
@@ -128,46 +128,20 @@ def _sample_params(u_ptr, img, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_spa
     k1 = tl.load(row + 6)
     k2 = tl.load(row + 7)
     k3 = tl.load(row + 8)
-    return (
-        jitter,
-        fb,
-        fc,
-        fs,
-        shift,
-        _rank(k0, k0, k1, k2, k3, 0),
-        _rank(k1, k0, k1, k2, k3, 1),
-        _rank(k2, k0, k1, k2, k3, 2),
-        _rank(k3, k0, k1, k2, k3, 3),
-    )
+    return (jitter, fb, fc, fs, shift, _rank(k0, k0, k1, k2, k3, 0), _rank(k1, k0, k1, k2, k3, 1),
+            _rank(k2, k0, k1, k2, k3, 2), _rank(k3, k0, k1, k2, k3, 3))
 
 
 @triton.jit
-def _jitter(
-    r,
-    g,
-    b,
-    rank_b,
-    rank_c,
-    rank_s,
-    rank_h,
-    fb,
-    fc,
-    fs,
-    shift,
-    cmean,
-    UNTIL_CONTRAST: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_C: tl.constexpr,
-    HAS_S: tl.constexpr,
-    HAS_H: tl.constexpr,
-):
+def _jitter(r, g, b, rank_b, rank_c, rank_s, rank_h, fb, fc, fs, shift, cmean, UNTIL_CONTRAST: tl.constexpr,
+            HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_H: tl.constexpr):
     """The four jitter ops in the sample's order (slot k runs the op whose rank is k); UNTIL_CONTRAST stops
     before contrast (the first pass). Branches are per program (one sample), so each runs only its op."""
     for slot in tl.static_range(4):
         if UNTIL_CONTRAST:
             stop = rank_c <= slot
         else:
-            stop = rank_c < 0  # never
+            stop = rank_c < 0   # never
         if HAS_B:
             if (rank_b == slot) & (stop == 0):
                 r, g, b = _brightness(r, g, b, fb)
@@ -195,38 +169,20 @@ def _load_pixels(x_ptr, img, pix, mask, sN, sH, sW, sC, W: tl.constexpr):
 
 # ---- kernel 1: grey sums of the image as contrast sees it ------------------------------------------------
 
-
 @triton.jit
 def _contrast_mean_kernel(
-    x_ptr,
-    u_ptr,
-    partial_ptr,  # uint8 views (strided), fp32 [N, 13], fp32 [N, TILES]
-    sN,
-    sH,
-    sW,
-    sC,
-    jitter_p,
-    b_lo,
-    b_span,
-    c_lo,
-    c_span,
-    s_lo,
-    s_span,
-    hue,
-    HW,
-    TILES,
-    W: tl.constexpr,
-    BLOCK: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_S: tl.constexpr,
-    HAS_H: tl.constexpr,
+    x_ptr, u_ptr, partial_ptr,  # uint8 views (strided), fp32 [N, 13], fp32 [N, TILES]
+    sN, sH, sW, sC,
+    jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span, hue,
+    HW, TILES,
+    W: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_S: tl.constexpr, HAS_H: tl.constexpr,
 ):
     pid = tl.program_id(0)
     img = pid // TILES
     tile = pid - img * TILES
-    jitter, fb, fc, fs, shift, rb, rc, rs, rh = _sample_params(
-        u_ptr, img, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span, hue
-    )
+    jitter, fb, fc, fs, shift, rb, rc, rs, rh = _sample_params(u_ptr, img, jitter_p, b_lo, b_span, c_lo,
+                                                               c_span, s_lo, s_span, hue)
     if jitter:
         pix = tile * BLOCK + tl.arange(0, BLOCK)
         mask = pix < HW
@@ -236,38 +192,16 @@ def _contrast_mean_kernel(
 
 
 @triton.jit
-def _color(
-    r,
-    g,
-    b,
-    img,
-    u_ptr,
-    partial_ptr,
-    jitter_p,
-    b_lo,
-    b_span,
-    c_lo,
-    c_span,
-    s_lo,
-    s_span,
-    hue,
-    gray_p,
-    HW,
-    TILES,
-    TILES_P2: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_C: tl.constexpr,
-    HAS_S: tl.constexpr,
-    HAS_H: tl.constexpr,
-    HAS_GRAY: tl.constexpr,
-):
+def _color(r, g, b, img, u_ptr, partial_ptr,
+           jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span, hue, gray_p, HW, TILES,
+           TILES_P2: tl.constexpr, HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr,
+           HAS_H: tl.constexpr, HAS_GRAY: tl.constexpr):
     """Colour jitter in the sample's order, then grayscale: the pointwise part before the blur."""
-    jitter, fb, fc, fs, shift, rb, rc, rs, rh = _sample_params(
-        u_ptr, img, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span, hue
-    )
+    jitter, fb, fc, fs, shift, rb, rc, rs, rh = _sample_params(u_ptr, img, jitter_p, b_lo, b_span, c_lo,
+                                                               c_span, s_lo, s_span, hue)
     if jitter:
         cmean = 0.0
-        if HAS_C:  # the first pass's partial sums, in a fixed order (deterministic)
+        if HAS_C:   # the first pass's partial sums, in a fixed order (deterministic)
             t = tl.arange(0, TILES_P2)
             cmean = tl.sum(tl.load(partial_ptr + img * TILES + t, mask=t < TILES, other=0.0), axis=0) / HW
         r, g, b = _jitter(r, g, b, rb, rc, rs, rh, fb, fc, fs, shift, cmean, False, HAS_B, HAS_C, HAS_S, HAS_H)
@@ -280,40 +214,15 @@ def _color(
 
 # ---- kernel 2: jitter, grayscale, solarize, round: the samples that do not blur -------------------------
 
-
 @triton.jit
 def _pointwise_kernel(
-    x_ptr,
-    u_ptr,
-    partial_ptr,
-    out_ptr,  # out: uint8 [N, H, W, 3] contiguous
-    sN,
-    sH,
-    sW,
-    sC,
-    jitter_p,
-    b_lo,
-    b_span,
-    c_lo,
-    c_span,
-    s_lo,
-    s_span,
-    hue,
-    gray_p,
-    blur_p,
-    solarize_p,
-    HW,
-    TILES,
-    W: tl.constexpr,
-    BLOCK: tl.constexpr,
-    TILES_P2: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_C: tl.constexpr,
-    HAS_S: tl.constexpr,
-    HAS_H: tl.constexpr,
-    HAS_GRAY: tl.constexpr,
-    HAS_BLUR: tl.constexpr,
-    HAS_SOLARIZE: tl.constexpr,
+    x_ptr, u_ptr, partial_ptr, out_ptr,  # out: uint8 [N, H, W, 3] contiguous
+    sN, sH, sW, sC,
+    jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span, hue, gray_p, blur_p, solarize_p,
+    HW, TILES,
+    W: tl.constexpr, BLOCK: tl.constexpr, TILES_P2: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_H: tl.constexpr,
+    HAS_GRAY: tl.constexpr, HAS_BLUR: tl.constexpr, HAS_SOLARIZE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     img = pid // TILES
@@ -322,35 +231,12 @@ def _pointwise_kernel(
     blur = False
     if HAS_BLUR:
         blur = tl.load(row + 10) < blur_p
-    if not blur:  # a sample that blurs is kernel 3's
+    if not blur:   # a sample that blurs is kernel 3's
         pix = tile * BLOCK + tl.arange(0, BLOCK)
         mask = pix < HW
         r, g, b = _load_pixels(x_ptr, img, pix, mask, sN, sH, sW, sC, W)
-        r, g, b = _color(
-            r,
-            g,
-            b,
-            img,
-            u_ptr,
-            partial_ptr,
-            jitter_p,
-            b_lo,
-            b_span,
-            c_lo,
-            c_span,
-            s_lo,
-            s_span,
-            hue,
-            gray_p,
-            HW,
-            TILES,
-            TILES_P2,
-            HAS_B,
-            HAS_C,
-            HAS_S,
-            HAS_H,
-            HAS_GRAY,
-        )
+        r, g, b = _color(r, g, b, img, u_ptr, partial_ptr, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span,
+                         hue, gray_p, HW, TILES, TILES_P2, HAS_B, HAS_C, HAS_S, HAS_H, HAS_GRAY)
         if HAS_SOLARIZE:
             if tl.load(row + 12) < solarize_p:
                 r, g, b = _solarize(r), _solarize(g), _solarize(b)
@@ -362,55 +248,26 @@ def _pointwise_kernel(
 
 # ---- kernel 3: the samples that blur: jitter, grayscale, Gaussian blur, solarize, round -----------------
 
-
 @triton.jit
 def _reflect(i, n):
     i = tl.where(i < 0, -i, i)
     i = tl.where(i > n - 1, 2 * (n - 1) - i, i)
-    return tl.minimum(tl.maximum(i, 0), n - 1)  # only a side of 1 pixel needs this (the reference refuses it)
+    return tl.minimum(tl.maximum(i, 0), n - 1)   # only a side of 1 pixel needs this (the reference refuses it)
 
 
 @triton.jit
 def _blur_kernel(
-    x_ptr,
-    u_ptr,
-    partial_ptr,
-    out_ptr,
-    sN,
-    sH,
-    sW,
-    sC,
-    jitter_p,
-    b_lo,
-    b_span,
-    c_lo,
-    c_span,
-    s_lo,
-    s_span,
-    hue,
-    gray_p,
-    blur_p,
-    sigma_lo,
-    sigma_span,
-    solarize_p,
-    TILES,
-    TILES_X,
-    BLUR_TILES,
-    H: tl.constexpr,
-    W: tl.constexpr,
-    KSIZE: tl.constexpr,
-    KSIZE_P2: tl.constexpr,
-    T: tl.constexpr,
+    x_ptr, u_ptr, partial_ptr, out_ptr,
+    sN, sH, sW, sC,
+    jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span, hue, gray_p, blur_p, sigma_lo, sigma_span, solarize_p,
+    TILES, TILES_X, BLUR_TILES,
+    H: tl.constexpr, W: tl.constexpr, KSIZE: tl.constexpr, KSIZE_P2: tl.constexpr, T: tl.constexpr,
     TILES_P2: tl.constexpr,
-    HAS_B: tl.constexpr,
-    HAS_C: tl.constexpr,
-    HAS_S: tl.constexpr,
-    HAS_H: tl.constexpr,
-    HAS_GRAY: tl.constexpr,
-    HAS_SOLARIZE: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_H: tl.constexpr,
+    HAS_GRAY: tl.constexpr, HAS_SOLARIZE: tl.constexpr,
 ):
     PAD: tl.constexpr = KSIZE // 2
-    OT: tl.constexpr = T - 2 * PAD  # output pixels per tile side; the rest is the halo
+    OT: tl.constexpr = T - 2 * PAD   # output pixels per tile side; the rest is the halo
     pid = tl.program_id(0)
     img = pid // BLUR_TILES
     tile = pid - img * BLUR_TILES
@@ -424,38 +281,14 @@ def _blur_kernel(
         rows = _reflect(ty * OT - PAD + i, H)
         cols = _reflect(tx * OT - PAD + i, W)
         # only the pixels that some stored output needs (the last tile of a row or column is partly outside)
-        need = (i < tl.minimum(H - ty * OT, OT) + 2 * PAD)[:, None] & (i < tl.minimum(W - tx * OT, OT) + 2 * PAD)[
-            None, :
-        ]
+        need = ((i < tl.minimum(H - ty * OT, OT) + 2 * PAD)[:, None]
+                & (i < tl.minimum(W - tx * OT, OT) + 2 * PAD)[None, :])
         src = x_ptr + img.to(tl.int64) * sN + rows[:, None] * sH + cols[None, :] * sW
         r = tl.load(src, mask=need, other=0).to(tl.float32)
         g = tl.load(src + sC, mask=need, other=0).to(tl.float32)
         b = tl.load(src + 2 * sC, mask=need, other=0).to(tl.float32)
-        r, g, b = _color(
-            r,
-            g,
-            b,
-            img,
-            u_ptr,
-            partial_ptr,
-            jitter_p,
-            b_lo,
-            b_span,
-            c_lo,
-            c_span,
-            s_lo,
-            s_span,
-            hue,
-            gray_p,
-            H * W,
-            TILES,
-            TILES_P2,
-            HAS_B,
-            HAS_C,
-            HAS_S,
-            HAS_H,
-            HAS_GRAY,
-        )
+        r, g, b = _color(r, g, b, img, u_ptr, partial_ptr, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_span,
+                         hue, gray_p, H * W, TILES, TILES_P2, HAS_B, HAS_C, HAS_S, HAS_H, HAS_GRAY)
 
         # normalised Gaussian taps w[t] = exp(-((t - PAD) / sigma)^2 / 2) / sum, as the band of a matrix
         sigma = sigma_lo + sigma_span * tl.load(row + 11)
@@ -481,15 +314,14 @@ def _blur_kernel(
                 x = g
             else:
                 x = b
-            across = tl.dot(x.to(tl.float16), band, out_dtype=tl.float32)  # [rows, out cols]
-            blurred = tl.dot(band_t, across.to(tl.float16), out_dtype=tl.float32)  # [out rows, out cols]
+            across = tl.dot(x.to(tl.float16), band, out_dtype=tl.float32)                # [rows, out cols]
+            blurred = tl.dot(band_t, across.to(tl.float16), out_dtype=tl.float32)      # [out rows, out cols]
             if solarize:
                 blurred = _solarize(blurred)
             tl.store(dst + c, _to_u8(blurred), mask=keep)
 
 
 # ---- launcher --------------------------------------------------------------------------------------------
-
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -524,89 +356,31 @@ def photometric(views_u8: torch.Tensor, u: torch.Tensor, policy, kernel_size: in
     has_b, has_c = jit and policy.brightness > 0, jit and policy.contrast > 0
     has_s, has_h = jit and policy.saturation > 0, jit and policy.hue > 0
 
-    def factor(strength):  # torchvision: U(max(0, 1 - s), 1 + s) = lo + span * u
+    def factor(strength):   # torchvision: U(max(0, 1 - s), 1 + s) = lo + span * u
         lo = max(0.0, 1.0 - strength)
         return lo, 1.0 + strength - lo
 
-    jitter_args = (
-        policy.jitter_p,
-        *factor(policy.brightness),
-        *factor(policy.contrast),
-        *factor(policy.saturation),
-        policy.hue,
-    )
+    jitter_args = (policy.jitter_p, *factor(policy.brightness), *factor(policy.contrast),
+                   *factor(policy.saturation), policy.hue)
     strides = views_u8.stride()
     partial = torch.empty((n, tiles), dtype=torch.float32, device=device) if has_c else out
     if has_c:
         _contrast_mean_kernel[(n * tiles,)](
-            views_u8,
-            u,
-            partial,
-            *strides,
-            *jitter_args,
-            hw,
-            tiles,
-            W=w,
-            BLOCK=BLOCK_PIXELS,
-            HAS_B=has_b,
-            HAS_S=has_s,
-            HAS_H=has_h,
-            num_warps=NUM_WARPS,
-        )
-    flags = dict(
-        TILES_P2=_next_pow2(tiles),
-        HAS_B=has_b,
-        HAS_C=has_c,
-        HAS_S=has_s,
-        HAS_H=has_h,
-        HAS_GRAY=policy.gray_p > 0,
-        HAS_SOLARIZE=policy.solarize_p > 0,
-    )
+            views_u8, u, partial, *strides, *jitter_args, hw, tiles,
+            W=w, BLOCK=BLOCK_PIXELS, HAS_B=has_b, HAS_S=has_s, HAS_H=has_h, num_warps=NUM_WARPS)
+    flags = dict(TILES_P2=_next_pow2(tiles), HAS_B=has_b, HAS_C=has_c, HAS_S=has_s, HAS_H=has_h,
+                 HAS_GRAY=policy.gray_p > 0, HAS_SOLARIZE=policy.solarize_p > 0)
     blur = policy.blur_p > 0
     _pointwise_kernel[(n * tiles,)](
-        views_u8,
-        u,
-        partial,
-        out,
-        *strides,
-        *jitter_args,
-        policy.gray_p,
-        policy.blur_p,
-        policy.solarize_p,
-        hw,
-        tiles,
-        W=w,
-        BLOCK=BLOCK_PIXELS,
-        HAS_BLUR=blur,
-        num_warps=NUM_WARPS,
-        **flags,
-    )
+        views_u8, u, partial, out, *strides, *jitter_args, policy.gray_p, policy.blur_p, policy.solarize_p,
+        hw, tiles, W=w, BLOCK=BLOCK_PIXELS, HAS_BLUR=blur, num_warps=NUM_WARPS, **flags)
     if blur:
         t = blur_tile(kernel_size, max(h, w))
         out_tile = t - 2 * (kernel_size // 2)
         tiles_y, tiles_x = triton.cdiv(h, out_tile), triton.cdiv(w, out_tile)
         lo, hi = policy.blur_sigma
         _blur_kernel[(n * tiles_y * tiles_x,)](
-            views_u8,
-            u,
-            partial,
-            out,
-            *strides,
-            *jitter_args,
-            policy.gray_p,
-            policy.blur_p,
-            lo,
-            hi - lo,
-            policy.solarize_p,
-            tiles,
-            tiles_x,
-            tiles_y * tiles_x,
-            H=h,
-            W=w,
-            KSIZE=kernel_size,
-            KSIZE_P2=_next_pow2(kernel_size),
-            T=t,
-            num_warps=BLUR_WARPS[t],
-            **flags,
-        )
+            views_u8, u, partial, out, *strides, *jitter_args, policy.gray_p, policy.blur_p, lo, hi - lo,
+            policy.solarize_p, tiles, tiles_x, tiles_y * tiles_x,
+            H=h, W=w, KSIZE=kernel_size, KSIZE_P2=_next_pow2(kernel_size), T=t, num_warps=BLUR_WARPS[t], **flags)
     return out
