@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, load_config
+from .config import MODES, Config, load_config
+from .methods import METHODS
 from .mix import make_views
 from .optim import build_optimizer
 
@@ -819,8 +820,8 @@ def main(argv=None) -> int:
         choices=STAGES + ["cutmix"],
         help="stages to run (cutmix: old name of kernel)",
     )
-    p.add_argument("--methods", nargs="*", default=["byol", "simclr", "moco", "simsiam"])
-    p.add_argument("--modes", nargs="*", default=["sim", "bsim", "wbsim"])
+    p.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--modes", nargs="*", default=list(MODES), choices=MODES)
     p.add_argument("--ffcv", default="data_out/cifar10_mini_train.beton", help=".beton for the loader runs")
     p.add_argument("--dali", default="data_out/cifar10_mini_train_dali", help="DALI shard folder")
     p.add_argument("--folder", default="builtin", help="ImageFolder tree for the torch DataLoader baseline")
