@@ -130,6 +130,7 @@ TARGETS = [
         unit="×",
     ),
 ]
+REPO = Path(__file__).resolve().parents[1]
 FULL_SIZE = 224  # the targets are for this resolution and ResNet-50
 VIEW_PATH = "augment_cutmix_normalize_two_views"  # bsim_fast.kernels.bench's row for the whole view path
 
@@ -751,20 +752,13 @@ def _version(dist: str) -> str | None:
 
 def environment(device: torch.device) -> dict:
     """Device, versions and commit (`git`, or $BSIM_FAST_COMMIT where the tree was copied without .git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
+
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-        ).stdout.strip()
-        commit += "+changes" if commit and dirty else ""
+        commit = git("rev-parse", "--short", "HEAD")
+        commit += "+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else ""
     except OSError:
         commit = ""
     commit = commit or os.environ.get("BSIM_FAST_COMMIT", "")
