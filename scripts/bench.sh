@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 [ -f data_out/cifar10_mini_train.beton ] || $PY data_prep/write_ffcv.py --split train --output data_out/cifar10_mini_train.beton
 [ -d data_out/cifar10_mini_train_dali ] || $PY data_prep/write_dali.py --split train --output data_out/cifar10_mini_train_dali
-exec $PY -m bsim_fast.bench "$@"
+exec $PY -m bsim_fast.tools.bench "$@"

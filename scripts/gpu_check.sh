@@ -10,4 +10,4 @@ if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
   exit 2
 fi
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-exec "$PY" -m bsim_fast.gpu_check "$@"
+exec "$PY" -m bsim_fast.tools.gpu_check "$@"

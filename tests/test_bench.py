@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from helpers import tiny_folder
 
-from bsim_fast import bench
+from bsim_fast.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ def run_bench(tmp_path, *extra):
         [
             sys.executable,
             "-m",
-            "bsim_fast.bench",
+            "bsim_fast.tools.bench",
             "--tiny",
             "--methods",
             "byol",
@@ -154,4 +154,4 @@ def test_targets_against_hand_written_rows():
 
 def test_benchmarks_doc_holds_the_targets_table():
     doc = (ROOT / "docs" / "BENCHMARKS.md").read_text()
-    assert bench.targets_markdown() in doc, "regenerate with: python -m bsim_fast.bench --targets-md"
+    assert bench.targets_markdown() in doc, "regenerate with: python -m bsim_fast.tools.bench --targets-md"

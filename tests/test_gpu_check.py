@@ -9,7 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from bsim_fast import bench
+from bsim_fast.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ def test_gpu_check_tiny_writes_a_complete_report(tmp_path):
         "## Every row",
         "pytest -m gpu",
         bench.TARGETS[0]["what"],
-        "python -m bsim_fast.speedrun",
+        "python -m bsim_fast.tools.speedrun",
     ):
         assert words in md
     assert (out / "bench.png").stat().st_size > 1000

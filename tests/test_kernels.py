@@ -234,7 +234,7 @@ def view_budget_counts(mode: str, size: int = 32, n: int = 4) -> dict:
     """Launches and device bytes per view of the Triton path, both BYOL views, bf16 (the training dtype)."""
     from bsim_fast import augment, mix
     from bsim_fast.config import Config
-    from bsim_fast.kernels.bench import count_launches
+    from bsim_fast.tools.counting import count_launches
 
     cfg = Config()
     policies = augment.policy_for(cfg)
@@ -501,7 +501,7 @@ def test_ptx_for_sm90_vector_accesses_and_rounding():
     """The CutMix kernel compiled for sm_90 (no GPU needed): 8-byte vector loads of the uint8 input and
     16-byte vector stores of bf16, IEEE round-to-nearest-even conversion (cvt.rn.bf16x2), no division, and
     few instructions per element; the blur runs its products on the tensor cores (mma)."""
-    from bsim_fast.kernels.bench import ptx_report
+    from bsim_fast.tools.ptx import ptx_report
 
     rows = {r["name"]: r for r in ptx_report()}
     mixed = rows["cutmix_normalize"]
@@ -539,7 +539,7 @@ def test_gpu_imagenet_batch_views_and_launches():
     launches per view (counted on the GPU; make_views' host work excluded by device)."""
     from bsim_fast import augment, mix
     from bsim_fast.config import Config
-    from bsim_fast.kernels.bench import count_launches
+    from bsim_fast.tools.counting import count_launches
 
     cfg = Config()
     cfg.method.mode = "bsim"
@@ -611,7 +611,7 @@ def _run_interpreter_cases(bench_json: str) -> int:
     jobs += [(f"budget:{mode}", lambda mode=mode: view_budget_counts(mode)) for mode in ("bsim", "sim")]
 
     def bench():
-        from bsim_fast.kernels import bench as kernel_bench
+        from bsim_fast.tools import kernel_bench
 
         kernel_bench._main(["--tiny", "--json", bench_json])
         return {}

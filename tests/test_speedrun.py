@@ -1,5 +1,5 @@
-"""Time to accuracy (`bsim_fast.speedrun`) and its CIFAR-10 sources (`bsim_fast.cifar10`): the pickles are read
-without running code, every form of the data gives the same image folders, the clock, the schedule and the
+"""Time to accuracy (`bsim_fast.tools.speedrun`) and its CIFAR-10 sources (`bsim_fast.tools.cifar10`): the pickles
+are read without running code, every form of the data gives the same image folders, the clock, the schedule and the
 targets against hand-computed values, bad arguments in one line, and a CPU run on the built-in set that writes
 the whole report."""
 
@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from bsim_fast import cifar10, speedrun
 from bsim_fast.config import load_config
 from bsim_fast.datasets import builtin_root
+from bsim_fast.tools import cifar10, speedrun
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -350,10 +350,10 @@ def test_an_earlier_report_is_kept_unless_overwrite(tmp_path, capsys):
 
 
 def test_the_command_the_acceptance_report_names_is_valid(tmp_path):
-    from bsim_fast.gpu_check import SPEEDRUN_COMMAND
+    from bsim_fast.tools.gpu_check import SPEEDRUN_COMMAND
 
     argv = SPEEDRUN_COMMAND.split()[3:]
-    assert SPEEDRUN_COMMAND.startswith("python -m bsim_fast.speedrun ")
+    assert SPEEDRUN_COMMAND.startswith("python -m bsim_fast.tools.speedrun ")
     argv[argv.index("--data") + 1], argv[argv.index("--out") + 1] = "builtin", str(tmp_path / "out")
     plan = speedrun.check_arguments(speedrun.parse_args(argv))
     assert [name for name, _, _ in plan.recipes] == ["small/byol", "small/byol_wbsim"] and plan.minutes == 3
@@ -364,7 +364,7 @@ def test_cli_missing_data_is_one_line(tmp_path):
         [
             sys.executable,
             "-m",
-            "bsim_fast.speedrun",
+            "bsim_fast.tools.speedrun",
             "--recipe",
             "small/byol_wbsim",
             "--minutes",
@@ -426,7 +426,7 @@ def test_speedrun_on_the_builtin_set_writes_the_whole_report(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "bsim_fast.speedrun",
+        "bsim_fast.tools.speedrun",
         "--recipe",
         "small/byol",
         "--recipe",

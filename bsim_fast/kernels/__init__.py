@@ -1,7 +1,8 @@
 """Triton kernels of the training step, each a leaf module: a kernel and the launcher of already-validated
 tensors, importing nothing of bsim_fast (`bsim_fast.mix` and `bsim_fast.augment` validate and dispatch; their
-PyTorch references are the oracles). `bench.py` beside them times each kernel against its reference and a
-plain device copy, and reads the PTX compiled for sm_90 (docs/BENCHMARKS.md, "Kernels").
+PyTorch references are the oracles). `bsim_fast/tools/kernel_bench.py` times each kernel against its
+reference and a plain device copy, `tools/ptx.py` reads the PTX compiled for sm_90 and `tools/counting.py` counts
+launches and bytes (docs/BENCHMARKS.md, "Kernels").
 
 On a machine without a GPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set
 before these modules are imported (``@triton.jit`` reads it when it decorates a kernel).

@@ -1,6 +1,6 @@
 """An ImageNet-like JPEG set made on the spot, for loader benchmarks on machines without a dataset.
 
-    python -m bsim_fast.bench_data OUT_DIR --count 5000          # OUT_DIR/class_XX/img_XXXXX.jpg + summary
+    python -m bsim_fast.tools.bench_data OUT_DIR --count 5000          # OUT_DIR/class_XX/img_XXXXX.jpg + summary
 
 What makes a loader fast or slow on ImageNet is the JPEG work: ~500×375 pixels and ~110 KB per file (ImageNet
 train averages about 400×350 and 110 KB), photographic content (entropy-coded detail everywhere, not flat

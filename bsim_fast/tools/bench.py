@@ -1,9 +1,9 @@
 """Throughput benchmark: kernels, loader-only, model-only and end-to-end two-view images/s, peak memory.
 
-    python -m bsim_fast.bench                      # full sizes on a GPU (ResNet-50 @ 224, ResNet-18 @ 32)
-    python -m bsim_fast.bench --tiny               # CPU smoke run (default without a GPU)
-    python -m bsim_fast.bench --only model --methods byol --modes sim bsim
-    python -m bsim_fast.bench --targets-md         # the targets table of docs/BENCHMARKS.md
+    python -m bsim_fast.tools.bench                      # full sizes on a GPU (ResNet-50 @ 224, ResNet-18 @ 32)
+    python -m bsim_fast.tools.bench --tiny               # CPU smoke run (default without a GPU)
+    python -m bsim_fast.tools.bench --only model --methods byol --modes sim bsim
+    python -m bsim_fast.tools.bench --targets-md         # the targets table of docs/BENCHMARKS.md
 
 Prints a table and writes `<out>/bench.json` (rewritten after every row, so a crash keeps what was measured)
 and `<out>/bench.png`. "images/s" counts source images per second; each carries two views (and, in BSIM, two
@@ -14,7 +14,7 @@ first. What cannot run here (DALI not installed, the Triton kernel without CUDA)
 reason, never an error of the others.
 
 The targets (`TARGETS`) are the one source of the table in docs/BENCHMARKS.md and of the pass/miss column of
-the acceptance report (`bsim_fast.gpu_check`).
+the acceptance report (`bsim_fast.tools.gpu_check`).
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .config import MODES, Config, load_config
-from .methods import METHODS
-from .mix import make_views
-from .optim import build_optimizer
+from bsim_fast.config import MODES, Config, load_config
+from bsim_fast.methods import METHODS
+from bsim_fast.mix import make_views
+from bsim_fast.optim import build_optimizer
 
 # --------------------------------------------------------------------------------------------- targets
 # One H100, full sizes. `metric` names a function of the rows in METRICS; `op` is how the measured value
@@ -130,9 +130,9 @@ TARGETS = [
         unit="×",
     ),
 ]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FULL_SIZE = 224  # the targets are for this resolution and ResNet-50
-VIEW_PATH = "augment_cutmix_normalize_two_views"  # bsim_fast.kernels.bench's row for the whole view path
+VIEW_PATH = "augment_cutmix_normalize_two_views"  # bsim_fast.tools.kernel_bench's row for the whole view path
 
 
 def _one(rows, **match) -> dict | None:
@@ -279,8 +279,8 @@ class Step:
     """One optimiser step of the real training code on a batch of uint8 views already on the device."""
 
     def __init__(self, cfg: Config, device: torch.device):
-        from .methods import build_method, compile_networks
-        from .train import DTYPES
+        from bsim_fast.methods import build_method, compile_networks
+        from bsim_fast.train import DTYPES
 
         self.cfg, self.device = cfg, device
         self.method = build_method(cfg).to(device).to(memory_format=torch.channels_last)
@@ -399,7 +399,7 @@ class Bench:
 
     def build_loader(self, kind: str, cfg: Config, base: dict):
         """The loader, or None after adding a skipped row (not installed) or an error row."""
-        from .loaders import build_train_loader
+        from bsim_fast.loaders import build_train_loader
 
         try:
             return build_train_loader(cfg, 0, 1, self.s.device)
@@ -620,14 +620,14 @@ def _batches(loader, n: int) -> Iterator:
 
 def bench_kernels(tiny: bool, device: torch.device) -> list[dict]:
     """Kernel rows (kind="kernel": name, ms, ref_ms, speedup, gbps, copy_gbps, frac_of_copy, launches per view,
-    bytes) from `bsim_fast.kernels.bench`: CutMix + normalise, each view's photometric policy, and the whole
+    bytes) from `bsim_fast.tools.kernel_bench`: CutMix + normalise, each view's photometric policy, and the whole
     two-view path against their PyTorch references and a device copy. Without CUDA: one skipped row (the
     kernels are tested, and their launches counted, under TRITON_INTERPRET=1 by the test suite)."""
     base = {"kind": "kernel", "name": "cutmix_normalize"}
     if device.type != "cuda":
         return [{**base, "skipped": "the Triton kernels need CUDA (tested on CPU under TRITON_INTERPRET=1)"}]
     try:
-        from .kernels.bench import bench_kernels as kernel_rows
+        from .kernel_bench import bench_kernels as kernel_rows
     except ImportError as e:
         return [{**base, "skipped": f"kernel benchmark unavailable ({e})"}]
     return kernel_rows(tiny, device, sweep=False)

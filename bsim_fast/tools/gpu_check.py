@@ -5,9 +5,9 @@
 
 Stages, each timed and reported, none stopping the others:
   1. `pytest -m gpu` (the tests that need CUDA; on a CPU they skip, which the report says);
-  2. an ImageNet-like JPEG set (`bsim_fast.bench_data`: ~500×375, ~110 KB, photographic content) written to
+  2. an ImageNet-like JPEG set (`bsim_fast.tools.bench_data`: ~500×375, ~110 KB, photographic content) written to
      FFCV (`data_prep/write_ffcv.py`) and DALI (`data_prep/write_dali.py`) formats;
-  3. the benchmark (`bsim_fast.bench`): kernels vs references and copy bandwidth, loader-only two-view images/s
+  3. the benchmark (`bsim_fast.tools.bench`): kernels vs references and copy bandwidth, loader-only two-view images/s
      for FFCV / DALI / torchvision at 224 with the 224 recipe's policy, model-only SIM/BSIM/WBSIM for the four
      methods at ResNet-50 224 and ResNet-18 32, eager and compiled, end-to-end per loader with its ratio to
      model-only, peak memory; rows that would overrun the time budget are reported as skipped;
@@ -34,9 +34,9 @@ import torch
 
 from . import bench, bench_data
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEEDRUN_COMMAND = (
-    "python -m bsim_fast.speedrun --recipe small/byol --recipe small/byol_wbsim --minutes 3 "
+    "python -m bsim_fast.tools.speedrun --recipe small/byol --recipe small/byol_wbsim --minutes 3 "
     "--data CIFAR10_DIR --out runs/speedrun_3"
 )
 
@@ -145,7 +145,7 @@ def run_bench(out: Path, state: dict, tiny: bool, deadline: float, extra: list):
     cmd = [
         sys.executable,
         "-m",
-        "bsim_fast.bench",
+        "bsim_fast.tools.bench",
         "--out",
         str(bench_out),
         "--deadline",
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=int, default=None, help="generated JPEGs (default 4000; 24 tiny)")
     p.add_argument("--workers", type=int, default=None, help="data and loader workers (default: cores, ≤ 16)")
     p.add_argument("--skip-tests", action="store_true", help="leave out pytest -m gpu")
-    args, extra = p.parse_known_args(argv)  # the rest goes to bsim_fast.bench (e.g. --methods byol)
+    args, extra = p.parse_known_args(argv)  # the rest goes to bsim_fast.tools.bench (e.g. --methods byol)
     if args.images is not None and args.images < 1:
         print("error: --images must be at least 1", file=sys.stderr)
         return 2

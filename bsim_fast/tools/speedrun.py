@@ -1,11 +1,12 @@
 """Time to accuracy: k-NN top-1 on CIFAR-10 against minutes of training, for one or more recipes.
 
-    python -m bsim_fast.speedrun --recipe small/byol --recipe small/byol_bsim --recipe small/byol_wbsim \\
+    python -m bsim_fast.tools.speedrun --recipe small/byol --recipe small/byol_bsim --recipe small/byol_wbsim \\
         --minutes 30 --data DIR
-    python -m bsim_fast.speedrun --recipe small/byol --recipe small/byol_wbsim --minutes 5 --data DIR --out runs/sr5
+    python -m bsim_fast.tools.speedrun --recipe small/byol --recipe small/byol_wbsim --minutes 5 --data DIR \\
+        --out runs/sr5
 
 --data: CIFAR-10 as `train/` + `test/` image folders, `cifar-10-python.tar.gz` or `cifar-10-batches-py/`
-(bsim_fast/cifar10.py: the pickles are read without running code); `--download` fetches it into DIR when the
+(bsim_fast/tools/cifar10.py: the pickles are read without running code); `--download` fetches it into DIR when the
 machine has a network; `builtin` is the bundled 6,000-image subset (smoke runs).
 
 Per recipe, one after the other (sequential on purpose: two runs sharing a GPU would each be slowed by the
@@ -55,11 +56,12 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from . import cifar10
-from .atomic import write_bytes_atomic, write_text_atomic
-from .config import Config, ConfigError, load_config, parse_override
+from bsim_fast.atomic import write_bytes_atomic, write_text_atomic
+from bsim_fast.config import Config, ConfigError, load_config, parse_override
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from . import cifar10
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Set by the speedrun for every recipe (the schedule, the data, where the run writes); --set may not change them.
 RESERVED = {
     "train.epochs": "--epochs",
@@ -110,13 +112,15 @@ class SpeedrunError(ConfigError):
 # ---------------------------------------------------------------------------------------------- arguments
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of argparse's usage block
-        print(f"error: {message} (python -m bsim_fast.speedrun --help)", file=sys.stderr)
+        print(f"error: {message} (python -m bsim_fast.tools.speedrun --help)", file=sys.stderr)
         sys.exit(2)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = _Parser(
-        prog="python -m bsim_fast.speedrun", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bsim_fast.tools.speedrun",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--recipe",
@@ -321,8 +325,9 @@ def fit_schedule(
 def calibrate(cfg: Config, device: torch.device, steps: int | None) -> dict:
     """End-to-end images/s of the real step (bench.Step: views, forward, backward, optimiser; compiled when the
     run is) on batches of the GPU-resident loader, after a warm-up that pays for compilation."""
+    from bsim_fast.loaders import build_train_loader
+
     from .bench import Step, loader_images_s
-    from .loaders import build_train_loader
 
     warmup, timed = CALIBRATION[device.type]
     timed = steps or timed
@@ -351,7 +356,7 @@ class KnnEval:
     queries, both read from the GPU-resident copy (decoded once, shared with the training loader)."""
 
     def __init__(self, cfg: Config, data: cifar10.Cifar10, device: torch.device, bank: int = 0, queries: int = 0):
-        from .loaders import build_eval_loader
+        from bsim_fast.loaders import build_eval_loader
 
         eval_cfg = copy.deepcopy(cfg)
         eval_cfg.data.batch_size = EVAL_BATCH[device.type]
@@ -365,8 +370,8 @@ class KnnEval:
         self.k, self.t = cfg.train.knn_k, cfg.train.knn_t  # as reported (each pass reads its recipe's)
 
     def __call__(self, backbone: torch.nn.Module, cfg: Config) -> dict:
-        from .eval import extract_features, knn_classify
-        from .train import DTYPES
+        from bsim_fast.eval import extract_features, knn_classify
+        from bsim_fast.train import DTYPES
 
         dtype = DTYPES[cfg.train.precision] if self.device.type == "cuda" else torch.float32
         bank_f, bank_y = extract_features(backbone, self.bank, cfg.data.mean, cfg.data.std, dtype)
@@ -505,7 +510,7 @@ def run_recipe(
     device: torch.device,
     log: Callable[[str], None] = print,
 ) -> dict:
-    from .train import train
+    from bsim_fast.train import train
 
     out_dir = plan.out / name.replace("/", "_").replace(".yaml", "")
     cfg = speedrun_config(path, plan.overrides, data, out_dir, device)
@@ -578,8 +583,8 @@ def run_recipe(
             steady_images_s=steady,
         )
     except Exception as e:  # noqa: BLE001 - one recipe's failure is its row; the next recipe still runs
-        from .checkpoint import CheckpointError
-        from .train import TrainError
+        from bsim_fast.checkpoint import CheckpointError
+        from bsim_fast.train import TrainError
 
         if not isinstance(e, (ConfigError, TrainError, CheckpointError)):  # not a user-facing one-liner: a bug
             traceback.print_exc()
@@ -848,7 +853,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     try:
         plan = check_arguments(args)
-        from .train import setup_distributed
+        from bsim_fast.train import setup_distributed
 
         _, world, _, device = setup_distributed()
         if world > 1:
@@ -857,7 +862,7 @@ def run(args) -> int:
             plan.data, Path(args.cache) if args.cache else None, workers=min(16, os.cpu_count() or 1)
         )
         if device.type == "cpu":
-            from .dist import set_cpu_threads
+            from bsim_fast.dist import set_cpu_threads
 
             set_cpu_threads(1)
         print(

@@ -1,4 +1,4 @@
-"""CIFAR-10 for the time-to-accuracy run (`bsim_fast.speedrun`), from whichever form is at hand:
+"""CIFAR-10 for the time-to-accuracy run (`bsim_fast.tools.speedrun`), from whichever form is at hand:
 
 - an image folder holding `train/` and `test/` ImageFolder trees (`train/<class>/<image>`), read as it is;
 - the python-version archive `cifar-10-python.tar.gz`, or its extracted `cifar-10-batches-py/` folder (or a
@@ -28,9 +28,9 @@ from urllib.parse import urlparse
 
 import numpy as np
 
-from . import datasets
-from .atomic import remove_path, remove_stale_temps, temp_name
-from .config import ConfigError
+from bsim_fast import datasets
+from bsim_fast.atomic import remove_path, remove_stale_temps, temp_name
+from bsim_fast.config import ConfigError
 
 ARCHIVE = "cifar-10-python.tar.gz"
 BATCHES = "cifar-10-batches-py"
