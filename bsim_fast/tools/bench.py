@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -35,6 +33,7 @@ from bsim_fast.config import MODES, Config, load_config
 from bsim_fast.methods import METHODS
 from bsim_fast.mix import make_views
 from bsim_fast.optim import build_optimizer
+from bsim_fast.provenance import environment
 
 # --------------------------------------------------------------------------------------------- targets
 # One H100, full sizes. `metric` names a function of the rows in METRICS; `op` is how the measured value
@@ -130,7 +129,7 @@ TARGETS = [
         unit="×",
     ),
 ]
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]  # the repository root
 FULL_SIZE = 224  # the targets are for this resolution and ResNet-50
 VIEW_PATH = "augment_cutmix_normalize_two_views"  # bsim_fast.tools.kernel_bench's row for the whole view path
 
@@ -739,64 +738,6 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _version(dist: str) -> str | None:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    """Device, versions and commit (`git`, or $BSIM_FAST_COMMIT where the tree was copied without .git)."""
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        commit += "+changes" if commit and git("status", "--porcelain", "--untracked-files=no") else ""
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("BSIM_FAST_COMMIT", "")
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "commit": commit,
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-    for name, dist in (
-        ("torchvision", "torchvision"),
-        ("triton", "triton"),
-        ("ffcv", "ffcv"),
-        ("dali", "nvidia-dali-cuda120"),
-        ("numba", "numba"),
-    ):
-        env[name] = _version(dist)
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        env["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
-        env["multiprocessors"] = props.multi_processor_count
-        try:
-            env["driver"] = (
-                subprocess.run(
-                    ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                    capture_output=True,
-                    text=True,
-                    timeout=30,
-                ).stdout.strip()
-                or None
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            env["driver"] = None
-    return env
 
 
 # ------------------------------------------------------------------------------------------------- main

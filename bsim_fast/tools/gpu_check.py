@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from bsim_fast.provenance import environment
+
 from . import bench, bench_data
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -277,7 +279,7 @@ def main(argv=None) -> int:
         extra += ["--batch", "8"]
     if args.workers is not None and not any(a.startswith("--workers") for a in extra):
         extra += ["--workers", str(workers)]
-    env = bench.environment(torch.device("cuda" if cuda else "cpu"))
+    env = environment(torch.device("cuda" if cuda else "cpu"))
     stages, state = Stages(), {}
     if args.skip_tests:
         stages.items.append({"stage": "pytest -m gpu", "status": "skipped", "seconds": 0, "detail": "--skip-tests"})

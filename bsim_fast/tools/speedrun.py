@@ -876,7 +876,7 @@ def run(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from .bench import environment
+    from bsim_fast.provenance import environment
 
     env = environment(device)
     not_applicable = applicability(device, data, knn)
