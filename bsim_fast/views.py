@@ -1,7 +1,7 @@
 """See a batch as the training step sees it: one PNG grid of the views, and a histogram of λ beside it.
 
     python -m bsim_fast.views configs/small/byol_bsim.yaml --data builtin --out views.png \\
-        [--n 8] [--seed S] [--draws 10000] [section.key=value ...]
+        [--n 8] [--seed S] [--draws 10000] [--device cuda] [section.key=value ...]
 
 One row per sample: the loader's uint8 crops of views a and b (random resized crop + flip), their photometric
 results (`augment.photometric` with the recipe's two policies) and, in BSIM / WBSIM, the mixed views m' and m''
@@ -297,7 +297,23 @@ def parse_args(argv):
     p.add_argument("--n", type=int, default=8, help=f"images in the batch, one row each (2..{MAX_N}; default 8)")
     p.add_argument("--seed", type=int, help="train.seed of the run pictured (default: the recipe's)")
     p.add_argument("--draws", type=int, default=10_000, help="boxes in the λ histogram (default 10000)")
+    p.add_argument("--device", help="where the step runs: cpu, cuda, cuda:N (default: cuda when there is one)")
     return p.parse_intermixed_args(argv)
+
+
+def pick_device(name: str | None) -> torch.device:
+    """--device as a torch.device; one line for a name torch does not know or a GPU that is not there."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ViewsError(f"--device {name}: not a device name (cpu, cuda, cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ViewsError(f"--device {name}: the step runs on cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ViewsError(f"--device {name}: {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def check_arguments(args) -> Config:
@@ -331,9 +347,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = check_arguments(args)
+        device = pick_device(args.device)
         from .loaders import loader_kind
 
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         kind, side = loader_kind(cfg), cfg.data.image_size
         print(f"[views] {cfg.recipe}: batch 0 of {args.n} images from {cfg.data.train} ({kind} loader, {device})")
         batch = first_batch(cfg, device)

@@ -52,16 +52,27 @@ def panels(image: np.ndarray, col: int, rows: int, side: int, scale: int) -> np.
     return np.stack(out)
 
 
-def make_png(tmp_path, recipe, *extra) -> Path:
+def make_png(tmp_path, recipe, *extra, device="cpu") -> Path:
     out = tmp_path / "sub" / "views.png"
     argv = [recipe, *SMALL, *extra, "--n", str(N), "--seed", str(SEED), "--draws", str(DRAWS), "--out", str(out)]
+    argv += ["--device", device]
     assert views.main(argv) == 0
     return out
 
 
-def test_panels_are_the_steps_views_and_the_mean_is_the_draws(folder, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")]
+        ),
+    ],
+)
+def test_panels_are_the_steps_views_and_the_mean_is_the_draws(folder, tmp_path, capsys, device):
+    """On a GPU the step's own kernels (photometric, CutMix) make the views; the expectations run there too."""
     recipe = str(REPO / "configs/small/byol_bsim.yaml")
-    png = make_png(tmp_path, recipe, "data.loader=torch", "--data", str(folder))
+    png = make_png(tmp_path, recipe, "data.loader=torch", "--data", str(folder), device=device)
     image, numbers = decode(png)
     scale = math.ceil(96 / SIDE)  # views are enlarged by a whole factor to at least 96 px: 6 at 16 px
     assert image.shape[:2] == views.GridLayout(rows=N, cols=6, side=SIDE, scale=scale).size
@@ -72,21 +83,20 @@ def test_panels_are_the_steps_views_and_the_mean_is_the_draws(folder, tmp_path, 
         recipe, SMALL + ["data.loader=torch", f"data.train={folder}", f"data.batch_size={N}", f"train.seed={SEED}"]
     )
     # the crop panels: batch 0 of epoch 0 of the recipe's loader (torch) with a batch of N
-    loader = build_train_loader(cfg, 0, 1, "cpu")
+    loader = build_train_loader(cfg, 0, 1, device)
     a_u8, b_u8, _ = next(iter(loader.crops(0, 0)))
-    assert np.array_equal(crops_a, a_u8.numpy()) and np.array_equal(crops_b, b_u8.numpy())
+    assert np.array_equal(crops_a, a_u8.cpu().numpy()) and np.array_equal(crops_b, b_u8.cpu().numpy())
     # the photometric panels: the recipe's two policies with the generator of (seed, epoch 0, batch 0, rank 0)
     t1, t2 = augment.policy_for(cfg)
-    g = photometric_generator(SEED, 0, 0, 0, "cpu")
-    assert np.array_equal(photo_a, augment.photometric(torch.from_numpy(crops_a), t1, g).numpy())
-    assert np.array_equal(photo_b, augment.photometric(torch.from_numpy(crops_b), t2, g).numpy())
+    g = photometric_generator(SEED, 0, 0, 0, device)
+    on = {k: torch.from_numpy(v).to(device) for k, v in dict(a=crops_a, b=crops_b, pa=photo_a, pb=photo_b).items()}
+    assert np.array_equal(photo_a, augment.photometric(on["a"], t1, g).cpu().numpy())
+    assert np.array_equal(photo_b, augment.photometric(on["b"], t2, g).cpu().numpy())
     # the mixed panels: make_views of the photometric panels with training step 0's generator, denormalised
-    made = make_views(
-        torch.from_numpy(photo_a), torch.from_numpy(photo_b), cfg, step_generator(SEED, 0, 0), torch.float32
-    )
+    made = make_views(on["pa"], on["pb"], cfg, step_generator(SEED, 0, 0), torch.float32)
     mean, std = torch.tensor(cfg.data.mean).view(1, 3, 1, 1), torch.tensor(cfg.data.std).view(1, 3, 1, 1)
     for key, shown in (("mixed_a", mixed_a), ("mixed_b", mixed_b)):
-        expect = (made[key] * std + mean).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        expect = (made[key].cpu() * std + mean).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
         assert np.array_equal(shown, expect), key
     assert numbers["partner"] == made["partner"].tolist()
     assert numbers["lam_a"] == made["lam_a"].tolist() and numbers["lam_b"] == made["lam_b"].tolist()
@@ -195,7 +205,9 @@ def test_bad_input_is_one_line_before_work(folder, tmp_path):
         ([recipe, "data.loader=torch", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "a.png")], "nope"),
         ([recipe, "data.loader=ffcv", "--data", str(folder), "--out", str(tmp_path / "a.png")], "data.loader=torch"),
         (["configs/small/nope.yaml", "--out", str(tmp_path / "a.png")], "nope.yaml"),
-        ([recipe, *good, "--n", "40", "--out", str(tmp_path / "a.png")], "16 images"),
+        ([recipe, *good, "--n", "40", "--device", "cpu", "--out", str(tmp_path / "a.png")], "16 images"),
+        ([recipe, *good, "--device", "tpu", "--out", str(tmp_path / "a.png")], "--device tpu"),
+        ([recipe, *good, "--device", "cuda:7", "--out", str(tmp_path / "a.png")], "--device cuda:7"),
     ):
         r = run_cli(*args)
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and words in r.stderr, (args, r.stderr)
