@@ -1,9 +1,10 @@
 """Evaluation of a frozen backbone: weighted k-NN (InstDisc: k=200, cosine, T=0.07), a linear probe on cached
-features, and export of the backbone as a plain torchvision state_dict.
+features, and export of the backbone as a plain torchvision state_dict (torch or safetensors file).
 
     python -m bsim_fast.eval knn    --checkpoint runs/x/backbone.pt \
         --train data_out/train.beton --val data_out/test.beton
     python -m bsim_fast.eval linear --checkpoint runs/x/ckpt_00001000.pt --train ... --val ...
+    python -m bsim_fast.eval export --checkpoint runs/x/ckpt_00001000.pt --output runs/x/backbone.safetensors
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint, torch_load
-from .config import Config, ConfigError, from_dict
+from .config import MODES, Config, ConfigError, from_dict
 from .mix import cutmix_normalize
 
 
@@ -156,17 +157,28 @@ def knn_monitor(
 
 
 # ------------------------------------------------------------------------------------------- export
+# How an exported backbone is stored; a safetensors file is named *.safetensors (load_backbone reads by suffix).
+EXPORT_FORMATS = ("torch", "safetensors")
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
 def _plain_module(module: nn.Module) -> nn.Module:
     return getattr(module, "_orig_mod", module)
 
 
-def export_backbone(backbone: nn.Module, cfg: Config, path: Path) -> Path:
-    """The online encoder as a torchvision resnet state_dict (no `fc`), plus `<name>.json` saying how to
-    rebuild it: `m = torchvision.models.resnet50(); m.fc = nn.Identity(); m.load_state_dict(sd)`."""
-    path = Path(path)
-    state = _plain_module(backbone).state_dict()
-    sd = {k.replace("_orig_mod.", ""): v.detach().cpu().clone() for k, v in state.items()}
-    atomic_torch_save(sd, path)
+def safetensors_torch():
+    """The `safetensors.torch` module, or a one-line ConfigError saying how to install it (an extra)."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise ConfigError(
+            "--format safetensors needs the safetensors package: pip install 'bsim_fast[safetensors]'"
+        ) from None
+    return safetensors.torch
+
+
+def export_meta(cfg: Config) -> bytes:
+    """`<name>.json` beside an export: what rebuilds the network (arch, stem) and what its inputs were."""
     meta = {
         "arch": cfg.model.arch,
         "cifar_stem": cfg.model.cifar_stem,
@@ -175,26 +187,48 @@ def export_backbone(backbone: nn.Module, cfg: Config, path: Path) -> Path:
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
     }
-    atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    return json.dumps(meta, indent=1).encode()
+
+
+def export_backbone(backbone: nn.Module, cfg: Config, path: Path, fmt: str = "torch") -> Path:
+    """The online encoder as a torchvision resnet state_dict (no `fc`; timm's ResNets share the key names),
+    plus `<name>.json` saying how to rebuild it: `m = torchvision.models.resnet50(); m.fc = nn.Identity();
+    m.load_state_dict(sd)`. `fmt`: "torch" (torch.save) or "safetensors" (the file's metadata holds the json
+    too). Both written atomically."""
+    path = Path(path)
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
+    state = _plain_module(backbone).state_dict()
+    # contiguous: safetensors stores plain row-major buffers (a channels_last weight is not one)
+    sd = {k.replace("_orig_mod.", ""): v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    meta = export_meta(cfg)
+    if fmt == "torch":
+        atomic_torch_save(sd, path)
+    else:
+        atomic_write_bytes(path, safetensors_torch().save(sd, metadata={"format": "pt", "bsim_fast": meta.decode()}))
+    atomic_write_bytes(path.with_suffix(".json"), meta)
     return path
 
 
 def load_backbone(path: Path, log: Callable[[str], None] = print) -> tuple[nn.Module, Config]:
-    """A backbone from an exported `backbone.pt` (with the `backbone.json` written beside it) or from a training
-    checkpoint (verified by its .sha256 when it has one; without, loaded after a one-line warning)."""
+    """A backbone from an exported `backbone.pt` or `*.safetensors` (with the `.json` written beside it) or from
+    a training checkpoint (verified by its .sha256 when it has one; without, loaded after a one-line warning)."""
     from .models import build_backbone
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     meta_path = path.with_suffix(".json")
+    no_meta = CheckpointError(
+        f"{path}: an exported backbone needs the {meta_path.name} written beside it (architecture and stem); "
+        f"copy it along"
+    )
+    if path.suffix == SAFETENSORS_SUFFIX and not meta_path.is_file():
+        raise no_meta
     if CKPT_RE.match(path.name) or not meta_path.is_file():
         state = load_checkpoint(path, require_hash=False, log=log)
         if not (isinstance(state, dict) and "model" in state and "config" in state):
-            raise CheckpointError(
-                f"{path}: an exported backbone needs the {meta_path.name} written beside it "
-                f"(architecture and stem); copy it along"
-            )
+            raise no_meta
         cfg = from_dict(state["config"], source=str(path))
         from .methods import build_method
 
@@ -206,9 +240,26 @@ def load_backbone(path: Path, log: Callable[[str], None] = print) -> tuple[nn.Mo
     cfg.model.arch, cfg.model.cifar_stem = meta["arch"], meta["cifar_stem"]
     cfg.data.image_size = meta["image_size"]
     cfg.data.mean, cfg.data.std = tuple(meta["mean"]), tuple(meta["std"])
+    # the recipe's name is method.name plus "_<mode>" unless SIM (Config.recipe): kept, so a re-export says it
+    name, _, mode = meta["recipe"].rpartition("_")
+    cfg.method.name, cfg.method.mode = (
+        (name, mode) if name and mode in MODES and mode != "sim" else (meta["recipe"], "sim")
+    )
     backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
-    _load_state(backbone, torch_load(path), path)
+    _load_state(backbone, _load_tensors(path), path)
     return backbone, cfg
+
+
+def _load_tensors(path: Path) -> dict:
+    """An exported state_dict: a safetensors file by its suffix, otherwise a torch file."""
+    if path.suffix != SAFETENSORS_SUFFIX:
+        return torch_load(path)
+    try:
+        return safetensors_torch().load_file(str(path))
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors' own error types vary between versions: one line
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def _load_state(module: nn.Module, state: dict, path: Path) -> None:
@@ -229,7 +280,24 @@ def _loader_kind(path: str) -> str:
     return "torch"
 
 
-def main(argv=None) -> int:
+def check_export(args) -> None:
+    """export's flags, before anything is loaded; sets args.format from the --output name when not given."""
+    if not args.output:
+        raise ConfigError("export needs --output PATH")
+    named = "safetensors" if Path(args.output).suffix == SAFETENSORS_SUFFIX else "torch"
+    args.format = args.format or named
+    if args.format != named:
+        raise ConfigError(
+            f"--output {args.output} with --format {args.format}: a safetensors export is named "
+            f"*{SAFETENSORS_SUFFIX} and only it (load_backbone tells the formats by the name)"
+        )
+    if args.format == "safetensors":
+        safetensors_torch()
+    if Path(args.output).exists() and not args.overwrite:
+        raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
+
+
+def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["knn", "linear", "export"])
     parser.add_argument("--checkpoint", required=True, help="backbone.pt (exported) or ckpt_*.pt (training)")
@@ -241,6 +309,12 @@ def main(argv=None) -> int:
     parser.add_argument("--val", help="knn/linear: the labelled evaluation split, same kinds")
     parser.add_argument("--output", help="export: where to write the backbone state_dict (and its .json)")
     parser.add_argument("--overwrite", action="store_true", help="export: replace an existing --output")
+    parser.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="export: torch (torch.save) or safetensors (needs the safetensors package; --output named "
+        "*.safetensors); default: safetensors for a *.safetensors --output, torch otherwise",
+    )
     parser.add_argument("--k", type=int, default=200, help="k-NN neighbours (default: 200)")
     parser.add_argument("--t", type=float, default=0.07, help="k-NN vote temperature (default: 0.07)")
     parser.add_argument(
@@ -248,18 +322,20 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--batch-size", type=int, default=256, help="images per feature batch (default: 256)")
     parser.add_argument("--workers", type=int, default=4, help="loader workers (default: 4)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         for name, low in (("k", 1), ("epochs", 1), ("batch_size", 1), ("workers", 0)):
             if getattr(args, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= {low}")
         if not args.t > 0:
             raise ConfigError(f"--t = {args.t} must be > 0")
-        if args.task == "export" and not args.output:
-            raise ConfigError("export needs --output PATH")
-        if args.task == "export" and Path(args.output).exists() and not args.overwrite:
-            raise ConfigError(f"--output {args.output}: exists; pass --overwrite to replace it")
-        if args.task != "export":  # before loading anything
+        if args.task == "export":
+            check_export(args)
+        else:  # before loading anything
             if not (args.train and args.val):
                 raise ConfigError(f"{args.task} needs --train and --val")
             for p in (args.train, args.val):
@@ -267,7 +343,10 @@ def main(argv=None) -> int:
                     raise ConfigError(f"{p}: dataset not found")
         backbone, cfg = load_backbone(Path(args.checkpoint), log=lambda m: print(m, file=sys.stderr))
         if args.task == "export":
-            print(export_backbone(backbone, cfg, Path(args.output)))
+            meta = Path(args.output).with_suffix(".json")  # the same for every export of this backbone
+            if meta.exists() and meta.read_bytes() != export_meta(cfg) and not args.overwrite:
+                raise ConfigError(f"{meta}: exists and describes another backbone; pass --overwrite to replace it")
+            print(export_backbone(backbone, cfg, Path(args.output), args.format))
             return 0
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone = backbone.to(device).to(memory_format=torch.channels_last)

@@ -13,6 +13,7 @@ outputs are that fp32 value rounded to nearest-even.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -78,6 +79,23 @@ def sample_boxes(
     if device is not None:
         boxes, lam = boxes.to(device), lam.to(device)
     return boxes, lam
+
+
+def expected_lam(alpha: float) -> float:
+    """E[λ] of `sample_boxes` for continuous box sides (docs/METHOD.md, "Partner, boxes and λ").
+
+    With s = 1 - λ0 ~ Beta(α, α) and relative side r = sqrt(s), a box centred uniformly keeps on average
+    r - r²/4 of each side inside the image, independently per axis, so
+    E[λ] = 1 - E[(r - r²/4)²] = 1 - (E[s] - E[s^1.5]/2 + E[s²]/16), with E[s^k] = B(α + k, α) / B(α, α).
+    0.679 at α = 1; the integer (floored) sides of real boxes raise the measured mean a little."""
+    if not alpha > 0:
+        raise ValueError(f"expected_lam: alpha must be > 0, found {alpha!r}")
+
+    def moment(k: float) -> float:
+        lg = math.lgamma
+        return math.exp(lg(alpha + k) + lg(2 * alpha) - lg(alpha) - lg(2 * alpha + k))
+
+    return 1.0 - (moment(1.0) - moment(1.5) / 2 + moment(2.0) / 16)
 
 
 def _host_stats(value: Stats, name: str, device: torch.device) -> Floats3:
@@ -261,6 +279,16 @@ def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[tor
     return out
 
 
+def draw_mixing(n: int, height: int, width: int, alpha: float, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """What `make_views` draws from `gen`, in its order: (partner, boxes_a, lam_a, boxes_b, lam_b). One
+    partner for both views, boxes per sample and per view. A generator in the same state gives the same
+    draws, which is how `bsim_fast.views` outlines the boxes of the views `make_views` made."""
+    partner = derangement(n, generator=gen)
+    boxes_a, lam_a = sample_boxes(n, height, width, alpha, generator=gen)
+    boxes_b, lam_b = sample_boxes(n, height, width, alpha, generator=gen)
+    return partner, boxes_a, lam_a, boxes_b, lam_b
+
+
 def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator, dtype: torch.dtype) -> dict:
     """The step's views: plain_a, plain_b and, in BSIM/WBSIM, mixed_a, mixed_b, partner, lam_a, lam_b.
 
@@ -274,9 +302,7 @@ def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.G
         plain_a, _ = cutmix_normalize(a_u8, None, None, mean, std, dtype)
         plain_b, _ = cutmix_normalize(b_u8, None, None, mean, std, dtype)
         return dict(plain_a=plain_a, plain_b=plain_b)
-    partner = derangement(n, generator=gen)
-    boxes_a, lam_a = sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
-    boxes_b, lam_b = sample_boxes(n, h, w, cfg.bsim.alpha, generator=gen)
+    partner, boxes_a, lam_a, boxes_b, lam_b = draw_mixing(n, h, w, cfg.bsim.alpha, gen)
     mean_f, inv_f = check_cutmix_inputs(a_u8, partner, boxes_a, mean, std, dtype)
     check_cutmix_inputs(b_u8, partner, boxes_b, mean, std, dtype)
     partner, boxes_a, boxes_b, lam_a, lam_b = to_device([partner, boxes_a, boxes_b, lam_a, lam_b], a_u8.device)
@@ -290,9 +316,11 @@ def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.G
 __all__ = [
     "derangement",
     "sample_boxes",
+    "expected_lam",
     "check_cutmix_inputs",
     "cutmix_normalize",
     "cutmix_normalize_reference",
     "to_device",
+    "draw_mixing",
     "make_views",
 ]

@@ -204,3 +204,74 @@ def test_unlabeled_pretraining_then_eval_on_a_labelled_pair(run_dir, tmp_path, c
         == 0
     )
     assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] <= 100
+
+
+@pytest.fixture(scope="module")
+def exports(run_dir, tmp_path_factory):
+    """An exported CIFAR-stem backbone (the trained run's) and an ImageNet-stem one (BatchNorm statistics made
+    non-trivial, so that eval-mode features depend on every tensor), each in both formats (CLI export)."""
+    from bsim_fast.eval import export_backbone
+    from bsim_fast.models import build_backbone
+
+    root, _, _ = run_dir
+    folder = tmp_path_factory.mktemp("exports")
+    (folder / "cifar").mkdir()
+    for name in ("backbone.pt", "backbone.json"):
+        shutil.copy(root / "run" / name, folder / "cifar" / name)
+    torch.manual_seed(0)
+    net, _ = build_backbone("resnet18", cifar_stem=False)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    cfg = load_config("configs/byol.yaml", ["model.arch=resnet18"])
+    export_backbone(net, cfg, folder / "imagenet" / "backbone.pt")
+    for stem in ("cifar", "imagenet"):
+        pt, st = folder / stem / "backbone.pt", folder / stem / "backbone.safetensors"
+        r = run_eval("export", "--checkpoint", str(pt), "--output", str(st))  # the format from the name
+        assert r.returncode == 0, r.stderr
+        assert st.read_bytes()[8:9] == b"{"  # a safetensors header (u64 length, then JSON), not a torch zip
+    return folder
+
+
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_readme_timm_snippet_gives_the_projects_features(exports, stem, suffix, monkeypatch):
+    from bsim_fast.eval import load_backbone
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = readme.split("With timm", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert snippet.count('"runs/byol_bsim/backbone.pt"') == 1 and "timm.create_model" in snippet
+    monkeypatch.chdir(exports / stem)
+    snippet = snippet.replace("runs/byol_bsim/backbone.pt", f"backbone{suffix}")
+    scope = {}
+    exec(snippet.replace("runs/byol_bsim/", ""), scope)
+    timm_net = scope["m"].eval()
+    ours = load_backbone(exports / stem / "backbone.pt")[0].eval()
+    from_file = load_backbone(exports / stem / f"backbone{suffix}")[0].eval()
+    assert (timm_net.conv1.kernel_size == (3, 3)) == (stem == "cifar")
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ours(x)
+        assert want.shape == (3, 512) and want.std() > 0
+        torch.testing.assert_close(timm_net(x), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(from_file(x), want, rtol=0, atol=0)
+
+
+def test_export_format_checks_are_one_line(run_dir, tmp_path, monkeypatch, capsys):
+    root, _, _ = run_dir
+    ckpt = str(root / "run" / "backbone.pt")
+    r = run_eval("export", "--checkpoint", ckpt, "--output", str(tmp_path / "b.pt"), "--format", "safetensors")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "*.safetensors" in r.stderr
+    (tmp_path / "b.json").write_text("{}")  # another backbone's description beside the output
+    r = run_eval("export", "--checkpoint", ckpt, "--output", str(tmp_path / "b.pt"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "b.json" in r.stderr
+    assert (tmp_path / "b.json").read_text() == "{}" and not (tmp_path / "b.pt").exists()
+    import bsim_fast.eval as ev
+
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # as if the package were not installed
+    monkeypatch.setitem(sys.modules, "safetensors", None)
+    code = ev.main(["export", "--checkpoint", ckpt, "--output", str(tmp_path / "c.safetensors")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "pip install 'bsim_fast[safetensors]'" in err
+    assert not (tmp_path / "c.safetensors").exists()

@@ -315,11 +315,15 @@ class TrainLoader:
             raise ValueError(f"start_batch = {start_batch} is not in [0, {len(self)}]")
         return self._augmented(epoch, start_batch)
 
+    def augment(self, a_u8: torch.Tensor, b_u8: torch.Tensor, epoch: int, batch_index: int):
+        """Batch `batch_index` of `epoch` from `crops` -> the photometric views `epoch` yields for it."""
+        g = photometric_generator(self.seed, epoch, batch_index, self.rank, self.device)
+        return augment_views(a_u8, b_u8, self.policies, g)
+
     def _augmented(self, epoch: int, start_batch: int):
         batch_index = start_batch
         for a_u8, b_u8, labels in self.crops(epoch, start_batch):
-            g = photometric_generator(self.seed, epoch, batch_index, self.rank, self.device)
-            a_u8, b_u8 = augment_views(a_u8, b_u8, self.policies, g)
+            a_u8, b_u8 = self.augment(a_u8, b_u8, epoch, batch_index)
             yield a_u8, b_u8, labels
             batch_index += 1
 

@@ -56,10 +56,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from bsim_fast.atomic import write_bytes_atomic, write_text_atomic
+from bsim_fast.atomic import write_text_atomic
 from bsim_fast.config import Config, ConfigError, load_config, parse_override
 
 from . import cifar10
+from .speedrun_chart import plot
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Set by the speedrun for every recipe (the schedule, the data, where the run writes); --set may not change them.
@@ -795,51 +796,6 @@ def write_report(
     return report
 
 
-def plot(results: list[dict], path: Path, env: dict) -> None:
-    """k-NN top-1 against training minutes, one line per recipe (images/s in the legend), the targets'
-    levels and minutes dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for r in results:
-        if not r["curve"]:
-            continue
-        speed = f", {r['steady_images_s']:,.0f} img/s" if r.get("steady_images_s") else ""
-        ax.plot(
-            [p["minutes"] for p in r["curve"]],
-            [p["knn_top1"] for p in r["curve"]],
-            marker="o",
-            markersize=3,
-            label=f"{r['recipe']} ({r['mode'].upper()}{speed})",
-        )
-    for level in sorted({t["top1"] for t in TARGETS}):
-        ax.axhline(level, color="grey", linestyle="--", linewidth=0.8)
-        ax.annotate(f"{level:g}%", (0, level), xytext=(2, 2), textcoords="offset points", fontsize=7, color="grey")
-    for minutes in sorted({t["minutes"] for t in TARGETS}):
-        if any(r["budget_min"] >= minutes for r in results):
-            ax.axvline(minutes, color="grey", linestyle=":", linewidth=0.8)
-    ax.set_xlabel("training minutes (k-NN passes not included)")
-    ax.set_ylabel("k-NN top-1 (%)")
-    ax.set_xlim(left=0)
-    ax.set_ylim(0, 100)
-    ax.grid(alpha=0.3)
-    if any(r["curve"] for r in results):
-        ax.legend(fontsize=8, loc="best")
-    ax.set_title(
-        f"CIFAR-10 time to accuracy · {env.get('device')} · commit {env.get('commit') or '?'} · "
-        f"torch {env.get('torch')}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes_atomic(path, png.getvalue())
-
-
 # ---------------------------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -887,7 +843,7 @@ def run(args) -> int:
         results.append(run_recipe(name, path, plan, data, knn, device))
         write_report(plan, env, data, knn, setup, results, not_applicable)
         try:
-            plot(results, plan.out / "speedrun.png", env)
+            plot(results, plan.out / "speedrun.png", env, TARGETS)
         except ImportError as e:
             print(f"[speedrun] speedrun.png not written: {e}", flush=True)
         if (results[-1]["stopped"] or "").startswith("preempted"):
