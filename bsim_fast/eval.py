@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import cli
 from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint, torch_load
 from .config import Config, ConfigError, from_dict
 from .mix import cutmix_normalize
@@ -230,7 +231,7 @@ def _loader_kind(path: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["knn", "linear", "export"])
     parser.add_argument("--checkpoint", required=True, help="backbone.pt (exported) or ckpt_*.pt (training)")
     parser.add_argument(
