@@ -421,11 +421,36 @@ def _recipe_layers(path: Path, chain: tuple[Path, ...] = ()) -> list[tuple[dict,
         raise ConfigError(f"{path}: base must be a file name or a list of file names, found {bases!r}")
     layers = []
     for name in bases:
-        base = path.parent / name
-        if not base.is_file():
-            raise ConfigError(f"{path}: base {name!r} not found ({base})")
-        layers += _recipe_layers(base, (*chain, resolved))
+        layers += _recipe_layers(_base_path(path, name), (*chain, resolved))
     return layers + [(data, str(path))]
+
+
+def _base_path(recipe: Path, name: str) -> Path:
+    """A base `recipe` names: beside it, or, for a copy of a shipped recipe kept elsewhere, the shipped file of
+    that name (`../_base/cifar.yaml` -> configs/_base/cifar.yaml); a name that two shipped files answer to
+    (`byol.yaml`: in configs/ and in configs/small/) is refused, naming both, never guessed."""
+    beside = recipe.parent / name
+    relative = [part for part in Path(name).parts if part != ".."]
+    root = recipes_root()
+    shipped = [d.joinpath(*relative) for d in (root, *sorted(root.glob("*/")))] if relative else []
+    shipped = [f for f in shipped if f.is_file()]
+    if beside.is_file() or not shipped:
+        if not beside.is_file():
+            raise ConfigError(f"{recipe}: base {name!r} not found ({beside})")
+        return beside
+    if len(shipped) > 1:
+        named = ", ".join(f.relative_to(root).as_posix() for f in shipped)
+        raise ConfigError(f"{recipe}: base {name!r} is not beside it and names several shipped files ({named})")
+    return shipped[0]
+
+
+BASES = "_base"  # the folder of fragments (a scale, an augmentation policy) that recipes build on
+
+
+def recipes_root() -> Path:
+    """The shipped recipes: bsim_fast/configs/ in an installed package, configs/ beside the package in a clone."""
+    here = Path(__file__).resolve().parent
+    return here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

@@ -114,6 +114,69 @@ def _checked_member(member: tarfile.TarInfo) -> tarfile.TarInfo:
 # Sources
 
 
+# Folders that operating systems, file managers and NAS boxes add beside photos (thumbnails, metadata, recycle
+# bins): never a class, never read, like a hidden (dot) folder. Compared case-insensitively (Windows, SMB shares).
+SYSTEM_FOLDERS = frozenset(
+    name.casefold()
+    for name in (
+        "@eaDir",  # Synology thumbnails and metadata, one in every folder
+        "#recycle",
+        "#snapshot",
+        "@Recycle",  # QNAP
+        "@Recently-Snapshot",
+        "__MACOSX",  # left by unpacking a zip made on a Mac
+        "$RECYCLE.BIN",
+        "System Volume Information",
+        "lost+found",
+    )
+)
+EXAMPLES = 3  # names shown of each kind of file left out
+
+
+def passed_over(name: str) -> bool:
+    """A hidden entry (a leading dot: .thumbnails, .DS_Store, ._IMG.jpg) or a system folder: not listed."""
+    return name.startswith(".") or name.casefold() in SYSTEM_FOLDERS
+
+
+@dataclass
+class LeftOut:
+    """What a folder scan passed over, counted, with a few names of each kind for the lines that report it."""
+
+    root: str
+    hidden_files: int = 0
+    folders: dict[str, int] = field(default_factory=dict)  # hidden or system folder name -> how many
+    counts: dict[str, int] = field(default_factory=lambda: {"non_images": 0, "unclassed": 0})
+    examples: dict[str, list[str]] = field(default_factory=lambda: {"non_images": [], "unclassed": []})
+
+    def add(self, kind: str, path: str) -> None:
+        """`kind`: non_images (a file of another extension) or unclassed (an image beside the class folders)."""
+        self.counts[kind] += 1
+        if len(self.examples[kind]) < EXAMPLES:
+            self.examples[kind].append(os.path.relpath(path, self.root))
+
+    def add_passed_over(self, name: str, is_folder: bool) -> None:
+        if is_folder:
+            self.folders[name] = self.folders.get(name, 0) + 1
+        else:
+            self.hidden_files += 1
+
+    def lines(self, unclassed_hint: str = "") -> list[str]:
+        """One line per kind left out, naming it (hidden files alone are only counted in the summary)."""
+        out = []
+        if self.folders:
+            named = ", ".join(name if k == 1 else f"{name} ({k}x)" for name, k in sorted(self.folders.items()))
+            out.append(f"passed over hidden and system folders in {self.root} (not classes, not read): {named}")
+        for kind, verb, what in (
+            ("unclassed", "left out", f"image(s) at the top of {self.root}, in no class folder"),
+            ("non_images", "ignored", "file(s) that are not images by their extension"),
+        ):
+            if self.counts[kind]:
+                shown = ", ".join(self.examples[kind]) + (", ..." if self.counts[kind] > EXAMPLES else "")
+                hint = unclassed_hint if kind == "unclassed" else ""
+                out.append(f"{verb} {self.counts[kind]} {what} (e.g. {shown}){hint}")
+        return out
+
+
 @dataclass
 class Source:
     """An indexable set of images with labels (`UNLABELED` for every sample of an unlabeled set).
@@ -125,9 +188,18 @@ class Source:
     classes: list[str]
     labels: np.ndarray  # int64 [N]
     empty_classes: list[str] = field(default_factory=list)
-    ignored: int = 0  # files skipped by extension (not counted as bad input)
-    hidden: int = 0  # dot-files and dot-folders, not listed (a dot-folder counts once; it is not entered)
+    left_out: LeftOut = field(default_factory=lambda: LeftOut(""))  # what a folder scan passed over
     labeled: bool = True
+
+    @property
+    def ignored(self) -> int:
+        """Files left out by their extension (not images; not counted as bad input)."""
+        return self.left_out.counts["non_images"]
+
+    @property
+    def hidden(self) -> int:
+        """Hidden files and hidden or system folders, not listed (a folder counts once; it is not entered)."""
+        return self.left_out.hidden_files + sum(self.left_out.folders.values())
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -162,50 +234,53 @@ class FolderSource(Source):
 
 
 def class_folders(root: Path) -> list[str]:
-    """The class folders of an ImageFolder tree: its sub-folders, sorted, hidden ones excluded."""
-    return sorted(e.name for e in os.scandir(root) if not e.name.startswith(".") and _is_dir(e.path))
+    """The class folders of an ImageFolder tree: its sub-folders, sorted, hidden and system ones excluded."""
+    return sorted(e.name for e in os.scandir(root) if not passed_over(e.name) and _is_dir(e.path))
 
 
 def scan_image_folder(root: Path, labeled: bool = True) -> FolderSource:
     """Lists an image folder without opening any image.
 
     labeled=True: an ImageFolder tree, root/<class>/.../<image>; raises NoClassFoldersError when root has no
-    sub-folders. labeled=False: every image below root, at any depth, sorted by path, label `UNLABELED`.
-    Symlinked folders are followed once each (a symlink loop is cut, not followed forever); symlinked
-    files are listed and a broken one is later skipped as bad input. Hidden entries (dot-files, dot-folders)
-    are not listed, and counted in `hidden`; files of other extensions are counted in `ignored`.
+    class sub-folders; images at the top of root, beside the class folders, belong to no class and are left
+    out (counted in `left_out`, never called "not images"). labeled=False: every image below root, at any
+    depth, sorted by path, label `UNLABELED`. Symlinked folders are followed once each (a symlink loop is cut,
+    not followed forever); symlinked files are listed and a broken one is later skipped as bad input. Hidden
+    entries (a leading dot) and system folders (`SYSTEM_FOLDERS`: @eaDir, __MACOSX, ...) are not listed, at
+    any depth; files of other extensions are counted. `left_out.lines()` says what was passed over.
     """
     root = Path(root)
     if not root.is_dir():
         raise SourceError(f"source not found or not a folder: {root}")
     name = root.resolve().name or "dataset"
+    left_out = LeftOut(str(root))
     if not labeled:
-        paths, ignored, hidden = _list_image_files(root)
+        paths = _list_image_files(root, left_out)
         if not paths:
             raise SourceError(f"no image files in {root} (looked at every folder below it)")
         return FolderSource(
             name=name,
             classes=[],
             labels=np.full(len(paths), UNLABELED, np.int64),
-            ignored=ignored,
-            hidden=hidden,
+            left_out=left_out,
             labeled=False,
             root=root,
             paths=paths,
         )
-    entries = list(os.scandir(root))
-    hidden = sum(1 for e in entries if e.name.startswith("."))
     classes = class_folders(root)
+    for entry in sorted(os.scandir(root), key=lambda e: e.name):
+        if passed_over(entry.name):
+            left_out.add_passed_over(entry.name, _is_dir(entry.path))
+        elif not _is_dir(entry.path):
+            left_out.add("unclassed" if Path(entry.name).suffix.lower() in IMAGE_SUFFIXES else "non_images", entry.path)
     if not classes:
-        raise NoClassFoldersError(f"no class folders in {root} (expected {root}/<class>/<image>)")
+        passed = f"; passed over {', '.join(sorted(left_out.folders))}" if left_out.folders else ""
+        raise NoClassFoldersError(f"no class folders in {root} (expected {root}/<class>/<image>{passed})")
     paths: list[str] = []
     labels: list[int] = []
     empty: list[str] = []
-    ignored = sum(1 for e in entries if not e.name.startswith(".") and not _is_dir(e.path))
     for index, class_name in enumerate(classes):
-        files, class_ignored, class_hidden = _list_image_files(root / class_name)
-        ignored += class_ignored
-        hidden += class_hidden
+        files = _list_image_files(root / class_name, left_out)
         if not files:
             empty.append(class_name)
         paths.extend(files)
@@ -217,8 +292,7 @@ def scan_image_folder(root: Path, labeled: bool = True) -> FolderSource:
         classes=classes,
         labels=np.asarray(labels, np.int64),
         empty_classes=empty,
-        ignored=ignored,
-        hidden=hidden,
+        left_out=left_out,
         root=root,
         paths=paths,
     )
@@ -231,11 +305,9 @@ def _is_dir(path: str) -> bool:
         return False
 
 
-def _list_image_files(folder: Path) -> tuple[list[str], int, int]:
-    """Image files below `folder` (recursive, sorted), how many other files were ignored, and how many
-    hidden entries were passed over."""
+def _list_image_files(folder: Path, left_out: LeftOut) -> list[str]:
+    """Image files below `folder` (recursive, sorted); what is passed over is counted in `left_out`."""
     files: list[str] = []
-    ignored = hidden = 0
     seen_dirs: set[tuple[int, int]] = set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         try:
@@ -247,17 +319,19 @@ def _list_image_files(folder: Path) -> tuple[list[str], int, int]:
             dirnames[:] = []
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
-        hidden += sum(1 for d in dirnames if d.startswith("."))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in sorted(dirnames):
+            if passed_over(d):
+                left_out.add_passed_over(d, is_folder=True)
+        dirnames[:] = sorted(d for d in dirnames if not passed_over(d))
         for name in sorted(filenames):
-            if name.startswith("."):
-                hidden += 1
+            if passed_over(name):
+                left_out.add_passed_over(name, is_folder=False)
             elif Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 files.append(os.path.join(dirpath, name))
             else:
-                ignored += 1
+                left_out.add("non_images", os.path.join(dirpath, name))
     files.sort()
-    return files, ignored, hidden
+    return files
 
 
 def labeled_from_labels(labels: np.ndarray, where: str) -> bool:

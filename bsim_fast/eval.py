@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import cli
 from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint, torch_load
 from .config import MODES, Config, ConfigError, from_dict
 from .mix import cutmix_normalize
@@ -298,7 +299,7 @@ def check_export(args) -> None:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["knn", "linear", "export"])
     parser.add_argument("--checkpoint", required=True, help="backbone.pt (exported) or ckpt_*.pt (training)")
     parser.add_argument(

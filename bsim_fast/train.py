@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import cli
 from .checkpoint import (
     CheckpointError,
     atomic_write_bytes,
@@ -43,6 +44,7 @@ from .dist import set_cpu_threads
 from .metrics import MetricsLogger
 from .mix import make_views
 from .optim import build_optimizer, lr_at, scaled_lr, set_lr
+from .recipes import recipe_path
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -625,8 +627,10 @@ def train(
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="a recipe, e.g. configs/byol_bsim.yaml")
+    parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--config", required=True, help="a recipe by name (byol_bsim, small/byol) or a .yaml file (configs/byol.yaml)"
+    )
     parser.add_argument(
         "--resume",
         default="auto",
@@ -642,12 +646,13 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        config_path = str(recipe_path(args.config))
+        cfg = load_config(config_path, args.overrides)
         check_resume_flag(args.resume)
         if args.check_only:
-            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), args.config)
+            check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")), config_path)
             return 0
-        train(cfg, args.resume, args.config)
+        train(cfg, args.resume, config_path)
     except (ConfigError, TrainError, CheckpointError) as e:
         report_error(f"error: {e}")
         return 2

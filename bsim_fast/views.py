@@ -1,6 +1,6 @@
 """See a batch as the training step sees it: one PNG grid of the views, and a histogram of λ beside it.
 
-    python -m bsim_fast.views configs/small/byol_bsim.yaml --data builtin --out views.png \\
+    python -m bsim_fast.views small/byol_bsim --data builtin --out views.png \\
         [--n 8] [--seed S] [--draws 10000] [--device cuda] [section.key=value ...]
 
 One row per sample: the loader's uint8 crops of views a and b (random resized crop + flip), their photometric
@@ -33,9 +33,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import cli
 from .atomic import write_bytes_atomic
 from .config import Config, ConfigError, load_config
 from .mix import draw_mixing, expected_lam, make_views, sample_boxes
+from .recipes import recipe_path
 
 PNG_KEY = "bsim_fast.views"  # the PNG text chunk holding the picture's numbers
 MIN_PANEL = 96  # pixels: smaller views are enlarged by a whole factor (nearest), so every pixel stays exact
@@ -286,10 +288,8 @@ SET_BY_FLAGS = {"data.batch_size": "--n", "data.train": "--data", "train.seed": 
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(
-        prog="python -m bsim_fast.views", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("recipe", help="a recipe file, e.g. configs/small/byol_bsim.yaml")
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="a recipe by name (small/byol_bsim) or a .yaml file")
     p.add_argument("overrides", nargs="*", help="section.key=value, e.g. data.loader=torch")
     p.add_argument("--data", help="the training set to read (default: the recipe's data.train)")
     p.add_argument("--out", default="views.png", help="the PNG to write (default: views.png)")
@@ -331,7 +331,7 @@ def check_arguments(args) -> Config:
         key = text.split("=", 1)[0]
         if key in SET_BY_FLAGS:
             raise ViewsError(f"override {text!r}: {key} is set by {SET_BY_FLAGS[key]}")
-    cfg = load_config(args.recipe, args.overrides)
+    cfg = load_config(recipe_path(args.recipe), args.overrides)
     cfg.data.batch_size, cfg.train.accum_steps = args.n, 1
     if args.data is not None:
         cfg.data.train = args.data

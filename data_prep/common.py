@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bsim_fast import cli
 from bsim_fast.atomic import DiskFullError, atomic_outputs, disk_bytes
 from bsim_fast.datasets import (
     BUILTIN_NAME,
@@ -54,8 +55,13 @@ from bsim_fast.datasets import (
 
 DEFAULT_MAX_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 90
+# What an FFCV file's name ends in: the trainer reads a file as FFCV by this (bsim_fast.loaders.path_format).
+BETON_SUFFIX = ".beton"
 # A `--source` file with one of these suffixes is a list of images (`path[,label]` per line).
 LIST_SUFFIXES = frozenset({".txt", ".csv", ".lst", ".list"})
+
+# Said after the count of images at the top of a labelled tree, beside its class folders.
+UNCLASSED_HINT = "; --no-labels converts every image below it, unlabeled"
 
 # Exit codes of the converters: 2 = the command line, the source or the output path is unusable (found before
 # any work), 1 = the run failed.
@@ -257,6 +263,13 @@ def load_list_source(path: Path, labeled: bool = True) -> FolderSource:
     return FolderSource(classes=classes, labels=np.asarray([index[name] for name in names], np.int64), **common)
 
 
+def data_out() -> Path:
+    """Where default outputs go: data_out/ in the clone (where the recipes' `builtin` finds the converted set
+    from any working folder), or in the working folder when the converters run from an installed package."""
+    clone = Path(__file__).resolve().parents[1]
+    return clone / "data_out" if (clone / "pyproject.toml").is_file() else Path("data_out")
+
+
 def subset_indices(n: int, subset: int | None) -> np.ndarray:
     """`--subset N`: N evenly spaced samples (deterministic, and every class keeps its share)."""
     if subset is None or subset >= n:
@@ -328,6 +341,7 @@ def check_output(output: Path, directory: bool, overwrite: bool, is_ours: Callab
     never replaced, even with --overwrite); an existing one without --overwrite; or one that `is_ours` does
     not recognise as a converter's output. An empty file or folder is replaced without asking."""
     output = Path(output)
+    check_output_name(output, directory)
     folder = output.absolute().parent
     while not os.path.lexists(folder):
         folder = folder.parent
@@ -358,6 +372,21 @@ def check_output(output: Path, directory: bool, overwrite: bool, is_ours: Callab
     if not is_ours(output):
         raise OutputPathError(
             f"{output} does not look like this converter's output; not replacing it, even with --overwrite"
+        )
+
+
+def check_output_name(output: Path, directory: bool) -> None:
+    """The trainer tells an FFCV file from a shard folder by its name (a file ending in .beton), so each
+    converter writes only what will be read as its kind; refused in one line otherwise."""
+    if not directory and output.suffix != BETON_SUFFIX:
+        raise OutputPathError(
+            f"--output {output}: an FFCV file must end in {BETON_SUFFIX} (the trainer reads no other name): "
+            f"use --output {output}{BETON_SUFFIX}"
+        )
+    if directory and output.suffix == BETON_SUFFIX:
+        raise OutputPathError(
+            f"--output {output}: a shard folder named *{BETON_SUFFIX} would be taken for an FFCV file: "
+            f"choose a name without {BETON_SUFFIX}"
         )
 
 
@@ -448,6 +477,8 @@ class Conversion:
         self.progress = progress_bar(total, desc)
         for name in source.empty_classes:
             self.note(f"warning: empty class folder {name!r} keeps its index {source.classes.index(name)}")
+        for line in source.left_out.lines(UNCLASSED_HINT):
+            self.note(line)
 
     def note(self, line: str) -> None:
         self.progress.write(line, file=sys.stderr)
@@ -493,6 +524,8 @@ class Conversion:
             "skipped": len(self.skipped),
             "ignored_non_image_files": self.source.ignored,
             "ignored_hidden": self.source.hidden,
+            "passed_over_folders": self.source.left_out.folders,
+            "unclassed_images": self.source.left_out.counts["unclassed"],
             "labeled": self.source.labeled,
             "empty_classes": self.source.empty_classes,
             "num_classes": len(self.source.classes),
@@ -507,6 +540,8 @@ class Conversion:
         skipped_note = f", list in {self.sidecar}" if self.skipped else ""
         ignored = s["ignored_non_image_files"] + s["ignored_hidden"]
         ignored_note = f"; {ignored} ignored (not images, or hidden)" if ignored else ""
+        if s["unclassed_images"]:
+            ignored_note += f"; {s['unclassed_images']} images in no class folder left out (--no-labels takes them)"
         unlabeled_note = "" if s["labeled"] else " unlabeled"
         print(
             f"wrote {self.written}{unlabeled_note} images to {self.output} ({len(self.skipped)} skipped"
@@ -558,7 +593,7 @@ def int_at_least(low: int, high: int | None = None):
 def build_arg_parser(description: str, output_help: str) -> argparse.ArgumentParser:
     """The flags every converter takes; each converter adds its own. Defaults are written in the help texts
     where there is one to show (not `(default: None)`)."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = cli.ArgumentParser(description=description)
     parser.add_argument(
         "--source",
         default="builtin",
@@ -634,7 +669,8 @@ def output_and_source(
         )
     arg = None if builtin else args.source
     split = args.split or "train"
-    output = Path(args.output) if args.output else default_output(source_name(arg, split))
+    name = source_name(arg, split)  # a missing source is said first
+    output = Path(args.output) if args.output else default_output(name)
     check_output(output, directory, args.overwrite, is_ours)
     return output, resolve_source(arg, split, labeled=args.labeled)
 

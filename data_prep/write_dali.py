@@ -39,7 +39,6 @@ from bsim_fast import datasets  # noqa: E402
 from data_prep import common  # noqa: E402
 from data_prep.common import ConversionError  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHARD_SIZE = 10_000  # ~1 GB of ImageNet-sized JPEGs per shard
 KEY_DIGITS = 9
 INDEX_VERSION = "v1.2"  # what DALI's wds2idx writes and fn.readers.webdataset reads
@@ -66,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output(name: str, subset: int | None) -> Path:
-    return REPO_ROOT / "data_out" / f"{name}{f'_subset{subset}' if subset else ''}_dali"
+    return common.data_out() / f"{name}{f'_subset{subset}' if subset else ''}_dali"
 
 
 OUR_FILES = re.compile(r"meta\.json|shard-[0-9]{6}\.(tar|idx)")

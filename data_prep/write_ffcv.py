@@ -39,7 +39,6 @@ from bsim_fast import atomic, datasets  # noqa: E402
 from data_prep import common  # noqa: E402
 from data_prep.common import ConversionError  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 WRITE_MODES = ("smart", "jpg", "raw", "proportion")
 # 'smart' stores an image raw while raw is small (fast to load, lossless) and as JPEG above this many bytes.
 DEFAULT_SMART_THRESHOLD = 256 * 256 * 3
@@ -82,13 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output(name: str, subset: int | None) -> Path:
-    return REPO_ROOT / "data_out" / f"{name}{f'_subset{subset}' if subset else ''}.beton"
+    return common.data_out() / f"{name}{f'_subset{subset}' if subset else ''}.beton"
 
 
 def looks_like_beton(path: Path) -> bool:
-    """An output --overwrite may replace: named *.beton, or starting with an FFCV header of this version."""
-    if path.suffix == ".beton":
-        return True
+    """An output --overwrite may replace: a file starting with an FFCV header of this version (every output is
+    named *.beton, so the name says nothing; outputs are installed whole, so ours always has its header)."""
     from ffcv.types import CURRENT_VERSION, HeaderType
 
     try:

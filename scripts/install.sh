@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent installer: a venv in .venv, torch, ffcv (and the system libraries it builds against), DALI, triton
-# and this package. Quick the second time: every step checks before it acts.
+# and this package with its commands (bsim-train, bsim-write-ffcv, ...). Quick the second time: every step checks
+# before it acts. One OpenCV (the headless build; ffcv's opencv-python is swapped for it) and the DALI build for
+# torch's CUDA major (nvidia-dali-cuda120 with a CUDA 12 torch, nvidia-dali-cuda130 with CUDA 13 or a CPU torch).
 #   bash scripts/install.sh                   # reuses a compatible torch/torchvision/triton of $PYTHON (python3)
 #   bash scripts/install.sh --offline DIR     # no network: from a wheelhouse of scripts/pack_offline.sh
 #   bash scripts/install.sh --no-venv         # into $PYTHON's own environment (same as VENV=none)
@@ -9,6 +11,7 @@
 # Reuse: when $PYTHON already has torch 2.11-2.14.1 with torchvision and triton (a CUDA build where a GPU is
 # present), the venv is made with --system-site-packages (and, if $PYTHON is itself a venv, a .pth file that
 # adds its site-packages), so torch is not downloaded again. It says which torch it chose.
+case "${1:-}" in -h|--help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -85,12 +88,24 @@ import importlib.util, sys
 sys.exit(0 if all(importlib.util.find_spec(m) for m in sys.argv[1:]) else 1)
 PYEOF
 }
+# The DALI build for another CUDA major than torch's, removed from this environment (both provide nvidia/dali).
+other_dali() {
+  local other
+  for other in $("$ENV_PY" scripts/wheelhouse.py installed-here nvidia-dali-cuda120 nvidia-dali-cuda130); do
+    if [ "$other" != "$dali" ]; then
+      say "removing $other: torch here is built for CUDA $("$ENV_PY" -c 'import torch; print(torch.version.cuda)')"
+      pip uninstall -q -y "$other"
+    fi
+  done
+}
 ready() {
+  "$ENV_PY" scripts/wheelhouse.py one-opencv "$@"
   say "ready: $("$ENV_PY" -c 'from importlib.metadata import version as v, PackageNotFoundError as E
 def f(p):
     try: return f"{p} {v(p)}"
-    except E: return f"{p} not installed"
-print(*(f(p) for p in ("torch", "torchvision", "ffcv", "nvidia-dali-cuda120", "triton")), sep=", ")')"
+    except E: return None
+names = ("torch", "torchvision", "ffcv", "nvidia-dali-cuda120", "nvidia-dali-cuda130", "triton", "opencv-python-headless")
+print(*filter(None, (f(p) for p in names)), sep=", ")')"
 }
 
 # 2a. Offline: everything from the wheelhouse (torch must already be there: a wheelhouse carries none).
@@ -104,15 +119,20 @@ if [ -n "$OFFLINE" ]; then
   pip() { (cd "$stage" && env -u PYTHONPATH "$ENV_PY" -m pip "$@"); }
   pip install "${base[@]}" -r "$stage/requirements.txt"
   if [ -f "$stage/requirements-dali.txt" ]; then
+    read -r dali _ < <("$ENV_PY" scripts/wheelhouse.py dali-package)
+    packed=$(cut -d'<' -f1 < "$stage/requirements-dali.txt" | cut -d'>' -f1 | cut -d'=' -f1)
     if echo "$missing" | grep -q .; then
       say "not installing DALI: wheels missing or damaged in $OFFLINE: $(echo $missing)"
+    elif [ "$packed" != "$dali" ]; then
+      say "not installing DALI: the wheelhouse carries $packed, torch here needs $dali (pack_offline.sh --dali-cuda)"
     else
+      other_dali
       pip install "${base[@]}" -r "$stage/requirements-dali.txt"
     fi
   elif echo "$missing" | grep -q .; then
     echo "error: wheels missing or damaged in $OFFLINE: $(echo $missing)" >&2; exit 1
   fi
-  ready
+  ready "${base[@]}"
   exit 0
 fi
 
@@ -123,8 +143,12 @@ if ! have torch torchvision; then
   pip install -q "torch>=2.11,<=2.14.1" "torchvision>=0.26,<=0.29.1"
 fi
 
-# 3. ffcv compiles against numpy, libturbojpeg and OpenCV; build it without isolation so it sees the venv's numpy.
-if ! have ffcv; then
+# 3. ffcv compiles against numpy, libturbojpeg and OpenCV; built without isolation so it sees the venv's numpy,
+#    as a wheel that asks for the headless OpenCV instead of opencv-python (one OpenCV). Also rebuilt once where an
+#    earlier install left an ffcv asking for opencv-python, which pip would otherwise bring back.
+gui_opencv() { "$ENV_PY" -c 'import sys; from importlib.metadata import requires as r
+sys.exit(0 if "opencv-python" in (r("ffcv") or []) else 1)' 2>/dev/null; }
+if ! have ffcv || gui_opencv; then
   apt_pkgs="libturbojpeg0-dev libopencv-dev pkg-config"
   missing=""
   for p in $apt_pkgs; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
@@ -141,17 +165,22 @@ if ! have ffcv; then
   say "building ffcv"
   pip install -q "numpy>=1.26" cython pkgconfig "numba>=0.60" assertpy fastargs terminaltables psutil \
       "opencv-python-headless" pytorch_pfn_extras
-  pip install -q --no-build-isolation "ffcv==1.0.2"
+  built=$(mktemp -d)
+  pip wheel -q --no-deps --no-build-isolation -w "$built" "ffcv==1.0.2"
+  pip install -q --force-reinstall --no-deps "$("$ENV_PY" scripts/wheelhouse.py headless "$built"/ffcv-*.whl "$built/headless")"
+  rm -rf "$built"
 fi
 
 # 4. The package itself with its remaining dependencies (DALI, triton, pyyaml, timm, tqdm, tensorboard) and
-#    the test extras.
+#    the test extras. DALI: the build for torch's CUDA major, the other one removed (they share nvidia/dali).
+read -r dali dali_extra < <("$ENV_PY" scripts/wheelhouse.py dali-package)
+other_dali
 prefix=$("$ENV_PY" -c 'import sys; print(sys.prefix)')
 stamp="$prefix/.bsim_fast-installed"
-want=$(cat setup.cfg pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$( (cat setup.cfg setup.py pyproject.toml; echo "$dali") | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! have bsim_fast nvidia.dali triton; then
-  say "installing bsim_fast[dev,dali]"
-  pip install -q -e ".[dev,dali]"
+  say "installing bsim_fast[dev,$dali_extra]"
+  pip install -q -e ".[dev,$dali_extra]"
   echo "$want" > "$stamp" 2>/dev/null || true
 fi
 ready

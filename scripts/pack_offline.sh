@@ -6,14 +6,16 @@
 # OpenCV) bundled, DALI (unless --no-dali) and every other dependency, except torch, torchvision, triton and
 # what they require (the target's own are reused) and the names in --have FILE (`pip freeze` of the target,
 # or one name per line). --split-mb N cuts DIR into part-NN folders of at most N MB (DALI's wheels are
-# ~600 MB). On the target: bash scripts/install.sh --offline DIR (docs/BENCHMARKS.md, "Offline machines").
+# ~200-600 MB). On the target: bash scripts/install.sh --offline DIR (docs/BENCHMARKS.md, "Offline machines").
+# DALI is the build for the target torch's CUDA major: --dali-cuda 12|13 (default: $PYTHON's torch, else 13).
 # Also: --extra-wheel FILE (a wheel to carry and install), --no-ffcv, --no-deps (only what is named).
+case "${1:-}" in -h|--help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
-usage() { echo "usage: PYTHON=python3.X bash scripts/pack_offline.sh DIR [--have FILE] [--split-mb N] [--no-dali] [--extra REQ]... [--extra-wheel FILE]... [--no-ffcv] [--no-deps]" >&2; exit 2; }
+usage() { echo "usage: PYTHON=python3.X bash scripts/pack_offline.sh DIR [--have FILE] [--split-mb N] [--no-dali] [--dali-cuda 12|13] [--extra REQ]... [--extra-wheel FILE]... [--no-ffcv] [--no-deps] (see --help)" >&2; exit 2; }
 [ $# -ge 1 ] && [ "${1#-}" = "$1" ] || usage
 DEST=$1; shift
-HAVE=""; DALI=1; FFCV=1; DEPS=1; SPLIT=""; EXTRA=(); WHEELS=()
+HAVE=""; DALI=1; FFCV=1; DEPS=1; SPLIT=""; EXTRA=(); WHEELS=(); DALI_CUDA=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --have) [ $# -ge 2 ] && [ -f "$2" ] || { echo "error: --have needs an existing file" >&2; exit 2; }; HAVE=$2; shift 2 ;;
@@ -21,6 +23,7 @@ while [ $# -gt 0 ]; do
     --extra) [ $# -ge 2 ] || usage; EXTRA+=("$2"); shift 2 ;;
     --extra-wheel) [ $# -ge 2 ] && [ -f "$2" ] || { echo "error: --extra-wheel needs an existing .whl" >&2; exit 2; }; WHEELS+=("$2"); shift 2 ;;
     --no-dali) DALI=0; shift ;;
+    --dali-cuda) [[ ${2:-} =~ ^1[23]$ ]] || { echo "error: --dali-cuda needs 12 or 13 (torch's CUDA major)" >&2; exit 2; }; DALI_CUDA=$2; shift 2 ;;
     --no-ffcv) FFCV=0; shift ;;
     --no-deps) DEPS=0; shift ;;
     *) usage ;;
@@ -48,7 +51,7 @@ fi
 say "this package"
 # Built from a copy, so that no build/ or .egg-info is left in the tree (an .egg-info in the working directory
 # makes pip believe the package is installed).
-mkdir -p "$tmp/src" && cp -r bsim_fast setup.cfg pyproject.toml README.md "$tmp/src/"
+mkdir -p "$tmp/src" && cp -r bsim_fast configs data_prep setup.cfg setup.py pyproject.toml README.md LICENSE "$tmp/src/"
 find "$tmp/src" -name __pycache__ -prune -exec rm -rf {} +
 "$BPY" -m pip wheel -q --no-deps --no-build-isolation -w "$DEST" "$tmp/src"
 for w in ${WHEELS[@]+"${WHEELS[@]}"}; do
@@ -75,7 +78,9 @@ fi
 
 project=$("$BPY" -c 'import configparser as c; p = c.ConfigParser(); p.read("setup.cfg"); print(p["metadata"]["version"])')
 reqs=("bsim_fast[dev]==$project" ${EXTRA[@]+"${EXTRA[@]}"})
-dali_req=$(sed -n 's/^ *\(nvidia-dali-cuda120[^;]*\).*/\1/p' setup.cfg | head -1)
+# the DALI build for the target torch's CUDA major (scripts/wheelhouse.py dali-package), as setup.cfg bounds it
+dali_pkg=$("$PY" scripts/wheelhouse.py dali-package ${DALI_CUDA:-$("$PY" -c 'import torch; print(torch.version.cuda)' 2>/dev/null || echo none)} | cut -d' ' -f1)
+dali_req=$(sed -n "s/^ *\($dali_pkg[^;]*\).*/\1/p" setup.cfg | head -1)
 printf '%s\n' "${reqs[@]}" > "$DEST/requirements.txt"
 [ "$DALI" = 0 ] || echo "$dali_req" > "$DEST/requirements-dali.txt"
 if [ "$DEPS" = 1 ]; then

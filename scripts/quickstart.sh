@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the built-in dataset: install, convert it to FFCV and DALI, train byol_bsim briefly,
 # print k-NN top-1. Uses the GPUs when present, the CPU otherwise.
+case "${1:-}" in -h|--help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

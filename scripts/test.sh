@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Install, then run the test suite (GPU tests skip themselves without a GPU).
+case "${1:-}" in -h|--help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

@@ -4,6 +4,10 @@
     python scripts/wheelhouse.py resolve DIR [--have F] [--reuse torch ...] REQUIREMENT...
     python scripts/wheelhouse.py finish DIR [--split-mb N]      # SHA256SUMS, optional parts under N MB
     python scripts/wheelhouse.py assemble DIR STAGE             # parts -> one folder of checked wheels
+    python scripts/wheelhouse.py headless WHEEL OUT_DIR         # ffcv asking for opencv-python-headless
+    python scripts/wheelhouse.py one-opencv [PIP_OPTION...]     # only one distribution provides cv2
+    python scripts/wheelhouse.py dali-package [CUDA_VERSION]    # the DALI build for torch's CUDA major
+    python scripts/wheelhouse.py installed-here NAME...         # those installed in this environment itself
 
 `repair` makes a wheel's compiled extension loadable where the system libraries it was linked against are
 absent: every library `ldd` lists (but glibc's, libstdc++ and libgcc_s, which every Linux has) is copied
@@ -17,6 +21,15 @@ only uses `cv2` from Python, and servers carry the headless build.
 large is downloaded) and downloads, as wheels for the running interpreter, everything except the packages
 the target already has: the reused stack (torch, torchvision, triton) and the names in --have (a `pip freeze`
 or one name per line from the target), with everything they require.
+
+One OpenCV: ffcv asks for `opencv-python`, whose `cv2` needs GUI libraries and, installed beside the headless
+build, overwrites its files (two distributions, one `cv2`: whichever was installed last). `headless` rewrites a
+built ffcv wheel to ask for the headless build; `one-opencv` removes any other distribution that provides `cv2`
+from the running environment and reinstalls the headless one's files (an environment made by an earlier install).
+
+DALI: one wheel per CUDA major, each bringing its own CUDA libraries. `dali-package` prints the one for the
+running torch (`torch.version.cuda`, or the version given): nvidia-dali-cuda120 for CUDA 12, nvidia-dali-cuda130
+for CUDA 13 and for a CPU-only torch, with the setup.cfg extra that installs it.
 
 `finish --split-mb N` cuts the wheelhouse into folders part-00, part-01, ... of at most N MB each, for
 transports with a size limit; a wheel larger than N is cut into `.chunk-NN` pieces. The small wheels come
@@ -121,24 +134,104 @@ def repair(wheel: Path, out_dir: Path) -> Path:
         glibc = max(_glibc_minor(p.read_bytes()) for p in [*exts, *libdir.iterdir()])
         plat = f"manylinux_2_{glibc}_x86_64"
         info = next(root.glob("*.dist-info"))
-        meta = (info / "METADATA").read_text()
-        meta = re.sub(r"^Requires-Dist: opencv-python\s*$", "Requires-Dist: opencv-python-headless", meta, flags=re.M)
-        (info / "METADATA").write_text(meta)
+        _ask_for_headless_opencv(info)
         wheel_txt = re.sub(r"^Tag: .*$", f"Tag: {py}-{abi}-{plat}", (info / "WHEEL").read_text(), flags=re.M)
         (info / "WHEEL").write_text(wheel_txt)
-        record = f"{info.name}/RECORD"
-        (root / record).write_text(_record(root, record))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / f"{name}-{version}-{py}-{abi}-{plat}.whl"
-        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
-            files = sorted(p for p in root.rglob("*") if p.is_file())
-            for f in [f for f in files if info.name not in f.parts] + [f for f in files if info.name in f.parts]:
-                z.write(f, f.relative_to(root).as_posix())
+        target = _zip_wheel(root, info, out_dir / f"{name}-{version}-{py}-{abi}-{plat}.whl")
     print(
         f"[wheelhouse] {target.name}: bundled {len(needed)} libraries ({', '.join(sorted(needed))}); "
         f"needs glibc >= 2.{glibc}"
     )
     return target
+
+
+def _ask_for_headless_opencv(info: Path) -> None:
+    meta = (info / "METADATA").read_text()
+    meta = re.sub(r"^Requires-Dist: opencv-python\s*$", "Requires-Dist: opencv-python-headless", meta, flags=re.M)
+    (info / "METADATA").write_text(meta)
+
+
+def _zip_wheel(root: Path, info: Path, target: Path) -> Path:
+    """The unpacked wheel at `root` (its dist-info `info` edited) zipped again, with a fresh RECORD."""
+    record = f"{info.name}/RECORD"
+    (root / record).write_text(_record(root, record))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        for f in [f for f in files if info.name not in f.parts] + [f for f in files if info.name in f.parts]:
+            z.write(f, f.relative_to(root).as_posix())
+    return target
+
+
+def headless(wheel: Path, out_dir: Path) -> Path:
+    """`wheel` (ffcv, built here against this machine's libraries) asking for opencv-python-headless."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "w"
+        zipfile.ZipFile(wheel).extractall(root)
+        info = next(root.glob("*.dist-info"))
+        _ask_for_headless_opencv(info)
+        return _zip_wheel(root, info, out_dir / wheel.name)
+
+
+# ------------------------------------------------------------------------------------------------ one OpenCV
+HEADLESS = "opencv-python-headless"
+
+
+def cv2_distributions() -> dict:
+    """{name: (version, folder)} of the installed distributions that provide `cv2`, the first on sys.path of
+    each name (a venv over another environment sees both)."""
+    from importlib.metadata import distributions
+
+    found = {}
+    for dist in distributions():
+        name = canonical(dist.metadata["Name"] or "")
+        if name not in found and any(str(f).startswith("cv2/") for f in dist.files or []):
+            found[name] = (dist.version, str(dist.locate_file("")))
+    return found
+
+
+def installed_here(names: list) -> list:
+    """Those of `names` installed in this environment itself (not in a parent that a venv only sees)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    here = []
+    for name in names:
+        try:
+            where = Path(str(distribution(name).locate_file(""))).resolve()
+        except PackageNotFoundError:
+            continue
+        if where.is_relative_to(Path(sys.prefix).resolve()):
+            here.append(name)
+    return here
+
+
+def one_opencv(pip_options: list) -> int:
+    """Leaves one distribution providing `cv2` in this environment: the headless build (any other is removed,
+    then the headless one reinstalled, since removing the other deleted the files they shared). One that lives
+    outside this environment (a parent of a --system-site-packages venv) is named, not touched."""
+    found = cv2_distributions()
+    if len(found) < 2 or HEADLESS not in found:
+        return 0
+    others = [name for name in found if name != HEADLESS]
+    inside = installed_here(others)
+    outside = [f"{name} in {found[name][1]}" for name in others if name not in inside]
+    if outside:
+        print(f"[wheelhouse] warning: also provides cv2, outside this environment (not removed): {', '.join(outside)}")
+    if not inside:
+        return 0
+    version = found[HEADLESS][0]
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run([*pip, "uninstall", "-q", "-y", *inside], check=True)
+    reinstall = [*pip, "install", "-q", "--force-reinstall", "--no-deps", *pip_options, f"{HEADLESS}=={version}"]
+    subprocess.run(reinstall, check=True)
+    print(f"[wheelhouse] one OpenCV: removed {', '.join(inside)} (it shared cv2 with {HEADLESS} {version})")
+    return 0
+
+
+def dali_package(cuda: str | None) -> tuple[str, str]:
+    """(distribution, setup.cfg extra) of the DALI build for a torch built with CUDA `cuda` (None: CPU only)."""
+    major = int(cuda.split(".")[0]) if cuda and cuda.lower() != "none" else 13
+    return ("nvidia-dali-cuda120", "dali-cuda12") if major <= 12 else ("nvidia-dali-cuda130", "dali-cuda13")
 
 
 # ------------------------------------------------------------------------------------------------- resolve
@@ -325,7 +418,32 @@ def main(argv=None) -> int:
     a = sub.add_parser("assemble")
     a.add_argument("src", type=Path)
     a.add_argument("stage", type=Path)
-    args = p.parse_args(argv)
+    h = sub.add_parser("headless")
+    h.add_argument("wheel", type=Path)
+    h.add_argument("out", type=Path)
+    sub.add_parser("one-opencv", help="any further options go to pip install (e.g. --no-index --find-links DIR)")
+    i = sub.add_parser("installed-here")
+    i.add_argument("names", nargs="+")
+    d = sub.add_parser("dali-package")
+    d.add_argument("cuda", nargs="?", default=None, help="torch's CUDA version (default: the running torch's)")
+    args, pip_options = p.parse_known_args(argv)
+    if pip_options and args.cmd != "one-opencv":
+        p.error(f"unrecognized arguments: {' '.join(pip_options)}")
+    if args.cmd == "headless":
+        print(headless(args.wheel, args.out))
+        return 0
+    if args.cmd == "one-opencv":
+        return one_opencv(pip_options)
+    if args.cmd == "installed-here":
+        print("\n".join(installed_here(args.names)))
+        return 0
+    if args.cmd == "dali-package":
+        if args.cuda is None:
+            import torch
+
+            args.cuda = torch.version.cuda
+        print(*dali_package(args.cuda))
+        return 0
     if args.cmd == "repair":
         repair(args.wheel, args.out)
     elif args.cmd == "resolve":

@@ -1,7 +1,11 @@
-"""Shared test helpers: a tiny ImageFolder cut from the built-in dataset and tiny-model overrides."""
+"""Shared test helpers: a tiny ImageFolder cut from the built-in dataset, tiny-model overrides, and a copy of the
+project's files."""
 
 import shutil
+import subprocess
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "model.arch=resnet18",
@@ -42,4 +46,17 @@ def tiny_folder(dest: Path, split: str = "train", per_class: int = 6, classes: i
         (dest / cls).mkdir(parents=True, exist_ok=True)
         for f in sorted((src / cls).iterdir())[:per_class]:
             shutil.copy(f, dest / cls / f.name)
+    return dest
+
+
+def project_copy(dest: Path) -> Path:
+    """The project's files (tracked and new, not ignored; tests/ left out) copied to `dest`: no .venv, data_out,
+    build/ or .egg-info, so what runs there (an install, a script's --help) leaves the repository untouched."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        if (ROOT / rel).is_file() and not rel.startswith("tests/"):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
     return dest

@@ -181,7 +181,7 @@ def test_missing_and_invalid_yaml(tmp_path):
 
 
 def test_cli_reports_one_line_and_exit_2(tmp_path):
-    p = write(tmp_path, "train: {epochz: 3}\n")
+    p = write(tmp_path, "method: {name: byol}\ntrain: {epochz: 3}\n")  # a recipe names its method
     r = subprocess.run([sys.executable, "-m", "bsim_fast.train", "--config", str(p)], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.epochz" in r.stderr and "Traceback" not in r.stderr

@@ -54,7 +54,7 @@ def one_error_line(capsys) -> str:
 
 
 def test_output_of_the_wrong_kind_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
-    folder, file = tmp_path / "a_folder", tmp_path / "a_file"
+    folder, file = tmp_path / "a_folder.beton", tmp_path / "a_file"
     folder.mkdir()
     (folder / "something").write_text("x")
     file.write_text("x")
@@ -110,7 +110,7 @@ def test_existing_output_needs_overwrite_and_only_ours_is_replaced(tmp_path, cap
     photos = tmp_path / "photos"  # a folder the converter did not write: never replaced
     photos.mkdir()
     (photos / "holiday.jpg").write_bytes(b"precious")
-    notes = tmp_path / "notes.txt"
+    notes = tmp_path / "notes.beton"  # named like an output, but not one: no FFCV header
     notes.write_text("precious")
     capsys.readouterr()
     assert write_dali.main([*base, "--output", str(photos), "--overwrite"]) == 2
@@ -119,7 +119,7 @@ def test_existing_output_needs_overwrite_and_only_ours_is_replaced(tmp_path, cap
     assert "does not look like this converter's output" in one_error_line(capsys)
     assert (photos / "holiday.jpg").read_bytes() == b"precious" and notes.read_text() == "precious"
 
-    empty_folder, empty_file = tmp_path / "empty", tmp_path / "empty.out"  # nothing to lose: no flag needed
+    empty_folder, empty_file = tmp_path / "empty", tmp_path / "empty.beton"  # nothing to lose: no flag needed
     empty_folder.mkdir()
     empty_file.touch()
     assert write_dali.main([*base, "--output", str(empty_folder)]) == 0

@@ -243,6 +243,8 @@ def scan_folder(root: str, rank: int = 0) -> datasets.FolderSource:
         raise DatasetError(str(exc)) from None
     if rank == 0 and not labeled:
         print(f"[loaders] {root}: no class folders, read as an unlabeled set of {len(source)} images", flush=True)
+    for line in source.left_out.lines() if rank == 0 else ():
+        print(f"[loaders] {line}", flush=True)
     if rank == 0 and source.empty_classes:
         print(
             f"[loaders] {root}: empty class folder(s) {', '.join(source.empty_classes)} keep their label indices",

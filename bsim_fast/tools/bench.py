@@ -29,11 +29,13 @@ from pathlib import Path
 
 import torch
 
+from bsim_fast import cli
 from bsim_fast.config import MODES, Config, load_config
 from bsim_fast.methods import METHODS
 from bsim_fast.mix import make_views
 from bsim_fast.optim import build_optimizer
 from bsim_fast.provenance import environment
+from bsim_fast.recipes import recipe_path
 
 # --------------------------------------------------------------------------------------------- targets
 # One H100, full sizes. `metric` names a function of the rows in METRICS; `op` is how the measured value
@@ -260,7 +262,7 @@ def recipe_cfg(method: str, mode: str, arch: str, size: int, batch: int, compile
     recipe = method if mode == "sim" else f"{method}_{mode}"
     small = size <= 64
     cfg = load_config(
-        f"configs/{'small/' if small else ''}{recipe}.yaml",
+        recipe_path(f"{'small/' if small else ''}{recipe}"),
         [
             f"model.arch={arch}",
             f"data.image_size={size}",
@@ -744,9 +746,10 @@ def plot(rows: list[dict], path: Path, env: dict) -> None:
 STAGES = ["kernel", "loader", "model", "end_to_end"]
 
 
-def main(argv=None) -> int:
+def build_parser() -> cli.ArgumentParser:
+    """The benchmark's options (gpu_check checks the ones it passes on before any work)."""
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", default=not cuda, help="small sizes (default without a GPU)")
     p.add_argument(
         "--only",
@@ -769,6 +772,12 @@ def main(argv=None) -> int:
     p.add_argument("--deadline", type=float, default=None, help="Unix time: rows that would end later are skipped")
     p.add_argument("--out", default="runs/bench")
     p.add_argument("--targets-md", action="store_true", help="print the targets table (docs/BENCHMARKS.md) and exit")
+    return p
+
+
+def main(argv=None) -> int:
+    cuda = torch.cuda.is_available()
+    p = build_parser()
     args = p.parse_args(argv)
     if args.targets_md:
         print(targets_markdown())

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bsim_fast import cli
+
 LANDSCAPE = (500, 375)
 MEAN_KB = 110.0
 # Colour photographs shipped inside scikit-image's wheel (skimage/data/), read as files: nothing is fetched.
@@ -189,7 +191,7 @@ def write_set(
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder (ImageFolder layout)")
     p.add_argument("--count", type=int, default=5000)
     p.add_argument("--classes", type=int, default=10)

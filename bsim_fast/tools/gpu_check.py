@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bsim_fast import cli
 from bsim_fast.provenance import environment
 
 from . import bench, bench_data
@@ -252,7 +253,7 @@ def write_report(out: Path, env: dict, stages: Stages, state: dict, tiny: bool, 
 
 def main(argv=None) -> int:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="output folder (created; report.md, report.json, bench.png, logs, data/)")
     p.add_argument("--tiny", action="store_true", default=not cuda, help="the CPU version (default without a GPU)")
     p.add_argument(
@@ -266,6 +267,7 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=None, help="data and loader workers (default: cores, ≤ 16)")
     p.add_argument("--skip-tests", action="store_true", help="leave out pytest -m gpu")
     args, extra = p.parse_known_args(argv)  # the rest goes to bsim_fast.tools.bench (e.g. --methods byol)
+    bench.build_parser().parse_args(extra)  # checked now: a typo is one line before minutes of tests and data
     if args.images is not None and args.images < 1:
         print("error: --images must be at least 1", file=sys.stderr)
         return 2

@@ -33,6 +33,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from bsim_fast import cli  # noqa: E402
 from bsim_fast.tools.counting import count_launches  # noqa: E402
 from bsim_fast.tools.counting import interpreting as _interpreting  # noqa: E402
 
@@ -282,10 +283,9 @@ def table(rows: list[dict]) -> str:
 
 
 def _main(argv=None) -> int:
-    import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="Benchmark the Triton kernels against their references.")
+    parser = cli.ArgumentParser(description="Benchmark the Triton kernels against their references.")
     parser.add_argument("--tiny", action="store_true", help="16 x 32² instead of 256 x 224² (on a GPU)")
     parser.add_argument("--sweep", action="store_true", help="also time other (BLOCK, num_warps) choices")
     parser.add_argument("--ptx", action="store_true", help="also compile for sm_90 and report the PTX")

@@ -56,8 +56,10 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from bsim_fast import cli
 from bsim_fast.atomic import write_text_atomic
 from bsim_fast.config import Config, ConfigError, load_config, parse_override
+from bsim_fast.recipes import recipe_path
 
 from . import cifar10
 from .speedrun_chart import plot
@@ -111,18 +113,8 @@ class SpeedrunError(ConfigError):
 
 
 # ---------------------------------------------------------------------------------------------- arguments
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        print(f"error: {message} (python -m bsim_fast.tools.speedrun --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
-    p = _Parser(
-        prog="python -m bsim_fast.tools.speedrun",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--recipe",
         action="append",
@@ -188,24 +180,6 @@ def default_eval_every(minutes: float) -> float:
     return 1.0 if minutes <= 10 else 2.5 if minutes <= 60 else 5.0
 
 
-def known_recipes() -> list[str]:
-    return sorted(f"small/{p.stem}" for p in (REPO_ROOT / "configs" / "small").glob("*.yaml"))
-
-
-def recipe_path(name: str) -> Path:
-    """small/byol_wbsim -> configs/small/byol_wbsim.yaml (beside the package, or from the working folder)."""
-    if name.endswith((".yaml", ".yml")):
-        candidates = [Path(name)]
-    else:
-        candidates = [Path("configs") / f"{name}.yaml", REPO_ROOT / "configs" / f"{name}.yaml"]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise SpeedrunError(
-        f"--recipe {name}: no such recipe ({candidates[-1]} not found); known: {', '.join(known_recipes())}"
-    )
-
-
 @dataclass
 class Plan:
     recipes: list[tuple]  # (name, path, Config)
@@ -243,7 +217,10 @@ def check_arguments(args) -> Plan:
         )
     recipes = []
     for name in args.recipe:
-        path = recipe_path(name)
+        try:
+            path = recipe_path(name)
+        except ConfigError as exc:
+            raise SpeedrunError(f"--recipe {exc}") from None
         cfg = load_config(path, args.overrides)
         if cfg.data.image_size > 64:
             raise SpeedrunError(
