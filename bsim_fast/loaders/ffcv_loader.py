@@ -41,7 +41,6 @@ from .base import (
     EvalLoader,
     TrainLoader,
     eval_crop_ratio,
-    is_labeled,
     mix_seed,
     random_resized_crop_params,
 )
@@ -244,7 +243,7 @@ class FfcvTrainLoader(TrainLoader):
                 seed=self.seed,
                 pipelines={"image": [decoder, ToTensor()] + _to_device(self.device), "label": None},
             )
-        return len(self.labels), is_labeled(self.labels)
+        return len(self.labels), datasets.labeled_from_labels(self.labels, path)
 
     def crops(self, epoch: int, start_batch: int):
         order = self.order(epoch, start_batch)
@@ -268,7 +267,7 @@ class FfcvEvalLoader(EvalLoader):
     def open(self, path: str):
         num_samples = datasets.check_beton(path)
         self._loader = None
-        return num_samples, is_labeled(_labels(path))
+        return num_samples, datasets.labeled_from_labels(_labels(path), path)
 
     def batches(self):
         size = self.size
