@@ -34,7 +34,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-from .. import datasets
+from .. import converted, datasets
 from .base import (
     CROP_ATTEMPTS,
     DatasetError,
@@ -226,7 +226,7 @@ class FfcvTrainLoader(TrainLoader):
 
     def open(self, path: str):
         cfg = self.cfg
-        datasets.check_beton(path)  # names the file if it is truncated, instead of ffcv's garbage pointers
+        converted.check_beton(path)  # names the file if it is truncated, instead of ffcv's garbage pointers
         self.labels = _labels(path)
         decoder = TwoViewCropDecoder(
             cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio, cfg.aug.flip_p, seed=self.seed
@@ -265,7 +265,7 @@ class FfcvEvalLoader(EvalLoader):
     kind = "ffcv"
 
     def open(self, path: str):
-        num_samples = datasets.check_beton(path)
+        num_samples = converted.check_beton(path)
         self._loader = None
         return num_samples, datasets.labeled_from_labels(_labels(path), path)
 

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import datasets
+from .. import converted, datasets
 from ..config import ConfigError
 from .base import CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, batch_generator, eval_crop_ratio, scan_folder
 
@@ -89,7 +89,7 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
 
     from . import ffcv_loader  # (also quiets a harmless numba message when a Loader is freed)
 
-    datasets.check_beton(path)  # names a truncated file instead of reading garbage
+    converted.check_beton(path)  # names a truncated file instead of reading garbage
     reader = Reader(path)
     names = list(reader.handlers)
     for field in ("image", "label"):
