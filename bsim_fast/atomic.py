@@ -1,8 +1,9 @@
 """Atomic outputs: a file or folder appears under its final name complete, or not at all.
 
-Checkpoints (bsim_fast/checkpoint.py) and the dataset converters (data_prep/) write through `atomic_output`:
-everything goes to `<final>.tmp-<pid>` beside the final path, is fsynced, and is renamed into place. A killed
-writer leaves only its temporary, which the next writer of the same path removes (its pid no longer runs).
+Checkpoints, metrics, exports and reports (`write_bytes_atomic` / `write_text_atomic`) and the dataset
+converters (data_prep/) write through `atomic_output`: everything goes to `<final>.tmp-<pid>` beside the final
+path, is fsynced, and is renamed into place. A killed writer leaves only its temporary, which the next writer
+of the same path removes (its pid no longer runs).
 """
 
 from __future__ import annotations
@@ -142,14 +143,6 @@ def _install(tmp: Path, final: Path, directory: bool) -> None:
     remove_path(old)
 
 
-def write_text_atomic(final: Path, text: str) -> None:
-    with atomic_output(final) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def disk_bytes(path: Path) -> int:
     path = Path(path)
     if path.is_dir():
@@ -158,6 +151,13 @@ def disk_bytes(path: Path) -> int:
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:
-    with atomic_output(final) as tmp:
+    """The one way the package writes a whole file (checkpoints, metrics.csv, config.json, reports): all of
+    `data` or the previous file; a full disk raises `DiskFullError` naming `final`."""
+    with atomic_output(Path(final)) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+
+
+def write_text_atomic(final: Path, text: str) -> None:
+    """`write_bytes_atomic` of `text` in UTF-8."""
+    write_bytes_atomic(final, text.encode("utf-8"))

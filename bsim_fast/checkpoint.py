@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import DiskFullError, atomic_output
+from .atomic import DiskFullError, write_bytes_atomic, write_text_atomic
 
 CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
 
@@ -25,22 +25,12 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary beside `path`, fsync, rename (the converters' `atomic_output`). On failure the
-    temporary is removed and whatever was at `path` before is untouched."""
-    try:
-        with atomic_output(Path(path)) as tmp:
-            with open(tmp, "wb") as f:
-                f.write(data)
-    except DiskFullError:
-        raise CheckpointError(f"{path}: no space left on device; previous checkpoints kept") from None
-
-
 def atomic_torch_save(obj, path: Path) -> str:
+    """torch.save through `atomic.write_bytes_atomic`; returns the file's sha256."""
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getvalue()
-    atomic_write_bytes(path, data)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
@@ -48,8 +38,11 @@ def save_checkpoint(state: dict, out_dir: Path, step: int, keep: int) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"ckpt_{step:08d}.pt"
-    digest = atomic_torch_save(state, path)
-    atomic_write_bytes(path.with_name(path.name + ".sha256"), (digest + "\n").encode())
+    try:
+        digest = atomic_torch_save(state, path)
+        write_text_atomic(path.with_name(path.name + ".sha256"), digest + "\n")
+    except DiskFullError as e:
+        raise CheckpointError(f"{e.path}: no space left on device; previous checkpoints kept") from None
     for old in list_checkpoints(out_dir)[:-keep]:
         old.unlink(missing_ok=True)
         old.with_name(old.name + ".sha256").unlink(missing_ok=True)

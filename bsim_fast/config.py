@@ -5,6 +5,12 @@ A recipe names its bases (`base: [...]`, relative to the file) and holds only it
 holds the name, the mode and the named method's own settings, which the method declares in its module.
 Every error is a `ConfigError` whose message is one line naming the file, the key and the value, because
 a typo in a recipe must never silently fall back to a default on a multi-day run.
+
+This is the ground floor: it imports nothing of the project. Names that live in a registry are checked by
+that registry against `cfg.where(key)` (the file or override that set the key): the methods register
+themselves in `METHODS` below (their settings are part of the recipe), `data.loader` is checked by the loader
+registry (bsim_fast/loaders/registry.py) and `model.arch` by bsim_fast/models.py, where each is resolved
+and in the trainer's check before any work.
 """
 
 from __future__ import annotations
@@ -18,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
-from .loaders import KINDS as LOADER_KINDS  # the registry module imports no back end (and not torch)
 
 
 class ConfigError(ValueError):
@@ -81,29 +85,29 @@ def setting(
     ordered: bool = False,
 ) -> Any:
     """A config field with its allowed values beside it: bounds apply to every element of a tuple, `ordered`
-    asks a tuple to be non-decreasing (a range), `choices` is a tuple or a function returning one (for names
-    that live in a registry elsewhere)."""
+    asks a tuple to be non-decreasing (a range), `choices` is a tuple of names (names that live in a registry
+    are checked by the registry instead)."""
     rules = dict(choices=choices, gt=gt, ge=ge, lt=lt, le=le, ordered=ordered)
     return field(default=default, metadata={k: v for k, v in rules.items() if v is not None and v is not False})
 
 
-def choices(section: str, key: str) -> tuple[str, ...]:
-    """The allowed values of a key with a fixed set, e.g. `choices("data", "loader")`, from its field's rule."""
-    section_cls = {f.name: f.default_factory for f in dataclasses.fields(Config)}[section]
-    allowed = {f.name: f.metadata for f in dataclasses.fields(section_cls)}[key]["choices"]
-    return tuple(allowed() if callable(allowed) else allowed)
+class Registry(dict):
+    """The names a config key may take, each with what it stands for, filled by the modules that own them;
+    `check` refuses any other name in one line naming the file or override that set it."""
+
+    def __init__(self, key: str, owner: str):
+        super().__init__()
+        self.key, self.owner = key, owner
+
+    def check(self, name: str, where: str) -> None:
+        if name not in self:
+            known = ", ".join(self) or f"none registered yet: import {self.owner}, whose modules register them"
+            raise ConfigError(f"{where}: {self.key} = {name!r} is not one of {known}")
 
 
-def method_names() -> tuple[str, ...]:
-    from .methods import METHODS  # imported when needed: the methods import this module
-
-    return tuple(METHODS)
-
-
-def arch_names() -> tuple[str, ...]:
-    from .models import backbone_names
-
-    return backbone_names()
+# Filled by `@register` in bsim_fast/methods/base.py as each method's module is imported (importing
+# bsim_fast.methods imports them all); config reads it for the named method's settings.
+METHODS = Registry("method.name", "bsim_fast.methods")
 
 
 @dataclass(eq=False)
@@ -111,19 +115,19 @@ class MethodCfg:
     """`method:` holds the name, the mode and the named method's own settings, which each method declares
     beside its code (a `Settings` dataclass, e.g. in bsim_fast/methods/moco.py) with defaults and ranges."""
 
-    name: str = setting("byol", choices=method_names)
+    name: str = "byol"  # a key of METHODS
     mode: str = setting("bsim", choices=MODES)
     _settings: dict = field(default_factory=dict, repr=False)
+    # (name, [(key, value, source)], origin): what the recipe set for the method it named. Resolved when the
+    # recipe is loaded, or, if no method was registered yet then, on first use (`settings`).
+    _given: tuple = field(default_factory=lambda: ("", [], {}), repr=False)
 
     @property
     def settings(self) -> Any:
-        """The named method's settings: its defaults until a recipe or the caller sets them."""
+        """The named method's settings: its defaults, with what the recipe set, until the caller sets them."""
         if self.name not in self._settings:
-            from .methods import METHODS
-
-            if self.name not in METHODS:
-                raise ConfigError(f"method.name = {self.name!r} is not one of {', '.join(METHODS)}")
-            self._settings[self.name] = METHODS[self.name].Settings()
+            name, given, origin = self._given
+            self._settings[self.name] = method_settings(self.name, given if name == self.name else [], origin)
         return self._settings[self.name]
 
     def __eq__(self, other) -> bool:
@@ -144,7 +148,7 @@ class BsimCfg:
 class ModelCfg:
     """The networks' shapes (what a checkpoint's tensors depend on); method settings live in `method:`."""
 
-    arch: str = setting("resnet50", choices=arch_names)
+    arch: str = "resnet50"  # a torchvision ResNet (models.check_arch)
     cifar_stem: bool = False  # 3x3 stride-1 conv1 and no max-pool, for 32x32 images
     proj_hidden: int = setting(4096, gt=0)
     proj_dim: int = setting(256, gt=0)
@@ -171,7 +175,7 @@ class AugCfg:
 
 @dataclass
 class DataCfg:
-    loader: str = setting("ffcv", choices=LOADER_KINDS)  # the registry in bsim_fast/loaders/__init__.py
+    loader: str = "ffcv"  # a kind of the loader registry (bsim_fast/loaders/registry.py)
     train: str = "builtin"  # .beton (ffcv), shard folder (dali), ImageFolder (torch); builtin = bundled set
     val: str = ""  # held-out split for the k-NN monitor ("" = none)
     image_size: int = setting(224, ge=8)  # below 8 px a CutMix box is a pixel or two
@@ -180,7 +184,6 @@ class DataCfg:
     mean: tuple[float, float, float] = setting((123.675, 116.28, 103.53), ge=0, le=255)  # 0..255 units
     std: tuple[float, float, float] = setting((58.395, 57.12, 57.375), gt=0)
     dali_hw_decoder_load: float = setting(0.65, ge=0, le=1)
-    gpu_resident: bool = False  # small datasets: keep every decoded image on the GPU
 
 
 @dataclass
@@ -228,19 +231,60 @@ class Config:
     data: DataCfg = field(default_factory=DataCfg)
     optim: OptimCfg = field(default_factory=OptimCfg)
     train: TrainCfg = field(default_factory=TrainCfg)
+    # "section.key" -> the file or override that set it ("*": where the unset keys' defaults were taken)
+    _origin: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def recipe(self) -> str:
         return self.method.name if self.method.mode == "sim" else f"{self.method.name}_{self.method.mode}"
 
+    def where(self, key: str) -> str:
+        """The file or override that set `key` ("section.key"), for a one-line error about its value."""
+        return where_in(self._origin, key)
 
-# keys that moved out of `model:` when each method took its own settings; named in the unknown-key error
+
+def where_in(origin: dict, key: str) -> str:
+    return origin.get(key) or origin.get("*", "config")
+
+
+def method_settings(name: str, given: list, origin: dict) -> Any:
+    """The `Settings` of method `name` with the values a recipe gave ((key, value, source) each), checked
+    against the rules beside them; every error names the file or override."""
+    METHODS.check(name, where_in(origin, "method.name"))
+    settings = METHODS[name].Settings()
+    hints = typing.get_type_hints(type(settings))
+    for key, val, source in given:
+        if key not in hints:
+            known = ", ".join(["name", "mode", *hints])
+            raise ConfigError(f"{source}: method.{key} is not a setting of {name} (known: {known})")
+        setattr(settings, key, _coerce(val, hints[key], f"{source}: method.{key}"))
+        origin[f"method.{key}"] = source
+    _check(settings, "method", lambda key: where_in(origin, key))
+    return settings
+
+
+def sections(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if not f.name.startswith("_")]
+
+
+# keys that moved; named in the unknown-key error (model.* when each method took its own settings)
 MOVED = {
     "model.tau_base": "method.tau_base",
     "model.moco_momentum": "method.tau_base and method.tau_final",
     "model.temperature": "method.temperature",
     "model.shuffle_bn": "method.shuffle_bn",
 }
+
+
+def upgrade(data: dict, source: str = "checkpoint") -> dict:
+    """A config mapping (a recipe layer, a checkpoint's config) in today's keys: `data.gpu_resident: true`, the
+    old switch for the GPU-resident loader, is read as `data.loader: gpu_resident` (false: the key is dropped)."""
+    section = data.get("data") if isinstance(data, dict) else None
+    if not (isinstance(section, dict) and "gpu_resident" in section):
+        return data
+    on = _coerce(section["gpu_resident"], bool, f"{source}: data.gpu_resident")
+    section = {k: v for k, v in section.items() if k != "gpu_resident"} | ({"loader": "gpu_resident"} if on else {})
+    return {**data, "data": section}
 
 
 def _type_name(tp) -> str:
@@ -255,12 +299,12 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], where)
-    if origin in (tuple, tuple):
+    if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{where}: expected a list of {len(args)} numbers, found {value!r}")
         return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin in (list, list):
+    if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, found {value!r}")
         (arg,) = typing.get_args(tp)
@@ -288,8 +332,8 @@ class _Builder:
 
     def __init__(self, default_source: str):
         self.cfg = Config()
-        self.default_source = default_source
-        self.origin = {}  # "section.key" -> where it was last set
+        self.origin = self.cfg._origin  # "section.key" -> where it was last set
+        self.origin["*"] = default_source
         self.method_settings = []  # (key, value, where): resolved once the method's name is final
 
     def apply(self, data: Any, source: str) -> None:
@@ -297,10 +341,10 @@ class _Builder:
             return
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of sections, found {type(data).__name__}")
-        sections = {f.name for f in dataclasses.fields(self.cfg)}
-        for sec_name, sec_val in data.items():
-            if sec_name not in sections:
-                raise ConfigError(f"{source}: unknown section '{sec_name}' (known: {', '.join(sections)})")
+        known = sections(self.cfg)
+        for sec_name, sec_val in upgrade(data, source).items():
+            if sec_name not in known:
+                raise ConfigError(f"{source}: unknown section '{sec_name}' (known: {', '.join(known)})")
             if not isinstance(sec_val, dict):
                 raise ConfigError(f"{source}: section '{sec_name}' must be a mapping, found {sec_val!r}")
             section = getattr(self.cfg, sec_name)
@@ -317,24 +361,15 @@ class _Builder:
                 setattr(section, key, _coerce(val, hints[key], f"{source}: {sec_name}.{key}"))
                 self.origin[f"{sec_name}.{key}"] = source
 
-    def _where(self, key: str) -> str:
-        return self.origin.get(key, self.default_source)
-
     def finish(self) -> Config:
         method = self.cfg.method
-        _check(method, "method", self._where)  # the name first: the settings depend on it
-        settings = method.settings
-        hints = typing.get_type_hints(type(settings))
-        for key, val, source in self.method_settings:
-            if key not in hints:
-                known = ", ".join(["name", "mode", *hints])
-                raise ConfigError(f"{source}: method.{key} is not a setting of {method.name} (known: {known})")
-            setattr(settings, key, _coerce(val, hints[key], f"{source}: method.{key}"))
-            self.origin[f"method.{key}"] = source
-        _check(settings, "method", self._where)
-        for f in dataclasses.fields(self.cfg):
-            if f.name != "method":
-                _check(getattr(self.cfg, f.name), f.name, self._where)
+        _check(method, "method", self.cfg.where)
+        method._given = (method.name, self.method_settings, self.origin)
+        if METHODS:  # the methods are registered (every entry point imports them): checked now, before any work
+            method.settings  # noqa: B018 - resolving the settings checks them
+        for name in sections(self.cfg):
+            if name != "method":
+                _check(getattr(self.cfg, name), name, self.cfg.where)
         return self.cfg
 
 
@@ -359,7 +394,7 @@ def _check(section: Any, prefix: str, where) -> None:
         key = f"{prefix}.{f.name}"
         value = getattr(section, f.name)
         if "choices" in rules:
-            allowed = rules["choices"]() if callable(rules["choices"]) else rules["choices"]
+            allowed = rules["choices"]
             if value not in allowed:
                 raise ConfigError(f"{where(key)}: {key} = {value!r} is not one of {', '.join(allowed)}")
         values = value if isinstance(value, tuple) else (value,)
@@ -460,7 +495,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"{p}: config file not found")
-        builder.default_source = str(p)
+        builder.origin["*"] = str(p)
         for data, where in _recipe_layers(p):
             builder.apply(data, where)
     for text in overrides or []:
@@ -476,7 +511,7 @@ def to_dict(cfg: Config) -> dict:
     def section(obj):
         return {f.name: plain(getattr(obj, f.name)) for f in dataclasses.fields(obj) if not f.name.startswith("_")}
 
-    out = {f.name: section(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    out = {name: section(getattr(cfg, name)) for name in sections(cfg)}
     out["method"].update(section(cfg.method.settings))
     return out
 

@@ -1,5 +1,6 @@
-"""Thin helpers over torch.distributed that degrade to the identity in a single process; the CPU thread count;
-the launcher scripts/train_8gpu.sh runs (torchrun, with one line instead of its failure report):
+"""The process group (`setup_distributed`, from torchrun's environment) and thin helpers over torch.distributed
+that degrade to the identity in a single process; the CPU thread count; the launcher scripts/train_8gpu.sh runs
+(torchrun, with one line instead of its failure report):
 
     python -m bsim_fast.dist [torchrun arguments] -m bsim_fast.train --config ...
 """
@@ -14,6 +15,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from .host import available_cores
+
+
+def setup_distributed() -> tuple[int, int, int, torch.device]:
+    """(rank, world size, local rank, device) from torchrun's environment (one process without it); the
+    process group is started when world > 1 (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    return rank, world, local_rank, device
 
 
 def is_dist() -> bool:
@@ -86,10 +106,6 @@ def cpu_threads(cores: int, local_processes: int) -> int:
     return max(1, cores // (2 * max(1, local_processes)))
 
 
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def set_cpu_threads(local_processes: int, log: Callable[[str], None] | None = print) -> int:
     """Set torch's thread count by `cpu_threads` unless OMP_NUM_THREADS says otherwise; says so in one line."""
     if os.environ.get("OMP_NUM_THREADS", "").strip():
@@ -140,6 +156,7 @@ def launch(argv: list) -> int:
 
 
 __all__ = [
+    "setup_distributed",
     "is_dist",
     "rank",
     "world",

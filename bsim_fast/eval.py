@@ -20,10 +20,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import cli
-from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, atomic_write_bytes, load_checkpoint, torch_load
+from . import cli, loaders
+from .atomic import DiskFullError, write_bytes_atomic
+from .checkpoint import CKPT_RE, CheckpointError, atomic_torch_save, load_checkpoint, torch_load
 from .config import MODES, Config, ConfigError, from_dict
+from .dist import set_cpu_threads
+from .methods import build_method
 from .mix import cutmix_normalize
+from .models import build_backbone
+from .precision import Precision, precision_for
 
 
 def is_labeled(loader) -> bool:
@@ -48,8 +53,11 @@ def _gather_varsize(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader, mean, std, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features and labels of every sample of `loader` (all ranks gathered)."""
+def extract_features(
+    backbone: nn.Module, loader, mean, std, precision: Precision | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features and labels of every sample of `loader` (all ranks gathered), computed as the
+    trainer computes (`precision_for(cfg.train.precision, device)`; fp32 without one)."""
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
@@ -58,8 +66,9 @@ def extract_features(backbone: nn.Module, loader, mean, std, dtype=torch.float32
     main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
     # minutes on ImageNet-sized banks: show it (the bar switches itself off when stdout is not a terminal)
     for x_u8, y in tqdm(loader, desc="features", unit="batch", leave=False, disable=None if main else True):
-        x, _ = cutmix_normalize(x_u8.contiguous(), None, None, mean, std, dtype)  # the training path's normalise
-        with torch.autocast(x.device.type, dtype=dtype, enabled=x.device.type == "cuda" and dtype != torch.float32):
+        p = precision or precision_for("fp32", x_u8.device)
+        x, _ = cutmix_normalize(x_u8.contiguous(), None, None, mean, std, p.view_dtype)  # the training normalise
+        with p.autocast_context():
             f = backbone(x)
         feats.append(F.normalize(f.float(), dim=1))
         labels.append(y.to(f.device))
@@ -138,11 +147,11 @@ def knn_monitor(
     rank: int,
     world: int,
     device: torch.device,
-    dtype=torch.float32,
     log: Callable[[str], None] = print,
 ) -> dict | None:
-    """k-NN top-1/top-5 of the current backbone: training split (no augmentation) as the bank, data.val as
-    queries. None, after one line through `log`, when either set is unlabeled (nothing is extracted)."""
+    """k-NN top-1/top-5 of the current backbone (computed in `train.precision`): training split (no
+    augmentation) as the bank, data.val as queries. None, after one line through `log`, when either set is
+    unlabeled (nothing is extracted)."""
     bank = build_eval_loader(cfg, cfg.data.train, rank, world, device)
     queries = build_eval_loader(cfg, cfg.data.val, rank, world, device)
     for key, loader in (("data.train", bank), ("data.val", queries)):
@@ -152,8 +161,9 @@ def knn_monitor(
                 f"data and is skipped"
             )
             return None
-    train_f, train_y = extract_features(backbone, bank, cfg.data.mean, cfg.data.std, dtype)
-    test_f, test_y = extract_features(backbone, queries, cfg.data.mean, cfg.data.std, dtype)
+    precision = precision_for(cfg.train.precision, device)
+    train_f, train_y = extract_features(backbone, bank, cfg.data.mean, cfg.data.std, precision)
+    test_f, test_y = extract_features(backbone, queries, cfg.data.mean, cfg.data.std, precision)
     return knn_classify(train_f, train_y, test_f, test_y, cfg.train.knn_k, cfg.train.knn_t)
 
 
@@ -187,15 +197,16 @@ def export_meta(cfg: Config) -> bytes:
         "image_size": cfg.data.image_size,
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
+        "precision": cfg.train.precision,
     }
     return json.dumps(meta, indent=1).encode()
 
 
 def export_backbone(backbone: nn.Module, cfg: Config, path: Path, fmt: str = "torch") -> Path:
     """The online encoder as a torchvision resnet state_dict (no `fc`; timm's ResNets share the key names),
-    plus `<name>.json` saying how to rebuild it: `m = torchvision.models.resnet50(); m.fc = nn.Identity();
-    m.load_state_dict(sd)`. `fmt`: "torch" (torch.save) or "safetensors" (the file's metadata holds the json
-    too). Both written atomically."""
+    plus `<name>.json` saying how to rebuild it (`m = torchvision.models.resnet50(); m.fc = nn.Identity();
+    m.load_state_dict(sd)`) and the precision it was trained in (what `eval` computes its features in). `fmt`:
+    "torch" (torch.save) or "safetensors" (the file's metadata holds the json too). Both written atomically."""
     path = Path(path)
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
@@ -206,16 +217,14 @@ def export_backbone(backbone: nn.Module, cfg: Config, path: Path, fmt: str = "to
     if fmt == "torch":
         atomic_torch_save(sd, path)
     else:
-        atomic_write_bytes(path, safetensors_torch().save(sd, metadata={"format": "pt", "bsim_fast": meta.decode()}))
-    atomic_write_bytes(path.with_suffix(".json"), meta)
+        write_bytes_atomic(path, safetensors_torch().save(sd, metadata={"format": "pt", "bsim_fast": meta.decode()}))
+    write_bytes_atomic(path.with_suffix(".json"), meta)
     return path
 
 
 def load_backbone(path: Path, log: Callable[[str], None] = print) -> tuple[nn.Module, Config]:
     """A backbone from an exported `backbone.pt` or `*.safetensors` (with the `.json` written beside it) or from
     a training checkpoint (verified by its .sha256 when it has one; without, loaded after a one-line warning)."""
-    from .models import build_backbone
-
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -231,8 +240,6 @@ def load_backbone(path: Path, log: Callable[[str], None] = print) -> tuple[nn.Mo
         if not (isinstance(state, dict) and "model" in state and "config" in state):
             raise no_meta
         cfg = from_dict(state["config"], source=str(path))
-        from .methods import build_method
-
         method = build_method(cfg)
         _load_state(method, state["model"], path)
         return method.backbone, cfg
@@ -246,6 +253,7 @@ def load_backbone(path: Path, log: Callable[[str], None] = print) -> tuple[nn.Mo
     cfg.method.name, cfg.method.mode = (
         (name, mode) if name and mode in MODES and mode != "sim" else (meta["recipe"], "sim")
     )
+    cfg.train.precision = meta.get("precision", cfg.train.precision)  # written since the export has said it
     backbone, _ = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
     _load_state(backbone, _load_tensors(path), path)
     return backbone, cfg
@@ -270,15 +278,6 @@ def _load_state(module: nn.Module, state: dict, path: Path) -> None:
         raise CheckpointError(
             f"{path}: its tensors do not fit the model it names ({str(e).splitlines()[0].rstrip(':.')})"
         ) from None
-
-
-def _loader_kind(path: str) -> str:
-    p = Path(path)
-    if p.suffix == ".beton":
-        return "ffcv"
-    if (p / "meta.json").is_file():
-        return "dali"
-    return "torch"
 
 
 def check_export(args) -> None:
@@ -334,14 +333,13 @@ def main(argv=None) -> int:
                 raise ConfigError(f"--{name.replace('_', '-')} = {getattr(args, name)} must be >= {low}")
         if not args.t > 0:
             raise ConfigError(f"--t = {args.t} must be > 0")
+        kinds = []
         if args.task == "export":
             check_export(args)
         else:  # before loading anything
             if not (args.train and args.val):
                 raise ConfigError(f"{args.task} needs --train and --val")
-            for p in (args.train, args.val):
-                if not p.startswith("builtin") and not Path(p).exists():
-                    raise ConfigError(f"{p}: dataset not found")
+            kinds = [loaders.kind_for_path(p) for p in (args.train, args.val)]  # exists, and which loader reads it
         backbone, cfg = load_backbone(Path(args.checkpoint), log=lambda m: print(m, file=sys.stderr))
         if args.task == "export":
             meta = Path(args.output).with_suffix(".json")  # the same for every export of this backbone
@@ -352,25 +350,20 @@ def main(argv=None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         backbone = backbone.to(device).to(memory_format=torch.channels_last)
         cfg.data.batch_size, cfg.data.workers = args.batch_size, args.workers
-        from .loaders import build_eval_loader
-
-        loaders = []
-        for flag, path in (("--train", args.train), ("--val", args.val)):
-            cfg.data.loader = _loader_kind(path)
-            loader = build_eval_loader(cfg, path, 0, 1, device)
+        sets = []
+        for flag, path, kind in zip(("--train", "--val"), (args.train, args.val), kinds):
+            loader = loaders.build_eval_loader(cfg, path, 0, 1, device, kind)
             if not is_labeled(loader):  # before minutes of feature extraction
                 raise ConfigError(
                     f"{flag} {path}: unlabeled dataset; {args.task} needs labelled --train and --val "
                     f"(the backbone itself may come from unlabeled pretraining)"
                 )
-            loaders.append(loader)
+            sets.append(loader)
         if device.type == "cpu":  # after every check, so that a refusal stays one line
-            from .dist import set_cpu_threads
-
             set_cpu_threads(1, log=lambda m: print(m, file=sys.stderr))
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        tr_f, tr_y = extract_features(backbone, loaders[0], cfg.data.mean, cfg.data.std, dtype)
-        te_f, te_y = extract_features(backbone, loaders[1], cfg.data.mean, cfg.data.std, dtype)
+        precision = precision_for(cfg.train.precision, device)  # as the checkpoint was trained
+        tr_f, tr_y = extract_features(backbone, sets[0], cfg.data.mean, cfg.data.std, precision)
+        te_f, te_y = extract_features(backbone, sets[1], cfg.data.mean, cfg.data.std, precision)
         if args.task == "knn":
             result = knn_classify(tr_f, tr_y, te_f, te_y, args.k, args.t)
         else:
@@ -378,7 +371,7 @@ def main(argv=None) -> int:
         result = {k: round(v, 2) for k, v in result.items()}  # percentages: more digits are noise
         result.update(train_images=tr_f.shape[0], val_images=te_f.shape[0])
         print(json.dumps(result))
-    except (ConfigError, CheckpointError) as e:
+    except (ConfigError, CheckpointError, DiskFullError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

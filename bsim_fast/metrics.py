@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from .atomic import write_text_atomic
 
 
 def cut_metrics(path: Path, step: int) -> int:
@@ -38,7 +38,7 @@ def cut_metrics(path: Path, step: int) -> int:
     if len(keep) < len(body):
         out = io.StringIO()
         csv.writer(out).writerows([header] + keep)
-        atomic_write_bytes(path, out.getvalue().encode())
+        write_text_atomic(path, out.getvalue())
     return len(body) - len(keep)
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 import torch.nn as nn
 import torchvision
 
+from .config import ConfigError
+
 
 def backbone_names() -> tuple[str, ...]:
     """The torchvision ResNets `model.arch` may name (resnet18 ... resnet152, wide_resnet50_2, ...)."""
     return tuple(n for n in torchvision.models.list_models(module=torchvision.models) if "resnet" in n)
+
+
+def check_arch(arch: str, where: str = "model.arch") -> None:
+    """One line naming `where` (the file or override that set model.arch) when `arch` is no torchvision ResNet."""
+    if arch not in backbone_names():
+        raise ConfigError(f"{where}: model.arch = {arch!r} is not one of {', '.join(backbone_names())}")
 
 
 def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
@@ -16,8 +24,7 @@ def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
 
     cifar_stem: a 3x3 stride-1 first conv and no max-pool, so 32x32 inputs keep their resolution.
     """
-    if arch not in backbone_names():
-        raise ValueError(f"model.arch: {arch!r} is not a torchvision ResNet (one of {', '.join(backbone_names())})")
+    check_arch(arch)
     net = getattr(torchvision.models, arch)(weights=None)
     feat_dim = net.fc.in_features
     net.fc = nn.Identity()
@@ -57,4 +64,4 @@ def mlp(
     return nn.Sequential(*layers)
 
 
-__all__ = ["backbone_names", "build_backbone", "mlp"]
+__all__ = ["backbone_names", "build_backbone", "check_arch", "mlp"]

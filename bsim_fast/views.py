@@ -118,7 +118,7 @@ def step_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.G
 def first_batch(cfg: Config, device) -> ViewBatch:
     """Batch 0 of epoch 0 of `cfg`'s own train loader (rank 0 of 1), at each stage of training step 0."""
     from .loaders import build_train_loader
-    from .train import step_generator
+    from .step import step_generator
 
     loader = build_train_loader(cfg, 0, 1, device)
     if len(loader) < 1:
@@ -337,9 +337,10 @@ def check_arguments(args) -> Config:
         cfg.data.train = args.data
     if args.seed is not None:
         cfg.train.seed = args.seed
-    from .loaders import check_dataset, loader_kind
+    from .loaders import check_dataset, check_kind
 
-    check_dataset(loader_kind(cfg), cfg.data.train, "--data")
+    check_kind(cfg.data.loader, cfg.where("data.loader"))
+    check_dataset(cfg.data.loader, cfg.data.train, "--data")
     return cfg
 
 
@@ -348,9 +349,7 @@ def main(argv=None) -> int:
     try:
         cfg = check_arguments(args)
         device = pick_device(args.device)
-        from .loaders import loader_kind
-
-        kind, side = loader_kind(cfg), cfg.data.image_size
+        kind, side = cfg.data.loader, cfg.data.image_size
         print(f"[views] {cfg.recipe}: batch 0 of {args.n} images from {cfg.data.train} ({kind} loader, {device})")
         batch = first_batch(cfg, device)
         lam = lam_draws(args.draws, side, cfg.bsim.alpha, cfg.train.seed)

@@ -52,6 +52,7 @@ from bsim_fast.datasets import (
     scan_image_folder,
     short_reason,
 )
+from bsim_fast.host import available_cores
 
 DEFAULT_MAX_RESOLUTION = 512
 DEFAULT_JPEG_QUALITY = 90
@@ -569,11 +570,7 @@ def one_line(text: str) -> str:
 
 
 def default_workers() -> int:
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:
-        available = os.cpu_count() or 1
-    return max(1, min(available, 16))
+    return max(1, min(available_cores(), 16))
 
 
 def int_at_least(low: int, high: int | None = None):

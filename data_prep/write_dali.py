@@ -35,7 +35,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bsim_fast import datasets  # noqa: E402
+from bsim_fast import converted, datasets  # noqa: E402
 from data_prep import common  # noqa: E402
 from data_prep.common import ConversionError  # noqa: E402
 
@@ -178,7 +178,7 @@ def convert(args: argparse.Namespace) -> dict:
                 "shards": shards.shards,
             }
             (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
-            datasets.check_shards(tmp)
+            converted.check_shards(tmp)
             run.written = shards.count
             run.extra.update(
                 format="dali-webdataset",

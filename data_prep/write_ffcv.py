@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from bsim_fast import atomic, datasets  # noqa: E402
+from bsim_fast import atomic, converted, datasets  # noqa: E402
 from data_prep import common  # noqa: E402
 from data_prep.common import ConversionError  # noqa: E402
 
@@ -306,7 +306,7 @@ def convert(args: argparse.Namespace) -> dict:
     dataset = ValidatedSamples(source, good, args.max_resolution)
     with run.install() as tmp:
         write_beton(tmp, dataset, fields, writers, page_size, output)
-        datasets.check_beton(tmp)
+        converted.check_beton(tmp)
         run.written = len(good)
         run.extra.update(
             format="ffcv",

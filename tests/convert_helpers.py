@@ -6,7 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bsim_fast import datasets
+from bsim_fast import converted
+
+
+def decode_cls(raw: np.ndarray | bytes) -> int:
+    """A `.cls` member (ASCII decimal, the webdataset convention) as DALI returns it (uint8 array) -> int."""
+    return int(bytes(np.asarray(raw, dtype=np.uint8)).decode("ascii").strip())
 
 
 def read_beton(path: Path, image_decoder=None):
@@ -14,7 +19,7 @@ def read_beton(path: Path, image_decoder=None):
     from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
 
-    datasets.check_beton(path)
+    converted.check_beton(path)
     loader = Loader(
         str(path),
         batch_size=64,
@@ -34,7 +39,7 @@ def read_shards_with_dali(folder: Path):
     """All (images, labels) of a shard folder through a CPU-only DALI pipeline with our index files."""
     from nvidia.dali import fn, pipeline_def, types
 
-    meta = datasets.check_shards(folder)
+    meta = converted.check_shards(folder)
     tars = [str(folder / s["tar"]) for s in meta["shards"]]
     indexes = [str(folder / s["index"]) for s in meta["shards"]]
 
@@ -54,7 +59,7 @@ def read_shards_with_dali(folder: Path):
         for k in range(len(batch_images)):
             if len(images) < total:
                 images.append(np.array(batch_images.at(k)))
-                labels.append(datasets.decode_cls(batch_labels.at(k)))
+                labels.append(decode_cls(batch_labels.at(k)))
     return images, np.array(labels), meta
 
 

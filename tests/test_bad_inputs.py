@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bsim_fast import datasets
+from bsim_fast import converted, datasets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
 from data_prep import common, write_dali, write_ffcv  # noqa: E402
@@ -220,7 +220,7 @@ def test_dali_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
     assert "empty class folder 'd_empty' keeps its index 3" in captured.err
-    meta = datasets.check_shards(out, deep=True)
+    meta = converted.check_shards(out, deep=True)
     assert meta["num_samples"] == len(good) and meta["classes"][3] == "d_empty"
 
     labels, sizes = [], []
@@ -249,7 +249,7 @@ def test_ffcv_converter_skips_bad_files_and_keeps_every_good_one(messy_tree, tmp
     assert write_ffcv.main(["--source", str(root), "--output", str(out), "--workers", "1"]) == 0
     captured = capsys.readouterr()
     check_skips(root, out, bad, captured.err, captured.out.splitlines()[0])
-    assert datasets.check_beton(out) == len(good)
+    assert converted.check_beton(out) == len(good)
     loader = Loader(
         str(out),
         batch_size=8,
@@ -278,16 +278,16 @@ def test_truncated_beton_names_the_file(tmp_path):
     out = tmp_path / "small.beton"
     assert write_ffcv.main(["--subset", "20", "--workers", "1", "--write-mode", "jpg", "--output", str(out)]) == 0
     data = out.read_bytes()
-    assert datasets.check_beton(out) == 20
+    assert converted.check_beton(out) == 20
     for cut in (10, len(data) // 2, len(data) - 5):
         broken = tmp_path / f"cut{cut}.beton"
         broken.write_bytes(data[:cut])
         with pytest.raises(datasets.CorruptOutputError, match=f"{broken}: truncated or corrupt"):
-            datasets.check_beton(broken)
+            converted.check_beton(broken)
     unfinished = tmp_path / "unfinished.beton"  # header written last: a killed writer leaves it zeroed
     unfinished.write_bytes(bytes(64) + data[64:])
     with pytest.raises(datasets.CorruptOutputError, match="unfinished.beton"):
-        datasets.check_beton(unfinished)
+        converted.check_beton(unfinished)
 
 
 def test_truncated_shard_names_the_file(tmp_path):
@@ -296,4 +296,4 @@ def test_truncated_shard_names_the_file(tmp_path):
     shard = out / "shard-000001.tar"
     shard.write_bytes(shard.read_bytes()[:3000])
     with pytest.raises(datasets.CorruptOutputError, match=f"{shard}: truncated"):
-        datasets.check_shards(out)
+        converted.check_shards(out)

@@ -20,7 +20,7 @@ import pytest
 from convert_helpers import read_beton, read_shards_with_dali, tmp_leftovers
 from PIL import Image
 
-from bsim_fast import atomic, datasets
+from bsim_fast import atomic, converted, datasets
 from data_prep import common
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # data_prep/ holds scripts, not a package
@@ -127,7 +127,7 @@ def test_dali_round_trip_and_index_files(tmp_path, builtin_subset):
         )
         == 0
     )
-    meta = datasets.check_shards(out, deep=True)
+    meta = converted.check_shards(out, deep=True)
     assert meta["num_samples"] == SUBSET and len(meta["classes"]) == 10
     assert [s["num_samples"] for s in meta["shards"]] == [64, 64, 64, 8]
     for shard in meta["shards"]:  # our index == what DALI's wds2idx makes of the same tar
@@ -159,7 +159,7 @@ def test_npz_source(tmp_path):
         )
         == 0
     )
-    meta = datasets.check_shards(out, deep=True)
+    meta = converted.check_shards(out, deep=True)
     assert meta["num_samples"] == 30 and meta["classes"] == ["0", "1", "2", "3"]
     with tarfile.open(out / "shard-000000.tar") as tar:
         got = [int(tar.extractfile(f"{k:09d}.cls").read()) for k in range(30)]
@@ -197,7 +197,7 @@ def test_killed_converter_leaves_no_output_and_rerun_completes(tmp_path):
     assert not out.exists()
 
     assert write_dali.main(["--subset", "100", "--workers", "1", "--output", str(out)]) == 0
-    assert datasets.check_shards(out, deep=True)["num_samples"] == 100
+    assert converted.check_shards(out, deep=True)["num_samples"] == 100
     assert tmp_leftovers(tmp_path) == []  # the dead run's temporary folder was cleaned up
 
 
@@ -277,7 +277,7 @@ def test_dali_shards_are_shuffled_by_default_with_labels_intact(tmp_path, builti
     out = tmp_path / "shuffled"
     assert write_dali.main(["--subset", str(SUBSET), "--workers", "1", "--shard-size", "64", "--output", str(out)]) == 0
     shard_labels = []
-    for shard in datasets.check_shards(out, deep=True)["shards"]:
+    for shard in converted.check_shards(out, deep=True)["shards"]:
         with tarfile.open(out / shard["tar"]) as tar:
             shard_labels += [int(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".cls")]
     assert sorted(shard_labels) == sorted(labels) and shard_labels != list(labels)

@@ -61,7 +61,7 @@ def write_shards(root: Path, shard_sizes) -> Path:
 
 def overwrite_member(root: Path, shard: int, member: str, data: bytes) -> None:
     """Corrupts one member in place (same length), as a bad disk would: meta.json still matches."""
-    from bsim_fast.datasets import read_wds_index
+    from bsim_fast.converted import read_wds_index
 
     index = read_wds_index(root / f"shard-{shard:06d}.idx")
     ((offset, size),) = [(o, n) for sample in index for ext, o, n, name in sample if name == member]

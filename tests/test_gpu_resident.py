@@ -48,9 +48,9 @@ def labels(folder):
     return datasets.scan_image_folder(Path(folder)).labels
 
 
-def make_cfg(path, kind="torch", identity=False, flip_p=None, seed=0):
+def make_cfg(path, identity=False, flip_p=None, seed=0):
     cfg = Config()
-    cfg.data.loader, cfg.data.train, cfg.data.image_size, cfg.data.gpu_resident = kind, path, 32, True
+    cfg.data.loader, cfg.data.train, cfg.data.image_size = "gpu_resident", path, 32
     cfg.data.batch_size, cfg.data.workers, cfg.train.seed = BATCH, 1, seed
     if identity:  # views = stored images
         cfg.aug = dataclasses.replace(cfg.aug, **IDENTITY_AUG)
@@ -67,7 +67,7 @@ def same(xs, ys):
 @pytest.mark.parametrize("kind", ["torch", "ffcv"])
 def test_train_protocol(kind, folder, beton, labels):
     path = folder if kind == "torch" else beton
-    loader = build_train_loader(make_cfg(path, kind), 0, 1, "cpu")
+    loader = build_train_loader(make_cfg(path), 0, 1, "cpu")
     assert isinstance(loader, GpuResidentTrainLoader) and len(loader) == N // BATCH
     batches = list(loader.epoch(0))
     assert len(batches) == len(loader)
@@ -83,8 +83,8 @@ def test_train_protocol(kind, folder, beton, labels):
 
 
 def test_beton_and_folder_hold_the_same_images(folder, beton, labels):
-    from_folder = build_eval_loader(make_cfg(folder, "torch"), folder, 0, 1, "cpu").data
-    from_beton = build_eval_loader(make_cfg(beton, "ffcv"), beton, 0, 1, "cpu").data
+    from_folder = build_eval_loader(make_cfg(folder), folder, 0, 1, "cpu").data
+    from_beton = build_eval_loader(make_cfg(beton), beton, 0, 1, "cpu").data
     assert from_folder.images.shape == (N, 32, 32, 3)
     assert torch.equal(from_folder.images, from_beton.images)  # raw .beton: the same pixels
     assert np.array_equal(from_beton.labels.numpy(), labels)
@@ -180,8 +180,7 @@ def test_mixed_sizes_are_centre_cropped(tmp_path):
     assert (
         write_ffcv.main(["--source", str(tmp_path), "--output", str(out), "--write-mode", "raw", "--workers", "1"]) == 0
     )
-    cfg.data.loader = "ffcv"
-    data = build_eval_loader(cfg, str(out), 0, 1, "cpu").data
+    data = build_eval_loader(cfg, str(out), 0, 1, "cpu").data  # the GPU-resident loader reads a .beton too
     assert data.images.shape == (4, 16, 16, 3) and data.labels.tolist() == [0, 0, 1, 1]
 
 
@@ -192,4 +191,4 @@ def test_refuses_a_set_over_budget(folder, monkeypatch):
         build_train_loader(make_cfg(folder), 0, 1, "cpu")
     message = str(err.value)
     assert "\n" not in message and folder in message and "40 images of 32x32" in message
-    assert "data.gpu_resident=false" in message
+    assert "set data.loader to ffcv, dali or torch" in message

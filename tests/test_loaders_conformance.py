@@ -24,7 +24,7 @@ from helpers import TINY, tiny_folder
 from PIL import Image
 
 from bsim_fast import augment, datasets
-from bsim_fast.config import Config, choices
+from bsim_fast.config import Config, ConfigError, load_config
 from bsim_fast.loaders import (
     KINDS,
     LOADERS,
@@ -471,7 +471,10 @@ def test_one_seed_mixer():
 
 
 def test_registry_is_the_one_list_of_loaders():
-    assert choices("data", "loader") == KINDS == ("ffcv", "dali", "torch", "gpu_resident")
+    assert KINDS == ("ffcv", "dali", "torch", "gpu_resident")
+    cfg = load_config(None, ["data.loader=fcv"])  # the registry checks the name where it is resolved
+    with pytest.raises(ConfigError, match="^override 'data.loader=fcv': data.loader = 'fcv' is not one of ffcv, "):
+        build_train_loader(cfg, 0, 1, "cpu")
     import importlib
 
     for spec in LOADERS.values():
@@ -500,7 +503,7 @@ def test_paths_of_the_wrong_kind_are_one_line(sets, tmp_path):
         ("torch", sets["ffcv"], "is an FFCV .beton file", "set data.loader=ffcv"),
         ("ffcv", sets["torch"], "is an image folder", "set data.loader=torch"),
         ("ffcv", sets["dali"], "is a DALI shard folder", "set data.loader=dali"),
-        ("gpu_resident", sets["dali"], "is a DALI shard folder", "data.gpu_resident=false"),
+        ("gpu_resident", sets["dali"], "is a DALI shard folder", "set data.loader=dali"),
     ]
     for kind, path, what, hint in cases:
         with pytest.raises(DatasetError) as err:

@@ -386,7 +386,7 @@ def test_a_failing_recipe_is_reported_and_the_next_one_still_runs(tmp_path, monk
 
     calls = []
 
-    def failing_train(cfg, resume, config_path, callback):
+    def failing_train(cfg, resume, callback):
         calls.append(cfg.recipe)
         raise TrainError(f"non-finite loss at or before step 3 ({cfg.recipe})")
 

@@ -13,11 +13,11 @@ import torch.multiprocessing as mp
 import torchvision
 from helpers import TINY, tiny_folder
 
-from bsim_fast import train as tr
+from bsim_fast import step as st
 from bsim_fast.checkpoint import CheckpointError, latest_valid
 from bsim_fast.config import load_config
 from bsim_fast.eval import knn_monitor
-from bsim_fast.train import make_views as real_make_views
+from bsim_fast.step import make_views as real_make_views
 from bsim_fast.train import train
 
 RECIPES = [
@@ -156,7 +156,7 @@ def test_training_runs_through_every_loader(converted, tmp_path, loader, extra):
 # ---- TrainState: exact resume with skipped steps; the callback --------------------------------------------
 def poison(monkeypatch, step, accum=1, seed=0):
     """NaN views for the first batch of optimiser step `step` (rank 0), once: the next batch is fine."""
-    target = tr.step_generator(seed, step * accum, 0).initial_seed()
+    target = st.step_generator(seed, step * accum, 0).initial_seed()
     hit = []
 
     def poisoned(a_u8, b_u8, cfg, gen, dtype):
@@ -166,7 +166,7 @@ def poison(monkeypatch, step, accum=1, seed=0):
             views["plain_a"] = views["plain_a"] * float("nan")
         return views
 
-    monkeypatch.setattr(tr, "make_views", poisoned)
+    monkeypatch.setattr(st, "make_views", poisoned)
     return hit
 
 

@@ -23,7 +23,7 @@ from bsim_fast.config import load_config
 from bsim_fast.loaders import KINDS, build_train_loader
 from bsim_fast.loaders.base import photometric_generator
 from bsim_fast.mix import expected_lam, make_views, sample_boxes
-from bsim_fast.train import step_generator
+from bsim_fast.step import step_generator
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE, N, SEED, DRAWS = 16, 4, 3, 3000

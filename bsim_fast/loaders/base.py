@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,38 +25,15 @@ import numpy as np
 import torch
 
 from .. import augment, datasets
-from ..config import ConfigError
-from . import FORMATS, LOADERS, path_format
+from ..host import available_cores
+from ..seeds import mix_seed, seed_sequence
+from .registry import DatasetError, check_dataset
 
 UNLABELED = datasets.UNLABELED  # the label of every sample of an unlabeled set
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop
-# Where the converters put the built-in set by default (configs/small name the same files).
-BUILTIN_CONVERTED = {
-    "beton": ("data_out/cifar10_mini_{split}.beton", "data_prep/write_ffcv.py"),
-    "shards": ("data_out/cifar10_mini_{split}_dali", "data_prep/write_dali.py"),
-}
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-class DatasetError(ConfigError, datasets.SourceError):
-    """A configured dataset cannot be read (wrong kind for the loader, a bad file found while reading).
-
-    One line naming the file. A ConfigError, so every entry point (train, eval) prints it and exits 2; a
-    SourceError, so code that handles the converters' source errors handles it too."""
-
-
-# ---- seeds ---------------------------------------------------------------------------------------------
-
-
-def seed_sequence(*parts: int) -> np.random.SeedSequence:
-    """The one seed mixer of the loaders: nearby tuples (seed 0 epoch 1, seed 1 epoch 0) give unrelated
-    streams. `np.random.default_rng(seed_sequence(a, b))` equals `np.random.default_rng((a, b))`."""
-    return np.random.SeedSequence([int(p) & 0xFFFF_FFFF_FFFF_FFFF for p in parts])
-
-
-def mix_seed(*parts: int, bits: int = 63) -> int:
-    """A `bits`-bit integer seed from `seed_sequence(*parts)` (DALI wants 31 bits, torch 63, FFCV's hash 64)."""
-    return int(seed_sequence(*parts).generate_state(1, np.uint64)[0] >> np.uint64(64 - bits))
+# ---- seeds (mixed by seeds.mix_seed) -------------------------------------------------------------------
 
 
 def batch_generator(seed: int, epoch: int, batch_index: int, rank: int, device, stream: int = 0) -> torch.Generator:
@@ -148,14 +124,6 @@ def random_resized_crop_params(height, width, scale, ratio, uniforms):
 _told: set = set()
 
 
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: a container's or a scheduler's limit)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def loader_workers(cfg, rank: int = 0) -> int:
     """`data.workers` capped to the cores available to each rank of this node (torchrun's LOCAL_WORLD_SIZE
     ranks share the node's cores), with one line saying so. Asking numba (FFCV) or DALI for more threads
@@ -173,63 +141,6 @@ def loader_workers(cfg, rank: int = 0) -> int:
 
 
 # ---- paths ---------------------------------------------------------------------------------------------
-
-BUILTIN = "builtin"
-
-
-def builtin_split(path: str) -> str | None:
-    """'builtin' -> 'train', 'builtin:test' -> 'test', anything else -> None."""
-    if path == BUILTIN:
-        return "train"
-    if path.startswith(BUILTIN + ":"):
-        split = path.split(":", 1)[1]
-        if split not in datasets.SPLITS:
-            raise DatasetError(f"data path {path!r}: the built-in set has splits 'train' and 'test'")
-        return split
-    return None
-
-
-def resolve_path(kind: str, path: str) -> str:
-    """The dataset path a back end opens. For the built-in set: the ImageFolder tree, or the converted copy
-    at its conventional place for a loader that reads only a converted format. Converting on the fly is
-    not done here: under DDP every rank (and every node) would race to write the same file, and a
-    conversion is a step a user should see; the error says the exact command instead."""
-    path = os.fspath(path)
-    split = builtin_split(path)
-    if split is None:
-        if not Path(path).exists():
-            raise DatasetError(f"{path}: dataset not found (data.loader={kind})")
-        return path
-    fmt = LOADERS[kind].reads[0]
-    if fmt == "folder":
-        return str(datasets.builtin_root() / split)
-    converted, converter = BUILTIN_CONVERTED[fmt]
-    converted = converted.format(split=split)
-    for candidate in (Path(converted), REPO_ROOT / converted):
-        if candidate.exists():
-            return str(candidate)
-    raise DatasetError(
-        f"data path {path!r} with data.loader={kind} needs the converted set {converted}: run "
-        f"`python {converter} --split {split}` (writes {converted}), "
-        f"or set data.loader=torch to read the built-in images directly"
-    )
-
-
-def check_format(kind: str, path: str, key: str = "data path") -> None:
-    """One line if `path` (resolved) is not a format `kind` reads, naming what it is and the loader that
-    reads it."""
-    fmt = path_format(path)
-    spec = LOADERS[kind]
-    if fmt in spec.reads:
-        return
-    what = FORMATS[fmt] if fmt else "neither a .beton file, a DALI shard folder nor an image folder"
-    readers = [k for k, s in LOADERS.items() if fmt in s.reads and k != "gpu_resident"]
-    hint = f"; set data.loader={readers[0]}" if readers else ""
-    if kind == "gpu_resident" and readers:
-        hint += " and data.gpu_resident=false"
-    raise DatasetError(
-        f"{key} = {path!r} is {what}; data.loader={kind} reads {' or '.join(FORMATS[f] for f in spec.reads)}{hint}"
-    )
 
 
 def scan_folder(root: str, rank: int = 0) -> datasets.FolderSource:
@@ -253,11 +164,6 @@ def scan_folder(root: str, rank: int = 0) -> datasets.FolderSource:
     return source
 
 
-def is_labeled(labels: np.ndarray) -> bool:
-    """False for an unlabeled set (every label -1)."""
-    return bool((np.asarray(labels) != UNLABELED).any())
-
-
 # ---- the base classes ----------------------------------------------------------------------------------
 
 
@@ -276,8 +182,7 @@ def _open_dataset(loader, cfg, path: str, key: str, rank: int, world_size: int, 
     loader.device = torch.device(device)
     loader.batch_size = per_rank_batch(cfg, world_size)
     loader.workers = loader_workers(cfg, rank)
-    loader.path = resolve_path(loader.kind, path)
-    check_format(loader.kind, loader.path, key)
+    loader.path = check_dataset(loader.kind, path, key)  # the one check of a dataset path
     loader.num_samples, loader.labeled = loader.open(loader.path)
 
 
@@ -358,32 +263,3 @@ class EvalLoader:
 
     def __iter__(self):
         return self.batches()
-
-
-# ---- throughput ----------------------------------------------------------------------------------------
-
-
-def _sync(t: torch.Tensor) -> None:
-    if t.device.type == "cuda":
-        torch.cuda.synchronize(t.device)
-
-
-def loader_throughput(loader, batches: int, epoch: int = 0) -> float:
-    """Two-view images per second (source images, each delivered as two augmented views) over `batches`
-    batches after one warm-up batch (which pays for compilation, worker start-up and the first reads).
-
-    Works for the train protocol (`loader.epoch`) and, counting one view, for eval loaders (iterables).
-    Raises if the epoch has fewer than batches + 1 batches."""
-    it = iter(loader.epoch(epoch)) if hasattr(loader, "epoch") else iter(loader)
-    first = next(it)
-    _sync(first[0])
-    images, t0, last = 0, time.perf_counter(), first
-    for _ in range(batches):
-        last = next(it)
-        images += last[0].shape[0]
-    _sync(last[0])
-    seconds = time.perf_counter() - t0
-    close = getattr(it, "close", None)
-    if close is not None:
-        close()
-    return images / seconds

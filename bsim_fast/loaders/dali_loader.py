@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import datasets
+from .. import converted, datasets
 from ..config import AugCfg
 from .base import DatasetError, EvalLoader, TrainLoader, eval_crop_ratio, mix_seed
 
@@ -52,7 +52,7 @@ SHUFFLE_BUFFER = 4096
 class ShardSet:
     """The tar shards of a folder written by data_prep/write_dali.py, validated against meta.json.
 
-    `datasets.check_shards` raises a one-line error naming the file for a missing or truncated shard, a
+    `converted.check_shards` raises a one-line error naming the file for a missing or truncated shard, a
     bad index, or counts that disagree with meta.json; nothing is read from a shard before that passes.
     `labeled` is meta.json's "labeled" (false for an unlabeled set, whose `.cls` members hold -1); a
     folder written before that key existed is labeled when it lists classes.
@@ -62,7 +62,7 @@ class ShardSet:
         root = Path(path)
         if not root.is_dir():
             raise DatasetError(f"{root}: DALI shard folder not found")
-        meta = datasets.check_shards(root)
+        meta = converted.check_shards(root)
         # Names only: nothing read from the data points outside the folder.
         self.root = root
         self.tars: list[Path] = [root / Path(s["tar"]).name for s in meta["shards"]]
@@ -188,7 +188,7 @@ def _first_bad_jpeg(shards: ShardSet) -> str | None:
     """
     for tar, idx in zip(shards.tars, shards.indexes):
         with open(tar, "rb") as data:
-            for components in datasets.read_wds_index(idx):
+            for components in converted.read_wds_index(idx):
                 for ext, offset, size, name in components:
                     if ext != "jpg":
                         continue

@@ -34,14 +34,13 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.transforms import Squeeze, ToDevice, ToTensor
 
-from .. import datasets
+from .. import converted, datasets
 from .base import (
     CROP_ATTEMPTS,
     DatasetError,
     EvalLoader,
     TrainLoader,
     eval_crop_ratio,
-    is_labeled,
     mix_seed,
     random_resized_crop_params,
 )
@@ -227,7 +226,7 @@ class FfcvTrainLoader(TrainLoader):
 
     def open(self, path: str):
         cfg = self.cfg
-        datasets.check_beton(path)  # names the file if it is truncated, instead of ffcv's garbage pointers
+        converted.check_beton(path)  # names the file if it is truncated, instead of ffcv's garbage pointers
         self.labels = _labels(path)
         decoder = TwoViewCropDecoder(
             cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio, cfg.aug.flip_p, seed=self.seed
@@ -244,7 +243,7 @@ class FfcvTrainLoader(TrainLoader):
                 seed=self.seed,
                 pipelines={"image": [decoder, ToTensor()] + _to_device(self.device), "label": None},
             )
-        return len(self.labels), is_labeled(self.labels)
+        return len(self.labels), datasets.labeled_from_labels(self.labels, path)
 
     def crops(self, epoch: int, start_batch: int):
         order = self.order(epoch, start_batch)
@@ -266,9 +265,9 @@ class FfcvEvalLoader(EvalLoader):
     kind = "ffcv"
 
     def open(self, path: str):
-        num_samples = datasets.check_beton(path)
+        num_samples = converted.check_beton(path)
         self._loader = None
-        return num_samples, is_labeled(_labels(path))
+        return num_samples, datasets.labeled_from_labels(_labels(path), path)
 
     def batches(self):
         size = self.size

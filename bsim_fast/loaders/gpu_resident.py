@@ -1,5 +1,5 @@
 """GPU-resident loader for small datasets: decode every image once, keep them all on the device, cut both
-views there (`data.gpu_resident=true`, or `data.loader=gpu_resident`).
+views there (`data.loader=gpu_resident`).
 
 At 32x32 a ResNet-18 step eats 20-25k images/s on one H100, more than a few CPU cores can crop and feed.
 Here the whole set lives on the training device as one uint8 tensor [N, H, W, 3] and each batch is a handful
@@ -38,18 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import datasets
+from .. import converted, datasets
 from ..config import ConfigError
-from .base import (
-    CROP_ATTEMPTS,
-    DatasetError,
-    EvalLoader,
-    TrainLoader,
-    batch_generator,
-    eval_crop_ratio,
-    is_labeled,
-    scan_folder,
-)
+from .base import CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, batch_generator, eval_crop_ratio, scan_folder
 
 CPU_BUDGET_BYTES = 4 << 30  # the device is the CPU (tests, debugging): host memory is shared with all else
 GPU_BUDGET_FRACTION = 0.25  # of the free memory: the model, activations and optimiser need the rest
@@ -85,8 +76,8 @@ def check_budget(name: str, shape: tuple, device: torch.device) -> None:
     if nbytes > budget:
         n, h, w, _ = shape
         raise ConfigError(
-            f"data.gpu_resident: {name} is {n} images of {h}x{w} = {nbytes / GIB:.2f} GiB decoded, "
-            f"more than {limit}; set data.gpu_resident=false"
+            f"data.loader=gpu_resident: {name} is {n} images of {h}x{w} = {nbytes / GIB:.2f} GiB decoded, "
+            f"more than {limit}; set data.loader to ffcv, dali or torch"
         )
 
 
@@ -98,7 +89,7 @@ def _read_beton(path: str, side: int, workers: int, device: torch.device) -> Res
 
     from . import ffcv_loader  # (also quiets a harmless numba message when a Loader is freed)
 
-    datasets.check_beton(path)  # names a truncated file instead of reading garbage
+    converted.check_beton(path)  # names a truncated file instead of reading garbage
     reader = Reader(path)
     names = list(reader.handlers)
     for field in ("image", "label"):
@@ -253,7 +244,7 @@ class GpuResidentTrainLoader(TrainLoader):
 
     def open(self, path: str):
         self.data = load_resident(path, self.cfg.data.image_size, self.workers, self.device, self.rank)
-        return len(self.data.labels), is_labeled(self.data.labels.numpy())
+        return len(self.data.labels), datasets.labeled_from_labels(self.data.labels.numpy(), path)
 
     def crops(self, epoch: int, start_batch: int):
         order = self.order(epoch, start_batch)
@@ -280,7 +271,7 @@ class GpuResidentEvalLoader(EvalLoader):
 
     def open(self, path: str):
         self.data = load_resident(path, self.size, self.workers, self.device, self.rank)
-        return len(self.data.labels), is_labeled(self.data.labels.numpy())
+        return len(self.data.labels), datasets.labeled_from_labels(self.data.labels.numpy(), path)
 
     def batches(self):
         _, height, width, _ = self.data.images.shape

@@ -24,7 +24,6 @@ from .base import (
     EvalLoader,
     TrainLoader,
     eval_crop_ratio,
-    is_labeled,
     random_resized_crop_params,
     scan_folder,
     seed_sequence,
@@ -115,7 +114,7 @@ class TorchTrainLoader(TrainLoader):
         self._loader = DataLoader(
             self.dataset, batch_sampler=self._batches, **_dataloader_kwargs(self.workers, self.device, persistent=True)
         )
-        return len(self.source), is_labeled(self.source.labels)
+        return len(self.source), datasets.labeled_from_labels(self.source.labels, path)
 
     def crops(self, epoch: int, start_batch: int):
         order = self.order(epoch, start_batch)
@@ -160,7 +159,7 @@ class TorchEvalLoader(EvalLoader):
 
     def open(self, path: str):
         self.source = scan_folder(path, self.rank)
-        return len(self.source), is_labeled(self.source.labels)
+        return len(self.source), datasets.labeled_from_labels(self.source.labels, path)
 
     def batches(self):
         dataset = torch.utils.data.Subset(_CentreCropFolder(self.source, self.size), self.indices.tolist())

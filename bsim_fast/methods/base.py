@@ -16,13 +16,11 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 import torch.nn as nn
 
-from bsim_fast.config import MODES
-from bsim_fast.models import build_backbone
+from bsim_fast.config import METHODS, MODES
+from bsim_fast.models import build_backbone, check_arch
 
 if TYPE_CHECKING:
     from bsim_fast.config import Config
-
-METHODS: dict[str, type[Method]] = {}
 
 
 def register(name: str):
@@ -80,6 +78,7 @@ class Method(nn.Module):
         self.settings = cfg.method.settings
         self.mode = cfg.method.mode
         self.weight = cfg.bsim.weight
+        check_arch(cfg.model.arch, cfg.where("model.arch"))
         self.backbone, self.feat_dim = build_backbone(cfg.model.arch, cfg.model.cifar_stem)
 
     def momentum_update(self, progress: float) -> None:
@@ -149,10 +148,8 @@ def compile_networks(method: Method, **options) -> None:
 
 
 def build_method(cfg: Config) -> Method:
-    name = cfg.method.name
-    if name not in METHODS:
-        raise ValueError(f"method.name: {name!r} is not one of {', '.join(METHODS)}")
-    return METHODS[name](cfg)
+    METHODS.check(cfg.method.name, cfg.where("method.name"))
+    return METHODS[cfg.method.name](cfg)
 
 
 __all__ = [

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -30,12 +29,13 @@ from pathlib import Path
 import torch
 
 from bsim_fast import cli
+from bsim_fast.atomic import write_text_atomic
 from bsim_fast.config import MODES, Config, load_config
+from bsim_fast.host import available_cores
 from bsim_fast.methods import METHODS
-from bsim_fast.mix import make_views
-from bsim_fast.optim import build_optimizer
 from bsim_fast.provenance import environment
 from bsim_fast.recipes import recipe_path
+from bsim_fast.step import TrainStep
 
 # --------------------------------------------------------------------------------------------- targets
 # One H100, full sizes. `metric` names a function of the rows in METRICS; `op` is how the measured value
@@ -276,34 +276,18 @@ def recipe_cfg(method: str, mode: str, arch: str, size: int, batch: int, compile
     return cfg
 
 
-class Step:
-    """One optimiser step of the real training code on a batch of uint8 views already on the device."""
+def train_step(cfg: Config, device: torch.device) -> TrainStep:
+    """The trainer's own step (step.TrainStep: views, forward, backward, LR schedule, loss scaler, NaN policy,
+    target-network progress over the schedule) for views already on the device. Its schedule is that of the
+    set the recipe is for: ImageNet's 1,281,167 images above 64 px, CIFAR-10's 50,000 below."""
+    images = 1_281_167 if cfg.data.image_size > 64 else 50_000
+    return TrainStep(cfg, device, max(1, images // cfg.data.batch_size))
 
-    def __init__(self, cfg: Config, device: torch.device):
-        from bsim_fast.methods import build_method, compile_networks
-        from bsim_fast.train import DTYPES
 
-        self.cfg, self.device = cfg, device
-        self.method = build_method(cfg).to(device).to(memory_format=torch.channels_last)
-        if cfg.train.compile == "on":
-            compile_networks(self.method)
-        self.opt = build_optimizer(self.method, cfg, device)
-        self.amp = DTYPES[cfg.train.precision]
-        self.use_amp = device.type == "cuda" and self.amp != torch.float32
-        self.view_dtype = self.amp if device.type == "cuda" else torch.float32
-        self.gen = torch.Generator(device="cpu").manual_seed(0)  # as the trainer: partner/boxes on the host
-        self.step = 0
-
-    def __call__(self, a_u8: torch.Tensor, b_u8: torch.Tensor) -> int:
-        views = make_views(a_u8, b_u8, self.cfg, self.gen, self.view_dtype)
-        with torch.autocast(self.device.type, dtype=self.amp, enabled=self.use_amp):
-            loss = self.method(**views)["loss"]
-        loss.float().backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.step += 1
-        self.method.momentum_update(min(1.0, self.step / 1000))
-        return a_u8.shape[0]
+def step_images(step: TrainStep, a_u8: torch.Tensor, b_u8: torch.Tensor) -> int:
+    """One training step on the views; the source images it took."""
+    step(a_u8, b_u8)
+    return a_u8.shape[0]
 
 
 def synthetic_views(batch: int, size: int, device: torch.device):
@@ -322,7 +306,7 @@ class Settings:
         self.tiny, self.device, self.precision = tiny, device, args.precision
         self.size = args.size or (32 if tiny else FULL_SIZE)
         self.batch = args.batch or (16 if tiny else 256)
-        self.workers = args.workers if args.workers is not None else (2 if tiny else min(16, os.cpu_count() or 1))
+        self.workers = args.workers if args.workers is not None else (2 if tiny else min(16, available_cores()))
         # Timed steps per row: long enough to average over the loader's jitter and the allocator; on a GPU a
         # ResNet-50 step is ~0.1 s, so 20 steps + 5 warm-up cost ~3 s per row (the 10-minute budget of
         # gpu_check holds 24 eager rows, the key compiled rows, three loaders and their end-to-end runs).
@@ -370,9 +354,7 @@ class Bench:
 
     def save(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / "bench.json.tmp"
-        tmp.write_text(json.dumps(self.report(), indent=1))
-        os.replace(tmp, self.out / "bench.json")
+        write_text_atomic(self.out / "bench.json", json.dumps(self.report(), indent=1))
 
     def report(self) -> dict:
         return {
@@ -444,7 +426,7 @@ class Bench:
                 loader = None
 
     # ---- model-only and end-to-end
-    def model_row(self, method, mode, arch, size, compile_on, step: Step | None = None) -> Step | None:
+    def model_row(self, method, mode, arch, size, compile_on, step: TrainStep | None = None) -> TrainStep | None:
         batch = self.s.batch_for(arch)
         base = {
             "kind": "model",
@@ -462,10 +444,11 @@ class Bench:
             return None
         try:
             if step is None:
-                step = Step(recipe_cfg(method, mode, arch, size, batch, compile_on, self.s.precision), self.s.device)
+                cfg = recipe_cfg(method, mode, arch, size, batch, compile_on, self.s.precision)
+                step = train_step(cfg, self.s.device)
             a, b = synthetic_views(batch, size, self.s.device)
             reset_peak(self.s.device)
-            ips, seconds = timed(lambda: step(a, b), self.s.device, self.s.warmup, self.s.iters)
+            ips, seconds = timed(lambda: step_images(step, a, b), self.s.device, self.s.warmup, self.s.iters)
             self.add(
                 {
                     **base,
@@ -481,7 +464,7 @@ class Bench:
             return None
 
     def end_to_end(self) -> None:
-        """BYOL-BSIM through each loader, with its ratio to model-only measured on the same Step object (same
+        """BYOL-BSIM through each loader, with its ratio to model-only measured on the same training step (same
         compiled graphs, same warm-up, same number of steps), model-only timed before and after the loaders
         and the faster of the two kept, so drift cannot make a loader look faster than the model."""
         s = self.s
@@ -502,13 +485,13 @@ class Bench:
             return
         cfg = recipe_cfg("byol", "bsim", arch, size, s.batch, compile_on, s.precision)
         try:
-            step = Step(cfg, s.device)
+            step = train_step(cfg, s.device)
         except Exception as e:  # noqa: BLE001
             for kind in self.paths:
-                self.add({**base, "loader": kind, "error": f"Step: {type(e).__name__}: {first_line(e)}"})
+                self.add({**base, "loader": kind, "error": f"TrainStep: {type(e).__name__}: {first_line(e)}"})
             return
         a, b = synthetic_views(s.batch, size, s.device)
-        model_ips = [timed(lambda: step(a, b), s.device, s.warmup, s.loader_batches)[0]]
+        model_ips = [timed(lambda: step_images(step, a, b), s.device, s.warmup, s.loader_batches)[0]]
         results = []
         for kind, path in self.paths.items():
             row = {**base, "loader": kind}
@@ -528,7 +511,7 @@ class Bench:
                 results.append({**row, "error": f"{type(e).__name__}: {first_line(e)}"})
             loader = None
         reset_peak(s.device)
-        model_ips.append(timed(lambda: step(a, b), s.device, s.warmup, s.loader_batches)[0])
+        model_ips.append(timed(lambda: step_images(step, a, b), s.device, s.warmup, s.loader_batches)[0])
         model = max(model_ips)
         # The same measurement is the model-only row of this configuration (no second compilation).
         self.add(
@@ -587,7 +570,7 @@ class Bench:
                     torch.cuda.empty_cache()
 
 
-def loader_images_s(loader, warmup: int, batches: int, device, step: Step | None = None):
+def loader_images_s(loader, warmup: int, batches: int, device, step: TrainStep | None = None):
     """(two-view images/s, seconds, batches) over `batches` batches after `warmup`, across epochs as needed;
     with `step`, each batch also goes through a training step (end-to-end)."""
     it = _batches(loader, warmup + batches)
@@ -598,7 +581,7 @@ def loader_images_s(loader, warmup: int, batches: int, device, step: Step | None
     _sync(device)
     t0, images = time.perf_counter(), 0
     for a_u8, b_u8 in it:
-        images += step(a_u8, b_u8) if step is not None else a_u8.shape[0]
+        images += step_images(step, a_u8, b_u8) if step is not None else a_u8.shape[0]
     _sync(device)
     seconds = time.perf_counter() - t0
     return images / seconds, seconds, batches

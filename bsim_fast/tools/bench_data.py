@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from bsim_fast import cli
+from bsim_fast.host import available_cores
 
 LANDSCAPE = (500, 375)
 MEAN_KB = 110.0
@@ -169,7 +170,7 @@ def write_set(
         folder = out_dir / f"class_{i % classes:02d}"
         folder.mkdir(parents=True, exist_ok=True)
         jobs.append((i, seed, folder / f"img_{i:05d}.jpg"))
-    workers = workers or min(16, os.cpu_count() or 1)
+    workers = workers or min(16, available_cores())
     if workers > 1 and count > 8:
         with ProcessPoolExecutor(workers, initializer=_init, initargs=(photos,)) as pool:
             sizes = list(pool.map(_write_one, jobs, chunksize=8))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 import torch
 
 from bsim_fast import cli
+from bsim_fast.atomic import write_text_atomic
+from bsim_fast.host import available_cores
 from bsim_fast.provenance import environment
 
 from . import bench, bench_data
@@ -202,9 +203,7 @@ def write_report(out: Path, env: dict, stages: Stages, state: dict, tiny: bool, 
         "skipped": [f"{r['kind']} {bench.describe(r)}: {r['skipped']}" for r in rows if "skipped" in r],
         "errors": [f"{r['kind']} {bench.describe(r)}: {r['error']}" for r in rows if "error" in r],
     }
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / "report.json")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1))
 
     e = env
     lines = [
@@ -247,7 +246,7 @@ def write_report(out: Path, env: dict, stages: Stages, state: dict, tiny: bool, 
         f"against WBSIM for 3 minutes each, about 10 minutes: `{SPEEDRUN_COMMAND}`.",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text_atomic(out / "report.md", "\n".join(lines))
     return report
 
 
@@ -275,7 +274,7 @@ def main(argv=None) -> int:
     budget = args.budget_s or (900.0 if args.tiny else 540.0)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    workers = args.workers or min(16, os.cpu_count() or 1)
+    workers = args.workers or min(16, available_cores())
     images = args.images or (24 if args.tiny else 4000)
     if args.tiny and not any(a.startswith("--batch") for a in extra):
         extra += ["--batch", "8"]

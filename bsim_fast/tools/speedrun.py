@@ -59,7 +59,10 @@ import torch
 from bsim_fast import cli
 from bsim_fast.atomic import write_text_atomic
 from bsim_fast.config import Config, ConfigError, load_config, parse_override
+from bsim_fast.host import available_cores
+from bsim_fast.precision import precision_for
 from bsim_fast.recipes import recipe_path
+from bsim_fast.step import TrainStep
 
 from . import cifar10
 from .speedrun_chart import plot
@@ -251,9 +254,8 @@ def speedrun_config(path: Path, overrides: list[str], data: cifar10.Cifar10, out
     """The recipe with the speedrun's settings: GPU-resident data, the k-NN left to the speedrun (data.val
     empty, so `train` does not run its own), no checkpoints before the end, compile resolved (the calibration
     must compile exactly when the run does)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cfg = load_config(path, [f"data.workers={min(16, cores)}", *overrides])  # decode threads; --set may lower
-    cfg.data.loader, cfg.data.gpu_resident = "gpu_resident", False
+    cfg = load_config(path, [f"data.workers={min(16, available_cores())}", *overrides])  # --set may lower
+    cfg.data.loader = "gpu_resident"
     cfg.data.train, cfg.data.val = str(data.train), ""
     cfg.train.out_dir = str(out_dir)
     cfg.train.knn_every_epochs = 0
@@ -301,17 +303,18 @@ def fit_schedule(
 
 
 def calibrate(cfg: Config, device: torch.device, steps: int | None) -> dict:
-    """End-to-end images/s of the real step (bench.Step: views, forward, backward, optimiser; compiled when the
-    run is) on batches of the GPU-resident loader, after a warm-up that pays for compilation."""
+    """End-to-end images/s of the trainer's own step (step.TrainStep: views, forward, backward, schedule,
+    scaler, optimiser; compiled when the run is) on batches of the GPU-resident loader, after a warm-up that
+    pays for compilation."""
     from bsim_fast.loaders import build_train_loader
 
-    from .bench import Step, loader_images_s
+    from .bench import loader_images_s
 
     warmup, timed = CALIBRATION[device.type]
     timed = steps or timed
     t0 = time.perf_counter()
     loader = build_train_loader(cfg, 0, 1, device)
-    step = Step(cfg, device)
+    step = TrainStep(cfg, device, len(loader) // cfg.train.accum_steps)
     images_s, seconds, _ = loader_images_s(loader, warmup, timed, device, step)
     total = time.perf_counter() - t0
     # the warm-up's time beyond its steps' share is compilation and first-touch: the run pays it again, less
@@ -349,11 +352,10 @@ class KnnEval:
 
     def __call__(self, backbone: torch.nn.Module, cfg: Config) -> dict:
         from bsim_fast.eval import extract_features, knn_classify
-        from bsim_fast.train import DTYPES
 
-        dtype = DTYPES[cfg.train.precision] if self.device.type == "cuda" else torch.float32
-        bank_f, bank_y = extract_features(backbone, self.bank, cfg.data.mean, cfg.data.std, dtype)
-        query_f, query_y = extract_features(backbone, self.queries, cfg.data.mean, cfg.data.std, dtype)
+        precision = precision_for(cfg.train.precision, self.device)
+        bank_f, bank_y = extract_features(backbone, self.bank, cfg.data.mean, cfg.data.std, precision)
+        query_f, query_y = extract_features(backbone, self.queries, cfg.data.mean, cfg.data.std, precision)
         return knn_classify(bank_f, bank_y, query_f, query_y, cfg.train.knn_k, cfg.train.knn_t)
 
 
@@ -535,7 +537,7 @@ def run_recipe(
         clock = Clock(device)
         watch = Watch(clock, knn, cfg, schedule, budget_s, plan.eval_every * 60, out_dir / "curve.csv", log, name)
         clock.start()
-        final = train(cfg, resume="none", config_path=str(path), callback=watch)
+        final = train(cfg, resume="none", callback=watch)
         t_end, step_end = watch.last
         ended_unseen = watch.method is not None and (not watch.curve or watch.curve[-1]["step"] != final["step"])
         if ended_unseen:  # stopped where no pass was due (preempted): the last model still gets one
@@ -786,14 +788,12 @@ def main(argv=None) -> int:
 def run(args) -> int:
     try:
         plan = check_arguments(args)
-        from bsim_fast.train import setup_distributed
+        from bsim_fast.dist import setup_distributed
 
         _, world, _, device = setup_distributed()
         if world > 1:
             raise SpeedrunError(f"WORLD_SIZE={world}: the speedrun runs in one process on one GPU")
-        data = cifar10.prepare(
-            plan.data, Path(args.cache) if args.cache else None, workers=min(16, os.cpu_count() or 1)
-        )
+        data = cifar10.prepare(plan.data, Path(args.cache) if args.cache else None, workers=min(16, available_cores()))
         if device.type == "cpu":
             from bsim_fast.dist import set_cpu_threads
 

@@ -1,0 +1,78 @@
+"""The one training step: the step the benchmark and the speedrun time is the step `train()` trains with."""
+
+import pytest
+import torch
+from helpers import TINY, tiny_folder
+
+from bsim_fast.checkpoint import list_checkpoints, load_checkpoint
+from bsim_fast.config import load_config
+from bsim_fast.loaders import build_train_loader
+from bsim_fast.precision import precision_for
+from bsim_fast.resume import load_into
+from bsim_fast.seeds import set_rng_state
+from bsim_fast.step import TrainStep
+from bsim_fast.train import train
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_folder(tmp_path_factory.mktemp("data") / "train", "train", per_class=6)  # 24 images
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["method.name=moco", "method.mode=wbsim", "train.accum_steps=2", "train.nan_policy=skip"]],
+    ids=["byol_bsim", "moco_wbsim_accum2"],
+)
+def test_exposed_step_equals_the_trainers_step_bitwise(folder, tmp_path, extra):
+    """From the checkpoint of step 1 of a `train()` run, the exposed step on the batches the loop read next
+    gives bitwise the parameters, optimiser state and loss scaler of the loop's step 2."""
+    cfg = load_config(
+        "configs/small/byol_bsim.yaml",
+        TINY
+        + [
+            f"data.train={folder}",
+            "data.val=",
+            "train.epochs=2",
+            "train.max_steps=2",
+            "train.ckpt_every_steps=1",
+            "train.keep_checkpoints=3",
+            f"train.out_dir={tmp_path}",
+            *extra,
+        ],
+    )
+    train(cfg, resume="none")
+    first, second = (load_checkpoint(p) for p in list_checkpoints(tmp_path))
+    assert (first["step"], second["step"]) == (1, 2)
+
+    loader = build_train_loader(cfg, 0, 1, "cpu")
+    step = TrainStep(cfg, "cpu", len(loader) // cfg.train.accum_steps)
+    load_into(step, first, tmp_path)
+    set_rng_state(first["rng"][0])
+    batches = loader.epoch(step.state.epoch, start_batch=step.state.batches_read)
+    stepped = [step(a_u8, b_u8) for (a_u8, b_u8, _), _ in zip(batches, range(cfg.train.accum_steps))]
+    assert stepped == [False] * (cfg.train.accum_steps - 1) + [True] and step.state.step == 2
+
+    assert step.method.state_dict().keys() == second["model"].keys()
+    for k, v in step.method.state_dict().items():
+        assert torch.equal(v, second["model"][k]), k
+    ours, theirs = step.optimizer.state_dict()["state"], second["optimizer"]["state"]
+    assert ours.keys() == theirs.keys()
+    for i in ours:
+        assert all(torch.equal(ours[i][k], theirs[i][k]) for k in ours[i]), i
+    assert step.scaler.state_dict() == second["scaler"]
+
+
+def test_precision_is_decided_once():
+    """The dtypes `train.precision` means on each device (PyTorch's AMP rules: autocast on CUDA only here,
+    loss scaling for fp16 alone, whose 5-bit exponent underflows small gradients)."""
+    cases = {
+        ("bf16", "cuda"): (torch.bfloat16, True, torch.bfloat16, False),
+        ("fp16", "cuda"): (torch.float16, True, torch.float16, True),
+        ("fp32", "cuda"): (torch.float32, False, torch.float32, False),
+        ("bf16", "cpu"): (torch.bfloat16, False, torch.float32, False),
+        ("fp16", "cpu"): (torch.float16, False, torch.float32, False),
+    }
+    for (name, device), (amp, autocast, view, scaler) in cases.items():
+        p = precision_for(name, device)
+        assert (p.amp_dtype, p.autocast, p.view_dtype, p.grad_scaler) == (amp, autocast, view, scaler), (name, device)
