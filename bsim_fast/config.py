@@ -6,17 +6,16 @@ holds the name, the mode and the named method's own settings, which the method d
 Every error is a `ConfigError` whose message is one line naming the file, the key and the value, because
 a typo in a recipe must never silently fall back to a default on a multi-day run.
 
-This is the ground floor: it imports nothing of the project. Names that live in a registry are checked by
-that registry against `cfg.where(key)` (the file or override that set the key): the methods register
-themselves in `METHODS` below (their settings are part of the recipe), `data.loader` is checked by the loader
-registry (bsim_fast/loaders/registry.py) and `model.arch` by bsim_fast/models.py, where each is resolved
-and in the trainer's check before any work.
+This is the ground floor: it imports nothing of the project but the YAML dialect of recipes (`yaml12.py`).
+Names that live in a registry are checked by that registry against `cfg.where(key)` (the file or override that
+set the key): the methods register themselves in `METHODS` below (their settings are part of the recipe),
+`data.loader` is checked by the loader registry (bsim_fast/loaders/registry.py) and `model.arch` by
+bsim_fast/models.py, where each is resolved and in the trainer's check before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,50 +24,12 @@ from typing import Any
 
 import yaml
 
+from .yaml12 import DuplicateKeyError
+from .yaml12 import load as _yaml
+
 
 class ConfigError(ValueError):
     """A recipe or an override is wrong; the message is one line."""
-
-
-class _Loader(yaml.SafeLoader):
-    """yaml.safe_load (no object construction) with YAML 1.2 booleans, so `compile: off` stays the string 'off'."""
-
-
-_Loader.yaml_implicit_resolvers = {
-    ch: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-# YAML 1.2 floats too: PyYAML reads `1e-5` (no dot) as a string, and recipes are full of such numbers
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def _no_duplicate_keys(loader, node, deep=False):
-    """A key written twice in one mapping is refused: YAML would silently keep the last one."""
-    seen = {}
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise ConfigError(
-                f"line {key_node.start_mark.line + 1}: duplicate key {key!r} (first on line {seen[key] + 1})"
-            )
-        seen[key] = key_node.start_mark.line
-    return loader.construct_mapping(node, deep=deep)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicate_keys)
-
-
-def _yaml(text: str):
-    return yaml.load(text, Loader=_Loader)
 
 
 MODES = ("sim", "bsim", "wbsim")  # which views the online side sees in each: docs/METHOD.md
@@ -420,7 +381,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    except ConfigError as e:
+    except DuplicateKeyError as e:
         raise ConfigError(f"override {text!r}: {e}") from None
     return sec, key, value
 
@@ -432,7 +393,7 @@ def _read_yaml(path: Path, where: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{where}:{line} invalid YAML ({getattr(e, 'problem', e)})") from None
-    except ConfigError as e:
+    except DuplicateKeyError as e:
         raise ConfigError(f"{where}: {e}") from None
 
 
