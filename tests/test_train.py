@@ -107,7 +107,15 @@ def test_resumed_run_ends_bitwise_equal(data, tmp_path, recipe_extra):
     assert_same_optimizer_state(full["optimizer"], cut["optimizer"])
 
 
-def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path):
+def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path, monkeypatch):
+    drawn = []  # the mean lambda of each step's mixed views a, as the trainer drew them
+
+    def recording(a_u8, b_u8, cfg, gen, dtype):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+        drawn.append(views["lam_a"].mean().item())
+        return views
+
+    monkeypatch.setattr(tr, "make_views", recording)
     out = run(data, tmp_path, f"data.val={data[1]}", "train.max_steps=3", resume="none")
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     net = torchvision.models.resnet18()
@@ -127,7 +135,7 @@ def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path):
     logged = [float(r["value"]) for r in rows if r["kind"] == "knn" and r["name"] == "knn_top1"]
     assert logged == [pytest.approx(out["knn_top1"], abs=1e-4)]  # metrics.csv keeps 4 decimals
     lam = [float(r["value"]) for r in rows if r["name"] == "lam"]
-    assert all(0 < v < 1 for v in lam)  # BSIM: a mean of actual kept fractions
+    assert lam == [pytest.approx(v, abs=1e-4) for v in drawn] and len(lam) == 3  # a line per step (log_every 1)
 
 
 def test_sim_mode_logs_lambda_one(data, tmp_path):
