@@ -161,6 +161,8 @@ ANCHORS |= {
         "data.batch_size": 4096,  # BYOL Sec. 3.3
         "optim.weight_decay": 1.5e-6,  # BYOL Sec. 3.3
         "optim.exclude_bias_norm": True,  # BYOL Sec. 3.3: biases and BN excluded from LARS and weight decay
+        "optim.trust_coefficient": 1e-3,  # deepmind-research/byol: LARS eta 1e-3
+        "optim.clip_lr": False,  # deepmind-research/byol: the trust ratio is not clipped
         "optim.warmup_epochs": 10.0,  # BYOL Sec. 3.3
         "method.tau_base": 0.996,  # BYOL Sec. 3.3: tau_base 0.996, increased to 1
         "method.tau_final": 1.0,
@@ -184,6 +186,8 @@ ANCHORS |= {
         "data.batch_size": 4096,  # SIMCLR Sec. 2.3
         "optim.weight_decay": 1e-6,  # SIMCLR Sec. 2.3
         "optim.exclude_bias_norm": True,  # google-research/simclr: BN and biases excluded from decay and LARS
+        "optim.trust_coefficient": 1e-3,  # google-research/simclr lars_optimizer.py: eeta 0.001
+        "optim.clip_lr": False,  # google-research/simclr: the trust ratio is not clipped
         "optim.warmup_epochs": 10.0,  # SIMCLR Sec. 2.3
         "method.temperature": 0.1,  # SIMCLR App. B.9: 0.1 at batch 4096
         "model.proj_hidden": 2048,  # SIMCLR Sec. 4.2: the hidden layer as wide as the representation
