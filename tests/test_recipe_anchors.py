@@ -57,16 +57,28 @@ CIFAR_COMMON = {
     "bsim.alpha": 1.0,  # BSIM Tables 2-3
 }
 MOCOV2_JITTER = {"aug.brightness": 0.4, "aug.contrast": 0.4, "aug.saturation": 0.4, "aug.hue": 0.1}
+SOLO_WEAK = {  # SOLO-AUG symmetric_weak.yaml (MoCo v2+, SimSiam)
+    **MOCOV2_JITTER,  # color_jitter
+    "aug.blur_p": [0.5, 0.5],  # gaussian_blur.prob
+    "aug.solarize_p": [0.0, 0.0],  # solarization.prob
+}
+SOLO_SGD = {  # mocov2plus.yaml and simsiam.yaml
+    "optim.name": "sgd",  # SOLO optimizer.name
+    "optim.exclude_bias_norm": False,  # SOLO-DEF: no kwargs, weight decay on every parameter
+}
+SOLO_LARS = {  # SOLO optimizer.kwargs of byol.yaml and simclr.yaml
+    "optim.name": "lars",  # optimizer.name
+    "optim.trust_coefficient": 0.02,  # eta
+    "optim.clip_lr": True,  # clip_lr
+    "optim.exclude_bias_norm": True,  # exclude_bias_n_norm
+}
 
 ANCHORS = {
     "configs/small/byol.yaml": {
         **CIFAR_COMMON,
-        "optim.name": "lars",  # SOLO optimizer.name
+        **SOLO_LARS,
         "optim.lr": 1.0,  # SOLO optimizer.lr
         "optim.weight_decay": 1e-5,  # SOLO optimizer.weight_decay
-        "optim.trust_coefficient": 0.02,  # SOLO optimizer.kwargs.eta
-        "optim.clip_lr": True,  # SOLO optimizer.kwargs.clip_lr
-        "optim.exclude_bias_norm": True,  # SOLO optimizer.kwargs.exclude_bias_n_norm
         "method.tau_base": 0.99,  # SOLO momentum.base_tau
         "method.tau_final": 1.0,  # SOLO momentum.final_tau
         "model.proj_hidden": 4096,  # SOLO method_kwargs.proj_hidden_dim
@@ -81,12 +93,9 @@ ANCHORS = {
     },
     "configs/small/simclr.yaml": {
         **CIFAR_COMMON,
-        "optim.name": "lars",  # SOLO optimizer.name
+        **SOLO_LARS,
         "optim.lr": 0.4,  # SOLO optimizer.lr
         "optim.weight_decay": 1e-4,  # SOLO optimizer.weight_decay
-        "optim.trust_coefficient": 0.02,  # SOLO optimizer.kwargs.eta
-        "optim.clip_lr": True,  # SOLO optimizer.kwargs.clip_lr
-        "optim.exclude_bias_norm": True,  # SOLO optimizer.kwargs.exclude_bias_n_norm
         "method.temperature": 0.2,  # SOLO method_kwargs.temperature
         "model.proj_hidden": 2048,  # SOLO method_kwargs.proj_hidden_dim
         "model.proj_dim": 256,  # SOLO method_kwargs.proj_output_dim
@@ -99,11 +108,10 @@ ANCHORS = {
     },
     "configs/small/moco.yaml": {
         **CIFAR_COMMON,
-        **MOCOV2_JITTER,  # SOLO-AUG symmetric_weak.yaml color_jitter
-        "optim.name": "sgd",  # SOLO optimizer.name
+        **SOLO_WEAK,
+        **SOLO_SGD,
         "optim.lr": 0.3,  # SOLO optimizer.lr
         "optim.weight_decay": 1e-4,  # SOLO optimizer.weight_decay
-        "optim.exclude_bias_norm": False,  # SOLO-DEF: no kwargs, weight decay on every parameter
         "method.temperature": 0.2,  # SOLO method_kwargs.temperature
         "method.symmetric": True,  # solo-learn's mocov2plus.py: the loss is the mean of both directions
         "method.tau_base": 0.99,  # SOLO momentum.base_tau
@@ -111,22 +119,17 @@ ANCHORS = {
         "model.queue_size": 32768,  # SOLO method_kwargs.queue_size
         "model.proj_hidden": 2048,  # SOLO method_kwargs.proj_hidden_dim
         "model.proj_dim": 256,  # SOLO method_kwargs.proj_output_dim
-        "aug.blur_p": [0.5, 0.5],  # SOLO-AUG symmetric_weak.yaml gaussian_blur.prob
-        "aug.solarize_p": [0.0, 0.0],  # SOLO-AUG symmetric_weak.yaml solarization.prob
     },
     "configs/small/simsiam.yaml": {
         **CIFAR_COMMON,
-        **MOCOV2_JITTER,  # SOLO-AUG symmetric_weak.yaml color_jitter
-        "optim.name": "sgd",  # SOLO optimizer.name
+        **SOLO_WEAK,
+        **SOLO_SGD,
         "optim.lr": 0.5,  # SOLO optimizer.lr
         "optim.weight_decay": 1e-5,  # SOLO optimizer.weight_decay
-        "optim.exclude_bias_norm": False,  # SOLO-DEF: no kwargs, weight decay on every parameter
         "optim.fixed_predictor_lr": True,  # solo-learn's simsiam.py: the predictor's parameters have static_lr
         "model.proj_hidden": 2048,  # SOLO method_kwargs.proj_hidden_dim
         "model.proj_dim": 2048,  # SOLO method_kwargs.proj_output_dim
         "model.pred_hidden": 512,  # SOLO method_kwargs.pred_hidden_dim
-        "aug.blur_p": [0.5, 0.5],  # SOLO-AUG symmetric_weak.yaml gaussian_blur.prob
-        "aug.solarize_p": [0.0, 0.0],  # SOLO-AUG symmetric_weak.yaml solarization.prob
     },
 }
 

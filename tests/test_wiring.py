@@ -25,14 +25,6 @@ TAU = 0.3  # SimCLR's and MoCo's temperature
 QUEUE = 7  # MoCo's queue length
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def views():
     g = torch.Generator().manual_seed(0)
     names = ("plain_a", "plain_b", "mixed_a", "mixed_b")
