@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,8 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(run_dir):
     """The k-NN (k 5) and the 2-epoch probe of the exported backbone, from the library's parts (features of
-    `--train` as the bank / training set, of `--val` as the queries), one thread as the CLI on a CPU."""
+    `--train` as the bank / training set, of `--val` as the queries), on the CPU with one thread, as the CLI
+    runs in `test_cli_from_export_and_from_checkpoint`."""
     from bsim_fast.eval import extract_features, load_backbone
     from bsim_fast.loaders import build_eval_loader
 
@@ -118,6 +120,7 @@ def test_cli_from_export_and_from_checkpoint(run_dir, expected, task, which):
         ],
         capture_output=True,
         text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU, as `expected`: fp32 features on any machine
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])

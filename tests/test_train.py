@@ -124,8 +124,11 @@ def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path, monkeyp
     net.load_state_dict(sd)  # strict: every key matches torchvision's names
     # the run's k-NN is that of the exported (final) backbone, loaded back here as torchvision's own network
     cfg = load_config("configs/small/byol_bsim.yaml", TINY + [f"data.train={data[0]}", f"data.val={data[1]}"])
-    net = net.to(memory_format=torch.channels_last)  # as the trainer holds it (train.channels_last)
-    again = knn_monitor(net, cfg, build_eval_loader, 0, 1, torch.device("cpu"))
+    # on the trainer's device, in its view dtype and memory format (train.channels_last)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    net = net.to(device, memory_format=torch.channels_last)
+    again = knn_monitor(net, cfg, build_eval_loader, 0, 1, device, dtype)
     assert (out["knn_top1"], out["knn_top5"]) == (again["knn_top1"], again["knn_top5"])
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["arch"] == "resnet18" and meta["cifar_stem"] is True

@@ -36,15 +36,30 @@ def started_run(recipe, data, out, *extra):
     return run, state
 
 
-def uint8_views(n, seed):
+def uint8_views(n, seed, device):
+    """Two views of n images as a loader hands them over: uint8 NHWC on the training device."""
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g) for _ in range(2)]
+    return [torch.randint(0, 256, (n, 16, 16, 3), dtype=torch.uint8, generator=g).to(device) for _ in range(2)]
 
 
 # ---------------------------------------------------------------- gradient accumulation
 
 
-def test_accumulated_micro_batches_equal_one_larger_batch(data, tmp_path):
+@pytest.fixture
+def full_fp32():
+    """On a GPU, fp32 convolutions and matmuls in full precision rather than TF32 (10-bit mantissa)."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    conv, matmul = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cudnn.allow_tf32 = conv
+    torch.set_float32_matmul_precision(matmul)
+
+
+def test_accumulated_micro_batches_equal_one_larger_batch(data, tmp_path, full_fp32):
     """k = 2 micro-batches of 4 and one batch of 8 make the same optimiser step. What makes them equal: SimSiam
     in SIM mode (no partners drawn within a micro-batch), BatchNorm in eval mode (no batch statistics: every
     sample's loss is its own), fp32 on the CPU, and plain SGD (LARS's trust ratio would hide a wrongly scaled
@@ -57,7 +72,7 @@ def test_accumulated_micro_batches_equal_one_larger_batch(data, tmp_path):
     one.method.eval()
     two.method.eval()
     before = {k: v.clone() for k, v in one.method.state_dict().items()}
-    a, b = uint8_views(8, seed=0)
+    a, b = uint8_views(8, seed=0, device=one.device)
     assert tr.step(one, one_state, a, b) is True
     assert tr.step(two, two_state, a[:4], b[:4]) is False  # the first micro-batch: no optimiser step yet
     assert tr.step(two, two_state, a[4:], b[4:]) is True
@@ -94,7 +109,7 @@ def draws_of(data, out, monkeypatch, *extra, rank=0, micro_batches=4):
     seen = record_draws(monkeypatch)
     run, state = started_run("byol_bsim", data, out, "data.batch_size=16", "train.accum_steps=2", *extra)
     run.rank = rank  # what the trainer draws from; this process stays the only one
-    a, b = uint8_views(8, seed=1)  # the same images every time: only the draws can differ
+    a, b = uint8_views(8, seed=1, device=run.device)  # the same images every time: only the draws can differ
     for _ in range(micro_batches):
         tr.step(run, state, a, b)
     run.logger.close()
