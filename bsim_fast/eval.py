@@ -118,7 +118,12 @@ def linear_probe(
     mu, sd = train_f.mean(0, keepdim=True), train_f.std(0, keepdim=True) + 1e-6
     xtr, xte = (train_f - mu) / sd, (test_f - mu) / sd
     num_classes = int(max(train_y.max(), test_y.max())) + 1
-    head = nn.Linear(xtr.shape[1], num_classes).to(xtr.device)
+    # the head's initial weights come from `seed` as well, not from the global RNG, whose state depends on what
+    # ran before (loading a training checkpoint builds the whole method): the probe is a function of its inputs
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = nn.Linear(xtr.shape[1], num_classes)
+    head = head.to(xtr.device)
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=wd)
     steps = epochs * max(1, (xtr.shape[0] + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)

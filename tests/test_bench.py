@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import tiny_folder
 
@@ -66,14 +67,23 @@ def test_bench_tiny_smoke(tmp_path):
         ("end_to_end", "torch", None),
     }
     assert expected <= kinds
-    assert all(row["images_s"] > 0 for row in rows if "images_s" in row)
+    timed = [row for row in rows if "seconds" in row]
+    assert {row["kind"] for row in timed} == {"loader", "model", "end_to_end"}
+    for row in timed:  # images/s is the images counted over the seconds timed: batch x batches (or steps)
+        count = row["batches"] if "batches" in row else row["steps"]
+        assert row["images_s"] * row["seconds"] == pytest.approx(row["batch"] * count), row
     # no dataset for ffcv/dali, no CUDA for the kernel: skipped rows with their reason, not errors
     skipped = {(row["kind"], row.get("loader") or row.get("name")): row["skipped"] for row in rows if "skipped" in row}
     assert "no dataset" in skipped[("loader", "ffcv")] and "CUDA" in skipped[("kernel", "cutmix_normalize")]
     # CPU: peak memory is n/a (None), not 0.00
     assert all(row["peak_mem_gb"] is None for row in rows if "images_s" in row)
     e2e = next(row for row in rows if row["kind"] == "end_to_end" and "images_s" in row)
-    assert e2e["ratio_meaningful"] is False and e2e["model_images_s"] > 0  # tiny: flagged, never a claim
+    assert e2e["ratio_meaningful"] is False  # tiny: flagged, never a claim
+    # its model-only figure is the model row measured with it, and the ratio is the two figures' ratio
+    model = [row for row in rows if row.get("note") == "measured with the end-to-end rows"]
+    assert len(model) == 1 and (model[0]["method"], model[0]["mode"]) == ("byol", "bsim")
+    assert e2e["model_images_s"] == model[0]["images_s"]
+    assert e2e["ratio_to_model"] == pytest.approx(e2e["images_s"] / model[0]["images_s"])
     # the targets are for one GPU at full sizes: n/a or not measured here, never pass/miss
     assert [t["id"] for t in report["targets"]] == [t["id"] for t in bench.TARGETS]
     assert {t["status"] for t in report["targets"]} <= {"n/a", "not measured"}

@@ -179,7 +179,9 @@ def test_solarize_is_applied_per_view_and_per_sample(shards24):
 def test_grayscale_gives_equal_channels(shards24):
     loader = DaliTrainLoader(make_cfg(shards24, **{**NO_AUG, "gray_p": 1.0}), 0, 1, CPU)
     plain = DaliTrainLoader(make_cfg(shards24, **NO_AUG), 0, 1, CPU)
-    for (a, b, y), (p, _, yp) in zip(loader.epoch(0), plain.epoch(0)):
+    batches, plain_batches = list(loader.epoch(0)), list(plain.epoch(0))
+    assert len(batches) == len(plain_batches) == len(loader) > 0
+    for (a, b, y), (p, _, yp) in zip(batches, plain_batches):
         assert torch.equal(y, yp)
         for v in (a, b):
             assert torch.equal(v[..., 0], v[..., 1]) and torch.equal(v[..., 0], v[..., 2])

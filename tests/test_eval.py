@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,19 @@ def test_linear_probe_separates_clusters():
     assert out["linear_top1"] > 95 and out["linear_top5"] == 100.0
 
 
+def test_linear_probe_depends_on_its_inputs_and_seed_only():
+    """The same features and seed give the same probe whatever the global RNG holds (it once initialised the
+    head from it, so a probe after loading a training checkpoint differed from one after an export)."""
+    g = torch.Generator().manual_seed(0)
+    x, xt = torch.randn(16, 32, generator=g), torch.randn(8, 32, generator=g)
+    y, yt = torch.arange(4).repeat(4), torch.arange(4).repeat(2)
+    results = []
+    for global_seed in (1, 2, 3):
+        torch.manual_seed(global_seed)
+        results.append(linear_probe(x, y, xt, yt, epochs=2))
+    assert results[0] == results[1] == results[2]
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
@@ -52,9 +66,38 @@ def run_dir(tmp_path_factory):
     return root, tr, va
 
 
+@pytest.fixture(scope="module")
+def expected(run_dir):
+    """The k-NN (k 5) and the 2-epoch probe of the exported backbone, from the library's parts (features of
+    `--train` as the bank / training set, of `--val` as the queries), on the CPU with one thread, as the CLI
+    runs in `test_cli_from_export_and_from_checkpoint`."""
+    from bsim_fast.eval import extract_features, load_backbone
+    from bsim_fast.loaders import build_eval_loader
+
+    root, tr, va = run_dir
+    backbone, cfg = load_backbone(root / "run" / "backbone.pt", log=lambda m: None)
+    backbone = backbone.to(memory_format=torch.channels_last)
+    cfg.data.batch_size, cfg.data.workers, cfg.data.loader = 256, 0, "torch"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        (bank, bank_y), (queries, query_y) = (
+            extract_features(
+                backbone, build_eval_loader(cfg, str(p), 0, 1, torch.device("cpu")), cfg.data.mean, cfg.data.std
+            )
+            for p in (tr, va)
+        )
+        return {
+            "knn": knn_classify(bank, bank_y, queries, query_y, k=5, t=0.07),
+            "linear": linear_probe(bank, bank_y, queries, query_y, epochs=2),
+        }
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("task", ["knn", "linear"])
 @pytest.mark.parametrize("which", ["backbone.pt", "ckpt_00000001.pt"])
-def test_cli_from_export_and_from_checkpoint(run_dir, task, which):
+def test_cli_from_export_and_from_checkpoint(run_dir, expected, task, which):
     root, tr, va = run_dir
     r = subprocess.run(
         [
@@ -77,11 +120,14 @@ def test_cli_from_export_and_from_checkpoint(run_dir, task, which):
         ],
         capture_output=True,
         text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU, as `expected`: fp32 features on any machine
     )
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["train_images"] == 16 and result["val_images"] == 8
-    assert 0 <= result[f"{task}_top1"] <= 100
+    # the same backbone from either file, evaluated on --train / --val as asked (k, epochs), to 2 decimals
+    for top in ("top1", "top5"):
+        assert result[f"{task}_{top}"] == round(expected[task][f"{task}_{top}"], 2)
 
 
 def test_cli_export_and_bad_paths(run_dir, tmp_path):
@@ -203,7 +249,10 @@ def test_unlabeled_pretraining_then_eval_on_a_labelled_pair(run_dir, tmp_path, c
         ev.main(["knn", "--checkpoint", backbone, "--train", str(tr), "--val", str(va), "--workers", "0", "--k", "5"])
         == 0
     )
-    assert 0 <= json.loads(capsys.readouterr().out.strip().splitlines()[-1])["knn_top1"] <= 100
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # 8 queries, each right or wrong: whole eighths (12.5 %), and top-1 at most top-5
+    assert result["val_images"] == 8 and result["knn_top1"] <= result["knn_top5"]
+    assert all(result[k] / 12.5 == round(result[k] / 12.5) for k in ("knn_top1", "knn_top5"))
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,12 @@ def index_of(reference):
     return lambda view: table[bytes(view.numpy())]
 
 
+def same(xs, ys) -> bool:
+    """Equal sequences of batches: as many on each side (a bare zip stops at the shorter), equal tensors."""
+    xs, ys = list(xs), list(ys)
+    return len(xs) == len(ys) and all(torch.equal(p, q) for x, y in zip(xs, ys) for p, q in zip(x, y, strict=True))
+
+
 def check_train_protocol(loader, labels_of, n):
     assert len(loader) == n // BATCH
     batches = list(loader.epoch(0))
@@ -93,11 +99,9 @@ def check_train_protocol(loader, labels_of, n):
         assert y.dtype == torch.int64
         assert np.array_equal(y.numpy(), labels_of[order[b * BATCH : (b + 1) * BATCH]])
         assert (a != v).float().mean() > 0.5  # two different augmentations
-    again = list(loader.epoch(0))
-    assert all(torch.equal(p, q) for x, z in zip(batches, again) for p, q in zip(x, z))
+    assert same(batches, loader.epoch(0))
     tail = list(loader.epoch(0, start_batch=2))
-    assert len(tail) == len(batches) - 2
-    assert all(torch.equal(p, q) for x, z in zip(batches[2:], tail) for p, q in zip(x, z))
+    assert len(tail) == len(batches) - 2 and same(batches[2:], tail)
     other = list(loader.epoch(1))
     assert not torch.equal(torch.cat([x[2] for x in other]), torch.cat([x[2] for x in batches]))
     return batches
@@ -156,7 +160,7 @@ def test_torch_train_and_eval(tree, source_labels):
     loader = build_train_loader(make_cfg("torch", str(tree)), 0, 1, "cpu")
     batches = check_train_protocol(loader, source_labels, len(source_labels))
     fresh = build_train_loader(make_cfg("torch", str(tree)), 0, 1, "cpu")  # a "resumed" process
-    assert all(torch.equal(p, q) for x, z in zip(batches, fresh.epoch(0)) for p, q in zip(x, z))
+    assert same(batches, fresh.epoch(0))
     check_ranks("torch", str(tree), reference)
 
 

@@ -138,18 +138,19 @@ def test_byol_ema_arithmetic():
     torch.manual_seed(0)
     byol: BYOL = build_method(tiny_cfg("byol", tau_base=0.9))
     online = list(byol.backbone.parameters()) + list(byol.projector.parameters())
-    assert all(torch.equal(t, o) for t, o in zip(byol.target.parameters(), online))
+    assert len(list(byol.target.parameters())) == len(online)  # every online tensor has its target twin
+    assert all(torch.equal(t, o) for t, o in zip(byol.target.parameters(), online, strict=True))
     assert not any(t.requires_grad for t in byol.target.parameters())
     with torch.no_grad():
         for o in online:
             o.add_(torch.randn_like(o))
     before = [t.clone() for t in byol.target.parameters()]
     byol.momentum_update(0.0)
-    for t, b, o in zip(byol.target.parameters(), before, online):
+    for t, b, o in zip(byol.target.parameters(), before, online, strict=True):
         assert torch.allclose(t, 0.9 * b + 0.1 * o, atol=1e-6)
     after = [t.clone() for t in byol.target.parameters()]
     byol.momentum_update(1.0)  # tau = 1 at the end of the run: the target stays put
-    assert all(torch.equal(t, a) for t, a in zip(byol.target.parameters(), after))
+    assert all(torch.equal(t, a) for t, a in zip(byol.target.parameters(), after, strict=True))
 
 
 # ---------------------------------------------------------------- MoCo queue

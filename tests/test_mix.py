@@ -53,6 +53,72 @@ def test_boxes_are_clipped_half_open_and_lam_is_the_kept_fraction():
     assert (lam < 1).any() and (lam > 0).any()
 
 
+class ControlledDraws:
+    """Stands in for numpy's generator inside `sample_boxes`: the Beta variates lam0 and the box centres are
+    the test's own, one per image. Height and width differ, so a centre draw says by its range which it is."""
+
+    def __init__(self, alpha, lam0, cy, cx, height, width):
+        self.alpha, self.lam0, self.centre = alpha, lam0, {height: cy, width: cx}
+
+    def beta(self, a, b, size):
+        assert a == b == self.alpha and size == len(self.lam0)
+        return np.array(self.lam0, dtype=np.float64)
+
+    def integers(self, low, high, size):
+        assert low == 0 and size == len(self.lam0)
+        return np.array(self.centre[high], dtype=np.int64)
+
+
+def test_boxes_and_lam_by_hand_for_fixed_draws(monkeypatch):
+    """CutMix's box for fixed draws on an 8 x 10 image: sides floor(8 sqrt(1 - lam0)) and floor(10 sqrt(1 -
+    lam0)), top-left corner at the centre minus half the side (rounded down), clipped to the image, half-open;
+    lambda = 1 - clipped area / 80. Each row worked out by hand:
+      lam0 0.5:   sqrt(0.5) = 0.707: sides 5 x 7; centre (4, 5): rows 4-2 = 2 .. 2+5 = 7, cols 5-3 = 2 .. 9;
+                  area 35, lambda 1 - 35/80 = 0.5625
+      lam0 0.1:   sqrt(0.9) = 0.949: sides 7 x 9; centre (1, 3): rows -2 .. 5 -> 0 .. 5, cols -1 .. 8 -> 0 .. 8
+                  (clipped at the top and the left); area 5 * 8 = 40, lambda 0.5
+      lam0 0.3:   sqrt(0.7) = 0.837: sides 6 x 8; centre (7, 9): rows 4 .. 10 -> 4 .. 8, cols 5 .. 13 -> 5 .. 10
+                  (clipped at the bottom and the right); area 4 * 5 = 20, lambda 0.75
+      lam0 0.995: sqrt(0.005) = 0.071: sides 0 x 0; centre (3, 6): the empty box (3, 3, 6, 6), lambda 1
+      lam0 0:     sides 8 x 10; centre (4, 5): rows 0 .. 8, cols 0 .. 10, the whole image, lambda 0
+      lam0 0.75:  sqrt(0.25) = 0.5: sides 4 x 5; centre (0, 0): rows -2 .. 2 -> 0 .. 2, cols -2 .. 3 -> 0 .. 3;
+                  area 6, lambda 1 - 6/80 = 0.925
+    """
+    alpha = 0.7
+    draws = ControlledDraws(
+        alpha, lam0=[0.5, 0.1, 0.3, 0.995, 0.0, 0.75], cy=[4, 1, 7, 3, 4, 0], cx=[5, 3, 9, 6, 5, 0], height=8, width=10
+    )
+    monkeypatch.setattr(mix.np.random, "default_rng", lambda seed: draws)
+    boxes, lam = mix.sample_boxes(6, 8, 10, alpha, generator=torch.Generator().manual_seed(0))
+    assert boxes.tolist() == [[2, 7, 2, 9], [0, 5, 0, 8], [4, 8, 5, 10], [3, 3, 6, 6], [0, 8, 0, 10], [0, 2, 0, 3]]
+    assert torch.equal(lam, torch.tensor([0.5625, 0.5, 0.75, 1.0, 0.0, 0.925]))  # float32, as sample_boxes returns
+
+
+def test_lam_is_the_share_of_each_mixed_view_that_shows_its_own_image():
+    """Through `make_views`: image k is the flat colour 10 k + 5 in view a and 10 k + 7 in view b, so each pixel
+    of a mixed view names its source. The share of m'_i showing image i is lam_a[i], the rest shows image
+    partner[i] of the same view set; the same for m'' with lam_b, and one partner for both view sets."""
+    from bsim_fast.config import Config
+
+    n, side = 6, 12
+    colour = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1) * 10
+    a_u8 = (colour + 5).expand(n, side, side, 3).contiguous()
+    b_u8 = (colour + 7).expand(n, side, side, 3).contiguous()
+    cfg = Config()
+    cfg.method.mode = "bsim"
+    cfg.data.mean, cfg.data.std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    views = mix.make_views(a_u8, b_u8, cfg, torch.Generator().manual_seed(5), torch.float32)
+    partner = views["partner"]
+    for mixed, base, lam in (("mixed_a", 5, views["lam_a"]), ("mixed_b", 7, views["lam_b"])):
+        source = (views[mixed][:, 0] - base) / 10  # [n, side, side]: the image each pixel comes from
+        own = source == torch.arange(n).view(n, 1, 1)
+        assert torch.equal(own.float().mean((1, 2)), lam)
+        assert torch.equal(
+            torch.where(own, partner.view(n, 1, 1).float(), source), partner.view(n, 1, 1).expand_as(source).float()
+        )
+    assert not torch.equal(views["lam_a"], views["lam_b"])  # boxes are drawn per view set
+
+
 def _numpy_cutmix_lam(n, h, w, alpha, seed):
     """The standard CutMix draw, written independently, for distribution comparisons."""
     rng = np.random.default_rng(seed)

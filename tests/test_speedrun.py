@@ -464,12 +464,17 @@ def test_speedrun_on_the_builtin_set_writes_the_whole_report(tmp_path):
     ]
     for run in report["recipes"]:
         assert run["error"] is None and run["stopped"] == speedrun.BUDGET_STOP
-        assert run["calibration"]["images_s"] > 0 and run["schedule"]["epochs"] == 1  # 1 epoch is 625 steps here
-        assert run["train_min"] >= 0.05 and run["steps"] >= 1 and run["images_s"] > 0
+        assert run["schedule"]["epochs"] == 1  # 1 epoch is 625 steps here
+        cal = run["calibration"]  # its timed steps are part of the seconds it took in all (with set-up, warm-up)
+        assert cal["images_s"] >= cal["timed_steps"] * run["batch_size"] / cal["seconds"]
+        assert run["train_min"] >= 0.05 and run["steps"] >= 1
+        assert run["images_s"] == pytest.approx(run["steps"] * run["batch_size"] / (run["train_min"] * 60))
         curve = run["curve"]
         assert curve and curve[-1]["why"] == "time budget" and curve[-1]["mark_min"] == pytest.approx(0.05)
         assert all(p["mark_min"] <= p["minutes"] for p in curve)
-        assert all(0 <= p["knn_top1"] <= p["knn_top5"] <= 100 for p in curve)
+        assert all(p["knn_top1"] <= p["knn_top5"] for p in curve)
+        # 50 queries, each right or wrong: whole multiples of 2 %
+        assert all(p[k] / 2 == round(p[k] / 2) for p in curve for k in ("knn_top1", "knn_top5"))
         assert run["eval_s"] == pytest.approx(sum(p["eval_s"] for p in curve))
         assert run["final"] == curve[-1]
         rows = (Path(run["out_dir"]) / "curve.csv").read_text().splitlines()
@@ -518,5 +523,5 @@ def test_gpu_speedrun_clock_and_knn_on_the_device(tmp_path):
     run = report["recipes"][0]
     assert report["data"]["device"].startswith("cuda") and report["environment"]["gpu_memory_gb"] > 0
     assert report["targets_not_applicable_because"] == "not the full CIFAR-10 (5000 / 1000 images)"
-    assert run["error"] is None and run["curve"] and run["steady_images_s"] > 100
+    assert run["error"] is None and run["curve"]  # its speed is the benchmark's business (bench.TARGETS)
     assert report["settings"]["knn"]["bank"] == 5000 and run["train_min"] <= 0.2 + 0.05

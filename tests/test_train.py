@@ -17,6 +17,7 @@ from bsim_fast import step as st
 from bsim_fast.checkpoint import CheckpointError, latest_valid
 from bsim_fast.config import load_config
 from bsim_fast.eval import knn_monitor
+from bsim_fast.loaders import build_eval_loader
 from bsim_fast.step import make_views as real_make_views
 from bsim_fast.train import train
 
@@ -64,6 +65,17 @@ def test_every_recipe_runs_in_two_gloo_processes(data, tmp_path):
         assert latest_valid(tmp_path / recipe)[1]["step"] == 2
 
 
+def assert_same_optimizer_state(a, b):
+    """Equal optimiser states: the same parameters with state, the same entries, equal tensors (a `zip` over the
+    two would stop silently at the shorter side)."""
+    assert a["state"].keys() == b["state"].keys() and len(a["state"]) > 0
+    for index, x in a["state"].items():
+        y = b["state"][index]
+        assert x.keys() == y.keys(), index
+        assert all(torch.equal(x[k], y[k]) for k in x), index
+    assert a["param_groups"] == b["param_groups"]
+
+
 def run(data, out, *extra, resume="auto", callback=None):
     cfg = load_config(
         "configs/small/byol_bsim.yaml",
@@ -92,26 +104,40 @@ def test_resumed_run_ends_bitwise_equal(data, tmp_path, recipe_extra):
     assert full["model"].keys() == cut["model"].keys()
     for k in full["model"]:
         assert torch.equal(full["model"][k], cut["model"][k]), k
-    for a, b in zip(full["optimizer"]["state"].values(), cut["optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_optimizer_state(full["optimizer"], cut["optimizer"])
 
 
-def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path):
+def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path, monkeypatch):
+    drawn = []  # the mean lambda of each step's mixed views a, as the trainer drew them
+
+    def recording(a_u8, b_u8, cfg, gen, dtype):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+        drawn.append(views["lam_a"].mean().item())
+        return views
+
+    monkeypatch.setattr(st, "make_views", recording)
     out = run(data, tmp_path, f"data.val={data[1]}", "train.max_steps=3", resume="none")
-    assert 0 <= out["knn_top1"] <= 100
     sd = torch.load(tmp_path / "backbone.pt", weights_only=True)
     net = torchvision.models.resnet18()
     net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)  # the CIFAR stem the recipe asks for
     net.maxpool, net.fc = torch.nn.Identity(), torch.nn.Identity()
     net.load_state_dict(sd)  # strict: every key matches torchvision's names
+    # the run's k-NN is that of the exported (final) backbone, loaded back here as torchvision's own network
+    cfg = load_config("configs/small/byol_bsim.yaml", TINY + [f"data.train={data[0]}", f"data.val={data[1]}"])
+    # on the trainer's device, in its precision (knn_monitor follows train.precision) and memory format
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = net.to(device, memory_format=torch.channels_last)
+    again = knn_monitor(net, cfg, build_eval_loader, 0, 1, device)
+    assert (out["knn_top1"], out["knn_top5"]) == (again["knn_top1"], again["knn_top5"])
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta["arch"] == "resnet18" and meta["cifar_stem"] is True
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     names = {r["name"] for r in rows if r["kind"] == "train"}
     assert {"loss", "lr", "lam", "img_s"} <= names
-    assert [r for r in rows if r["kind"] == "knn" and r["name"] == "knn_top1"]
+    logged = [float(r["value"]) for r in rows if r["kind"] == "knn" and r["name"] == "knn_top1"]
+    assert logged == [pytest.approx(out["knn_top1"], abs=1e-4)]  # metrics.csv keeps 4 decimals
     lam = [float(r["value"]) for r in rows if r["name"] == "lam"]
-    assert all(0 < v < 1 for v in lam)  # BSIM: a mean of actual kept fractions
+    assert lam == [pytest.approx(v, abs=1e-4) for v in drawn] and len(lam) == 3  # a line per step (log_every 1)
 
 
 def test_sim_mode_logs_lambda_one(data, tmp_path):
@@ -205,10 +231,10 @@ def test_nan_skipped_step_then_stop_and_resume_ends_bitwise_equal(data, tmp_path
     assert (cut["step"], cut["epoch"]) == (full["step"], full["epoch"])
     a, b = latest_valid(tmp_path / "full")[1], latest_valid(tmp_path / "cut")[1]
     assert [a[k] for k in ("step", "epoch", "batches_read")] == [b[k] for k in ("step", "epoch", "batches_read")]
+    assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    for x, y in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(x[k], y[k]) for k in x)
+    assert_same_optimizer_state(a["optimizer"], b["optimizer"])
 
 
 def test_metrics_and_tensorboard_cut_back_to_the_resumed_step(data, tmp_path):
@@ -226,8 +252,6 @@ def test_metrics_and_tensorboard_cut_back_to_the_resumed_step(data, tmp_path):
 
 
 def test_progress_line_counts_to_max_steps_and_a_callback_can_run_knn(data, tmp_path, capsys):
-    from bsim_fast.loaders import build_eval_loader
-
     seen = {}
 
     def knn_at_step_1(state, method):  # what a time-to-accuracy runner does at its wall-clock marks
@@ -238,7 +262,10 @@ def test_progress_line_counts_to_max_steps_and_a_callback_can_run_knn(data, tmp_
     cfg = load_config("configs/small/byol_bsim.yaml", TINY + [f"data.train={data[0]}", f"data.val={data[1]}"])
     result = run(data, tmp_path, "train.max_steps=2", resume="none", callback=knn_at_step_1)
     assert "step 2/2 " in capsys.readouterr().out  # not 2/6 (the epochs' total)
-    assert result["step"] == 2 and 0 <= seen["knn_top1"] <= 100 and seen["training"] is True
+    assert result["step"] == 2 and seen["training"] is True
+    # 12 queries (3 per class): each is right or wrong, so top-1 is a whole number of twelfths, at most top-5's
+    assert seen["knn_top1"] <= seen["knn_top5"]
+    assert all(abs(seen[k] * 12 / 100 - round(seen[k] * 12 / 100)) < 1e-9 for k in ("knn_top1", "knn_top5"))
 
 
 # ---- resuming into an out_dir: same config only, explicit overrides ----------------------------------------
