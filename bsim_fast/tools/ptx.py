@@ -14,6 +14,25 @@ import torch
 __all__ = ["compile_ptx", "ptx_report", "ptx_stats"]
 
 
+# the scalars of an example policy (BYOL's jitter ranges, blur and solarize for part of the samples): the PTX is
+# compiled for their types, which every policy shares
+POLICY_FLOATS = dict(
+    jitter_p=0.8,
+    b_lo=0.6,
+    b_span=0.8,
+    c_lo=0.6,
+    c_span=0.8,
+    s_lo=0.8,
+    s_span=0.4,
+    hue=0.1,
+    gray_p=0.2,
+    blur_p=0.5,
+    solarize_p=0.2,
+    sigma_lo=0.1,
+    sigma_span=1.9,
+)
+
+
 def _type_of(value) -> str:
     if isinstance(value, torch.Tensor):
         return (
@@ -87,11 +106,15 @@ def ptx_stats(ptx: str) -> dict:
 
 def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.bfloat16) -> list[dict]:
     """Per kernel: PTX instructions (static), per input byte for the CutMix kernel, access widths, mma count."""
-    from bsim_fast.kernels import cutmix
-    from bsim_fast.kernels import photometric as ph
-
     n = 4
     x = torch.zeros((n, height, width, 3), dtype=torch.uint8)
+    return _cutmix_rows(x, dtype) + _photometric_rows(x)
+
+
+def _cutmix_rows(x: torch.Tensor, dtype: torch.dtype) -> list[dict]:
+    from bsim_fast.kernels import cutmix
+
+    n, height, width, _ = x.shape
     out = torch.empty((n, 3, height, width), dtype=dtype)
     vec = cutmix.vec_for(dtype)
     hw3 = height * width * 3
@@ -128,25 +151,18 @@ def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.b
                 instructions_per_element=stats["instructions"] / per_thread,
             )
         )
+    return rows
+
+
+def _photometric_rows(x: torch.Tensor) -> list[dict]:
+    from bsim_fast.kernels import photometric as ph
+
+    n, height, width, _ = x.shape
+    rows = []
     u = torch.zeros((n, 13))
     hw = height * width
     ptiles = -(-hw // ph.BLOCK_PIXELS)
     strides = dict(sN=hw * 6, sH=width * 3, sW=3, sC=1)  # a view of the loader's [N, 2, H, W, 3]
-    floats = dict(
-        jitter_p=0.8,
-        b_lo=0.6,
-        b_span=0.8,
-        c_lo=0.6,
-        c_span=0.8,
-        s_lo=0.8,
-        s_span=0.4,
-        hue=0.1,
-        gray_p=0.2,
-        blur_p=0.5,
-        solarize_p=0.2,
-        sigma_lo=0.1,
-        sigma_span=1.9,
-    )
     flags = dict(HAS_B=True, HAS_C=True, HAS_S=True, HAS_H=True)
     k = 2 * (int(0.1 * min(height, width)) // 2) + 1
     t = ph.blur_tile(k, max(height, width))
@@ -198,7 +214,7 @@ def ptx_report(height: int = 224, width: int = 224, dtype: torch.dtype = torch.b
         TILES_X=6,
         BLUR_TILES=36,
         **strides,
-        **floats,
+        **POLICY_FLOATS,
     )
     for name, kernel, warps, consts in kernels:
         stats = ptx_stats(compile_ptx(kernel, common, consts, warps))
