@@ -106,6 +106,12 @@ def arch_names() -> tuple[str, ...]:
     return backbone_names()
 
 
+def interpolation_names() -> tuple[str, ...]:
+    from .loaders.resize import INTERPOLATIONS  # numpy only: the back ends are not imported
+
+    return INTERPOLATIONS
+
+
 @dataclass(eq=False)
 class MethodCfg:
     """`method:` holds the name, the mode and the named method's own settings, which each method declares
@@ -157,6 +163,9 @@ class ModelCfg:
 class AugCfg:
     crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1, ordered=True)
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
+    # the crops' resize filter in every loader (bsim_fast/loaders/resize.py): solo-learn's and the TensorFlow
+    # papers' bicubic, or torchvision's default bilinear (MoCo v2, SimSiam)
+    interpolation: str = setting("bicubic", choices=interpolation_names)
     flip_p: float = setting(0.5, ge=0, le=1)
     jitter_p: float = setting(0.8, ge=0, le=1)
     brightness: float = setting(0.4, ge=0)  # torchvision's ColorJitter ranges
