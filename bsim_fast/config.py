@@ -68,6 +68,7 @@ def _yaml(text: str):
 
 
 MODES = ("sim", "bsim", "wbsim")  # which views the online side sees in each: docs/METHOD.md
+INTERPOLATIONS = ("bicubic", "bilinear")  # the crops' resize filters, aug.interpolation (loaders/resize.py)
 
 
 def setting(
@@ -104,12 +105,6 @@ def arch_names() -> tuple[str, ...]:
     from .models import backbone_names
 
     return backbone_names()
-
-
-def interpolation_names() -> tuple[str, ...]:
-    from .loaders.resize import INTERPOLATIONS  # numpy only: the back ends are not imported
-
-    return INTERPOLATIONS
 
 
 @dataclass(eq=False)
@@ -165,7 +160,7 @@ class AugCfg:
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
     # the crops' resize filter in every loader (bsim_fast/loaders/resize.py): solo-learn's and the TensorFlow
     # papers' bicubic, or torchvision's default bilinear (MoCo v2, SimSiam)
-    interpolation: str = setting("bicubic", choices=interpolation_names)
+    interpolation: str = setting("bicubic", choices=INTERPOLATIONS)
     flip_p: float = setting(0.5, ge=0, le=1)
     jitter_p: float = setting(0.8, ge=0, le=1)
     brightness: float = setting(0.4, ge=0)  # torchvision's ColorJitter ranges

@@ -24,8 +24,9 @@ import math
 
 import numpy as np
 
-INTERPOLATIONS = ("bicubic", "bilinear")  # aug.interpolation's values; the index is the code compiled code takes
-BICUBIC, BILINEAR = 0, 1
+from ..config import INTERPOLATIONS  # aug.interpolation's values; the index is the code compiled code takes
+
+BICUBIC, BILINEAR = INTERPOLATIONS.index("bicubic"), INTERPOLATIONS.index("bilinear")
 CUBIC_A = -0.5  # Keys' parameter in Pillow and DALI (OpenCV and torch's non-antialiased bicubic use -0.75)
 
 
