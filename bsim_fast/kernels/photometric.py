@@ -119,20 +119,26 @@ def _sample_params(u_ptr, img, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_spa
 def _jitter(r, g, b, rank_b, rank_c, rank_s, rank_h, fb, fc, fs, shift, cmean, UNTIL_CONTRAST: tl.constexpr,
             HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_H: tl.constexpr):
     """The jitter ops in the sample's order: slot k runs the op of rank k (a loop: the code holds each op once;
-    UNTIL_CONTRAST stops before contrast). Brightness needs no clamp at 0: x and the factor are >= 0."""
-    for slot in range(0, rank_c if UNTIL_CONTRAST else 4):
+    UNTIL_CONTRAST stops before contrast: only slots below its rank run). The trip count is the constant 4, not
+    the contrast's rank: triton 3.6's interpreter reads a runtime bound with int() of a one-element array, which
+    numpy 2.4 refuses. Brightness needs no clamp at 0: x and the factor are >= 0."""
+    for slot in range(0, 4):
+        if UNTIL_CONTRAST:
+            active = slot < rank_c
+        else:
+            active = slot < 4
         if HAS_B:
-            if rank_b == slot:
+            if (rank_b == slot) & active:
                 r, g, b = tl.minimum(r * fb, 255.0), tl.minimum(g * fb, 255.0), tl.minimum(b * fb, 255.0)
         if HAS_C and not UNTIL_CONTRAST:
             if rank_c == slot:
                 r, g, b = _blend(r, cmean, fc), _blend(g, cmean, fc), _blend(b, cmean, fc)
         if HAS_S:
-            if rank_s == slot:
+            if (rank_s == slot) & active:
                 y = _gray(r, g, b)
                 r, g, b = _blend(r, y, fs), _blend(g, y, fs), _blend(b, y, fs)
         if HAS_H:
-            if rank_h == slot:
+            if (rank_h == slot) & active:
                 r, g, b = _hue(r, g, b, shift)
     return r, g, b
 
