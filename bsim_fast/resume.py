@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = {
     "train.ckpt_every_steps",
     "train.keep_checkpoints",
     "train.tensorboard",
+    "train.image_every_steps",
     "train.knn_every_epochs",
     "train.knn_k",
     "train.knn_t",

@@ -149,6 +149,8 @@ def start(run: Run) -> None:
     if run.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.out_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
+        if run.cfg.train.tensorboard:
+            run.train_step.lam_values = []  # kept for λ's histogram at each log line
     run.logger = MetricsLogger(
         run.out_dir, run.is_main, run.max_steps, start_step=step, tensorboard=run.cfg.train.tensorboard
     )
