@@ -30,6 +30,7 @@ from .config import Config, ConfigError, load_config
 from .eval import export_backbone, knn_monitor
 from .loaders import build_eval_loader
 from .recipes import recipe_path
+from .records import finish_wandb
 from .resume import check_resume_flag, resume_run, save_run
 from .run import Run, TrainError, build, check_config, start
 from .step import TrainState, step_generator
@@ -189,13 +190,21 @@ def train(
     """
     run = build(cfg)
     state = resume_run(run, resume)
-    start(run)
+    start(run, resume)
     stop = None
-    while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
-        stop = train_one_epoch(run, state, callback)
-        if stop is None and state.batches_read >= len(run.loader):
-            end_epoch(run, state)
-    return finish(run, state, stop)
+    try:
+        while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
+            stop = train_one_epoch(run, state, callback)
+            if stop is None and state.batches_read >= len(run.loader):
+                end_epoch(run, state)
+        result = finish(run, state, stop)
+    except BaseException:
+        if run.wandb is not None:
+            finish_wandb(run.wandb, exit_code=1)
+        raise
+    if run.wandb is not None:
+        finish_wandb(run.wandb)  # after `finish` closed the TensorBoard writer it syncs
+    return result
 
 
 def main(argv=None) -> int:
