@@ -185,6 +185,8 @@ class TrainCfg:
     knn_t: float = setting(0.07, gt=0)
     nan_policy: str = setting("stop", choices=("stop", "skip"))
     tensorboard: bool = True
+    image_every_steps: int = setting(0, ge=0)  # > 0: the views grid to TensorBoard at these steps (0 = off)
+    wandb: str = ""  # a W&B project that syncs the TensorBoard logs (empty = off; records.check_wandb)
 
 
 @dataclass
