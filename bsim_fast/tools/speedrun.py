@@ -73,12 +73,14 @@ BUDGET_STOP = "time budget reached"
 def speedrun_config(path: Path, overrides: list[str], data: cifar10.Cifar10, out_dir: Path, device) -> Config:
     """The recipe with the speedrun's settings: GPU-resident data, the k-NN left to the speedrun (data.val
     empty, so `train` does not run its own), no checkpoints before the end, compile resolved (the calibration
-    must compile exactly when the run does)."""
+    must compile exactly when the run does), no view pictures (their drawing would be clock time spent alike
+    in every recipe, measuring nothing)."""
     cfg = load_config(path, [f"data.workers={min(16, available_cores())}", *overrides])  # --set may lower
     cfg.data.loader = "gpu_resident"
     cfg.data.train, cfg.data.val = str(data.train), ""
     cfg.train.out_dir = str(out_dir)
     cfg.train.knn_every_epochs = 0
+    cfg.train.image_every_steps = 0
     if cfg.train.compile == "auto":
         cfg.train.compile = "on" if device.type == "cuda" else "off"
     return cfg
