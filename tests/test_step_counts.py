@@ -56,3 +56,5 @@ def test_step_launches_and_view_traffic_within_budget(counted, method, mode, pol
     least = 2 * (1 + 2 * outputs)
     assert least <= row["view_bytes_e"] <= least + (0 if mode == "sim" else 2), row
     assert "cat" not in row["aten"], row
+    # ... nor inside the compiled graph: what reads the views' batch there (through slices) is a first convolution
+    assert row["view_readers"] == ["convolution"], row

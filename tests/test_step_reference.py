@@ -33,6 +33,8 @@ def config(name, mode, settings):
     overrides = ["model.arch=resnet18", "model.proj_hidden=32", "model.proj_dim=16", "model.pred_hidden=16"]
     overrides += ["model.queue_size=24", f"data.image_size={SIZE}", f"data.batch_size={N}", "train.compile=off"]
     overrides += [f"method.{k}={str(v).lower()}" for k, v in settings.items()]
+    # the scheduled lr from the first step, and LARS's trust ratios unclipped, so that they move the weights
+    overrides += ["optim.warmup_epochs=0", "optim.clip_lr=false"]
     return load_config(f"configs/small/{name}{'' if mode == 'sim' else '_' + mode}.yaml", overrides)
 
 
