@@ -83,8 +83,9 @@ def finite_everywhere_later(record: torch.Tensor) -> Callable[[], bool]:
 
 class ForwardState:
     """What a forward changes outside its outputs and `Method.hold`: BatchNorm's running statistics and counts.
-    `save` copies them into buffers made once (one multi-tensor copy, no allocation), `restore` puts them back
-    after a skipped step. MoCo's queue is not among them: its update waits for the step (`hold_updates`)."""
+    `save` copies them into buffers made once (a multi-tensor copy per dtype, the statistics' and the counts',
+    as a multi-tensor kernel takes one dtype; no allocation), `restore` puts them back after a skipped step.
+    MoCo's queue is not among them: its update waits for the step (`hold_updates`)."""
 
     def __init__(self, method: torch.nn.Module):
         self.live = [
@@ -95,16 +96,19 @@ class ForwardState:
             if b is not None
         ]
         self.saved = [torch.empty_like(b) for b in self.live]
+        self.by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, b in enumerate(self.live):
+            self.by_dtype.setdefault(b.dtype, []).append(i)
 
     @torch.no_grad()
     def save(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.saved, self.live)
+        for idx in self.by_dtype.values():
+            torch._foreach_copy_([self.saved[i] for i in idx], [self.live[i] for i in idx])
 
     @torch.no_grad()
     def restore(self) -> None:
-        if self.live:
-            torch._foreach_copy_(self.live, self.saved)
+        for idx in self.by_dtype.values():
+            torch._foreach_copy_([self.live[i] for i in idx], [self.saved[i] for i in idx])
 
 
 def compile_on(cfg: Config, device: torch.device) -> bool:

@@ -1,9 +1,10 @@
 """What every method shares: the registry, the view routing of SIM / BSIM / WBSIM, and compilation.
 
 View routing (docs/METHOD.md, "View routing"): the online / query side sees the plain views in SIM, the mixed
-views in BSIM and both in WBSIM, in one concatenated forward; the target / key side sees the plain views only.
-A method says how views are encoded, what the targets are and what the loss of one direction is; `forward`
-does the rest.
+views in BSIM and both in WBSIM, in one forward; the target / key side sees the plain views only. The views
+arrive as one batch in `view_order()` (`mix.make_views` writes them so), so each forward reads a slice of it.
+A method says how views are encoded, what the targets are and what the loss of one direction is; `objective`
+does the rest, and is what `compile_networks` compiles.
 """
 
 from __future__ import annotations
