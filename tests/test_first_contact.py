@@ -232,7 +232,9 @@ def clone(tmp_path_factory):
 
 
 PROBE = """
-import contextlib, io, json, runpy, sys
+import contextlib, io, json, runpy, sys, warnings
+# one process runs them all, so a module may already be imported by an earlier one; `python -m` starts afresh
+warnings.filterwarnings("ignore", message=".*found in sys.modules", category=RuntimeWarning)
 arg, modules, results = sys.argv[1], sys.argv[2:], {}
 for module in modules:
     out, err, code = io.StringIO(), io.StringIO(), 0
