@@ -30,7 +30,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .kernels import photometric as photometric_kernels
 from .kernels import use_triton
+from .kernels.photometric import (
+    U_BLUR,
+    U_BRIGHTNESS,
+    U_COLUMNS,
+    U_CONTRAST,
+    U_GRAY,
+    U_HUE,
+    U_JITTER,
+    U_ORDER,
+    U_SATURATION,
+    U_SIGMA,
+    U_SOLARIZE,
+)
 
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 SOLARIZE_THRESHOLD = 128  # uint8 units: v >= 128 -> 255 - v
@@ -174,15 +188,14 @@ def _apply_to(x: torch.Tensor, mask: torch.Tensor, fn, param: torch.Tensor) -> t
 
 
 def _draw(x_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Validate, then the per-sample uniforms u[N, 13] on the views' device. Columns: 0 jitter?, 1-3
-    brightness/contrast/saturation factors, 4 hue shift, 5-8 the jitter order's sort keys, 9 grayscale?,
-    10 blur?, 11 sigma, 12 solarize? (both implementations read these; the kernels in `_sample_params`).
-    A fixed block whatever the policy, so a generator state always maps to the same parameters (resume-exact
-    when the caller seeds the generator per batch)."""
+    """Validate, then the per-sample uniforms u[N, U_COLUMNS] on the views' device, read by both implementations
+    by the column names of `bsim_fast.kernels.photometric` (``U_*``). A fixed block whatever the policy, so a
+    generator state always maps to the same parameters (resume-exact when the caller seeds the generator per
+    batch)."""
     if not isinstance(x_u8, torch.Tensor) or x_u8.dtype != torch.uint8 or x_u8.dim() != 4 or x_u8.shape[-1] != 3:
         found = f"{x_u8.dtype} {tuple(x_u8.shape)}" if isinstance(x_u8, torch.Tensor) else type(x_u8).__name__
         raise ValueError(f"photometric: expected uint8 [N,H,W,3], got {found}")
-    return torch.rand(x_u8.shape[0], 13, generator=generator, device=x_u8.device)
+    return torch.rand(x_u8.shape[0], U_COLUMNS, generator=generator, device=x_u8.device)
 
 
 def _is_identity(policy: ViewPolicy) -> bool:
@@ -197,10 +210,8 @@ def photometric(x_u8: torch.Tensor, policy: ViewPolicy, generator: torch.Generat
     if _is_identity(policy):
         return x_u8.contiguous()  # nothing to do; the draw above keeps the generator in step
     if use_triton(x_u8.device):
-        from .kernels.photometric import photometric as photometric_triton
-
         _, hgt, wid, _ = x_u8.shape
-        return photometric_triton(x_u8, u, policy, blur_kernel_size(min(hgt, wid)))
+        return photometric_kernels.photometric(x_u8, u, policy, blur_kernel_size(min(hgt, wid)))
     return _transform(x_u8, u, policy)
 
 
@@ -212,21 +223,22 @@ def photometric_reference(x_u8: torch.Tensor, policy: ViewPolicy, generator: tor
 
 def _transform(x_u8: torch.Tensor, u: torch.Tensor, policy: ViewPolicy) -> torch.Tensor:
     _, hgt, wid, _ = x_u8.shape
+    col = u.unbind(1)
 
-    def factor(col: int, strength: float) -> torch.Tensor:  # torchvision: U(max(0, 1-s), 1+s)
+    def factor(uniform: torch.Tensor, strength: float) -> torch.Tensor:  # torchvision: U(max(0, 1-s), 1+s)
         lo = max(0.0, 1.0 - strength)
-        return lo + (1.0 + strength - lo) * u[:, col]
+        return lo + (1.0 + strength - lo) * uniform
 
     x = x_u8.permute(0, 3, 1, 2).float().contiguous()  # NCHW planes: channel ops are contiguous
 
-    jitter = u[:, 0] < policy.jitter_p
+    jitter = col[U_JITTER] < policy.jitter_p
     params = (
-        factor(1, policy.brightness),
-        factor(2, policy.contrast),
-        factor(3, policy.saturation),
-        (u[:, 4] * 2.0 - 1.0) * policy.hue,
+        factor(col[U_BRIGHTNESS], policy.brightness),
+        factor(col[U_CONTRAST], policy.contrast),
+        factor(col[U_SATURATION], policy.saturation),
+        (col[U_HUE] * 2.0 - 1.0) * policy.hue,
     )
-    order = u[:, 5:9].argsort(dim=1, stable=True)  # per-sample permutation of the 4 ops
+    order = u[:, U_ORDER : U_ORDER + 4].argsort(dim=1, stable=True)  # per-sample permutation of the 4 ops
     ops = (
         (_BRIGHTNESS, adjust_brightness, policy.brightness),
         (_CONTRAST, adjust_contrast, policy.contrast),
@@ -240,11 +252,11 @@ def _transform(x_u8: torch.Tensor, u: torch.Tensor, policy: ViewPolicy) -> torch
                     x = _apply_to(x, jitter & (order[:, slot] == op), fn, params[op])
 
     if policy.gray_p > 0:
-        x = torch.where(_per_sample(u[:, 9] < policy.gray_p), grayscale(x).expand_as(x), x)
+        x = torch.where(_per_sample(col[U_GRAY] < policy.gray_p), grayscale(x).expand_as(x), x)
     if policy.blur_p > 0:
         lo, hi = policy.blur_sigma
-        sigma = lo + (hi - lo) * u[:, 11]
-        x = gaussian_blur(x, sigma, blur_kernel_size(min(hgt, wid)), apply=u[:, 10] < policy.blur_p)
+        sigma = lo + (hi - lo) * col[U_SIGMA]
+        x = gaussian_blur(x, sigma, blur_kernel_size(min(hgt, wid)), apply=col[U_BLUR] < policy.blur_p)
     if policy.solarize_p > 0:
-        x = solarize(x, u[:, 12] < policy.solarize_p)
+        x = solarize(x, col[U_SOLARIZE] < policy.solarize_p)
     return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()

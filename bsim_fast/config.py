@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 
 MODES = ("sim", "bsim", "wbsim")  # which views the online side sees in each: docs/METHOD.md
+INTERPOLATIONS = ("bicubic", "bilinear")  # the crops' resize filters, aug.interpolation (loaders/resize.py)
 
 
 def setting(
@@ -122,6 +123,9 @@ class ModelCfg:
 class AugCfg:
     crop_scale: tuple[float, float] = setting((0.08, 1.0), gt=0, le=1, ordered=True)
     crop_ratio: tuple[float, float] = setting((3 / 4, 4 / 3), gt=0, ordered=True)
+    # the crops' resize filter in every loader (bsim_fast/loaders/resize.py): solo-learn's and the TensorFlow
+    # papers' bicubic, or torchvision's default bilinear (MoCo v2, SimSiam)
+    interpolation: str = setting("bicubic", choices=INTERPOLATIONS)
     flip_p: float = setting(0.5, ge=0, le=1)
     jitter_p: float = setting(0.8, ge=0, le=1)
     brightness: float = setting(0.4, ge=0)  # torchvision's ColorJitter ranges
@@ -181,6 +185,8 @@ class TrainCfg:
     knn_t: float = setting(0.07, gt=0)
     nan_policy: str = setting("stop", choices=("stop", "skip"))
     tensorboard: bool = True
+    image_every_steps: int = setting(0, ge=0)  # > 0: the views grid to TensorBoard at these steps (0 = off)
+    wandb: str = ""  # a W&B project that syncs the TensorBoard logs (empty = off; records.check_wandb)
 
 
 @dataclass

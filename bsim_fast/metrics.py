@@ -1,4 +1,5 @@
-"""Metrics to the console (a progress bar), to `metrics.csv` and to TensorBoard, from rank 0 only.
+"""Metrics to the console (a progress bar), to `metrics.csv` and to TensorBoard (with the views grid and λ's
+histogram), from rank 0 only.
 
 A resumed run starts where its checkpoint was written, so what the interrupted run logged after that step is
 removed first (metrics.csv rewritten atomically, TensorBoard events purged): every step is in the files once.
@@ -129,6 +130,16 @@ class MetricsLogger:
             print(f"step {step}/{self.total_steps} {values_text} {times}", flush=True)
         else:
             self.print(f"[{kind}] step {step}: " + json.dumps({k: round(float(v), 4) for k, v in values.items()}))
+
+    def image(self, step: int, tag: str, image) -> None:
+        """An HWC uint8 picture (`views.views_grid`) to TensorBoard; nothing without it."""
+        if self.tb:
+            self.tb.add_image(tag, image, step, dataformats="HWC")
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        """The distribution of `values` (a host tensor or array) to TensorBoard; nothing without it."""
+        if self.tb and len(values):
+            self.tb.add_histogram(tag, values, step)
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

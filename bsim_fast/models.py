@@ -35,6 +35,17 @@ def build_backbone(arch: str, cifar_stem: bool) -> tuple[nn.Module, int]:
     return net, feat_dim
 
 
+class ScaleOnlyBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm with a learned scale and no shift (TensorFlow's `center=False`: SimCLR's output layer).
+
+    The shift stays a parameter, fixed at zero: without a gradient no optimiser touches it, and
+    SyncBatchNorm's conversion, which copies `weight` and `bias` as they are, keeps it so."""
+
+    def __init__(self, num_features: int):
+        super().__init__(num_features)
+        self.bias.requires_grad_(False)
+
+
 def mlp(
     in_dim: int,
     hidden: int,
@@ -43,11 +54,13 @@ def mlp(
     last_bn: bool = False,
     last_bn_affine: bool = True,
     hidden_bn: bool = True,
+    last_bn_shift: bool = True,
 ) -> nn.Sequential:
     """Linear-BN-ReLU x (num_layers - 1), then Linear (+ BN if last_bn).
 
     A Linear followed by BN has no bias (BN's shift makes it redundant). hidden_bn=False gives the
-    MoCo v2 head (Linear-ReLU-Linear).
+    MoCo v2 head (Linear-ReLU-Linear). The last BN has a scale and a shift, neither (last_bn_affine=False)
+    or a scale only (last_bn_shift=False).
     """
     if num_layers < 1:
         raise ValueError(f"mlp: num_layers must be >= 1, found {num_layers}")
@@ -57,11 +70,13 @@ def mlp(
         last = i == num_layers - 1
         bn = last_bn if last else hidden_bn
         layers.append(nn.Linear(dims[i], dims[i + 1], bias=not bn))
-        if bn:
+        if bn and last and last_bn_affine and not last_bn_shift:
+            layers.append(ScaleOnlyBatchNorm1d(dims[i + 1]))
+        elif bn:
             layers.append(nn.BatchNorm1d(dims[i + 1], affine=last_bn_affine if last else True))
         if not last:
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 
-__all__ = ["backbone_names", "build_backbone", "check_arch", "mlp"]
+__all__ = ["ScaleOnlyBatchNorm1d", "backbone_names", "build_backbone", "check_arch", "mlp"]

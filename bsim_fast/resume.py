@@ -27,6 +27,8 @@ RESUMABLE_CHANGES = {
     "train.ckpt_every_steps",
     "train.keep_checkpoints",
     "train.tensorboard",
+    "train.image_every_steps",
+    "train.wandb",
     "train.knn_every_epochs",
     "train.knn_k",
     "train.knn_t",
@@ -37,7 +39,7 @@ RESUMABLE_CHANGES = {
     "data.dali_hw_decoder_load",
 }
 # What a new run with --resume none moves aside (into out_dir/previous_N/) rather than mixing with its own
-RUN_FILES = ("metrics.csv", "tb", "final.json", "backbone.pt", "backbone.json", "config.json")
+RUN_FILES = ("metrics.csv", "tb", "final.json", "backbone.pt", "backbone.json", "config.json", "run.json", "wandb")
 
 
 def check_resume_flag(resume: str) -> None:

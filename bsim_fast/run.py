@@ -1,5 +1,6 @@
 """A training run's setup: the checks before any work, `build` (process group, loader, the training step) and
-`start` (config.json and the metrics logger once the resumed step is known). `train.py` runs the loop over it.
+`start` (config.json, run.json, the W&B run and the metrics logger once the resumed step is known). `train.py`
+runs the loop over it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from .dist import set_cpu_threads, setup_distributed
 from .loaders import build_train_loader, check_dataset, check_datasets, check_kind
 from .metrics import MetricsLogger
 from .models import check_arch
+from .provenance import environment
+from .records import check_wandb, read_record, record_start, start_wandb
 from .runfolder import RunFolderError, RunLock, check_out_dir
 from .seeds import seed_everything
 from .step import TrainState, TrainStep
@@ -35,9 +38,10 @@ class TrainError(RuntimeError):
 
 def check_config(cfg: Config, world: int, paths: bool = True) -> None:
     """What can be checked before any work, in one line each naming the file or override: the batch over
-    ranks and accumulation, the names the registries hold, and (with `paths`) data.train and data.val
-    (`loaders.check_datasets`; `build` leaves data.train to the loader, which checks it as it opens it) and the
-    run folder: writable, and not held by another training (`hold_run_folder` does both for a run)."""
+    ranks and accumulation, the names the registries hold, train.wandb (`records.check_wandb`), and (with
+    `paths`) data.train and data.val (`loaders.check_datasets`; `build` leaves data.train to the loader, which
+    checks it as it opens it) and the run folder: writable, and not held by another training
+    (`hold_run_folder` does both for a run)."""
     per_rank, rem = divmod(cfg.data.batch_size, world * cfg.train.accum_steps)
     if rem or per_rank < 2:
         raise ConfigError(
@@ -46,6 +50,7 @@ def check_config(cfg: Config, world: int, paths: bool = True) -> None:
         )
     check_kind(cfg.data.loader, cfg.where("data.loader"))
     check_arch(cfg.model.arch, cfg.where("model.arch"))
+    check_wandb(cfg)
     if paths:
         check_datasets(cfg)
         check_out_dir(cfg.train.out_dir, cfg.where("train.out_dir"))
@@ -112,6 +117,7 @@ class Run:
     knn: bool  # the k-NN monitor runs (data.val is set and the data has labels)
     preempt: Preemption
     logger: MetricsLogger | None = None  # set by `start`: it cuts metrics.csv back to the resumed step
+    wandb: Any = None  # the W&B run of train.wandb (rank 0), set by `start`
     t_last: float = 0.0
     last_loss: float = math.nan
     last_log_step: int = -1
@@ -178,12 +184,19 @@ def build(cfg: Config) -> Run:
     )
 
 
-def start(run: Run) -> None:
-    """What comes once the state is known: config.json, metrics cut back to the resumed step, the clocks."""
+def start(run: Run, resume: str = "auto") -> None:
+    """What comes once the state is known: config.json, this start in run.json (records.py) and the W&B run
+    (before the TensorBoard writer it syncs), metrics cut back to the resumed step, the clocks."""
     step = run.state.step
     if run.is_main:
         run.out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.out_dir / "config.json", json.dumps(to_dict(run.cfg), indent=1))
+        record = read_record(run.out_dir)
+        if run.cfg.train.wandb:
+            run.wandb = start_wandb(run.cfg, run.out_dir, record)
+        record_start(run.out_dir, record, {"step": step, "resume": resume, **environment(run.device, run.world)})
+        if run.cfg.train.tensorboard:
+            run.train_step.lam_values = []  # kept for λ's histogram at each log line
     run.logger = MetricsLogger(
         run.out_dir, run.is_main, run.max_steps, start_step=step, tensorboard=run.cfg.train.tensorboard
     )

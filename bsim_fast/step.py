@@ -95,6 +95,9 @@ class TrainStep:
         self.state = TrainState()
         self.sums = torch.zeros(4, device=self.device)  # loss, lam, non-finite count, micro-batches
         self.images = 0  # images through the micro-batches in `sums`, over all ranks
+        # λ', λ'' of each micro-batch since the trainer last took them (`take_lam_values`), kept only when it
+        # asks (a list, not None): references to the step's own tensors, no copy and no host sync here
+        self.lam_values: list[torch.Tensor] | None = None
         if compile_on(cfg, self.device):
             compile_networks(self.method)  # state-dict keys unchanged: a checkpoint loads into it
         self.model = self._wrap(self.method)
@@ -146,6 +149,8 @@ class TrainStep:
         lam = views.get("lam_a", loss.new_ones(1)).mean()
         self.sums += torch.stack([loss.detach().nan_to_num(0.0), lam, (~finite).float(), loss.new_ones(())])
         self.images += a_u8.shape[0] * self.world
+        if self.lam_values is not None and "lam_a" in views:
+            self.lam_values += [views["lam_a"], views["lam_b"]]
         state.micro += 1
         if state.micro < accum:
             return False
@@ -158,6 +163,16 @@ class TrainStep:
         method.momentum_update((state.step + 1) / self.total_steps)
         state.step += 1
         return True
+
+    def take_lam_values(self, reset: bool = True) -> torch.Tensor | None:
+        """The λ values kept since the last reset, on the host (a device copy: for where the host waits anyway,
+        a log line), then (`reset`) a fresh start; None when none were kept (SIM, or not asked for)."""
+        if not self.lam_values:
+            return None
+        values = torch.cat(self.lam_values).cpu()
+        if reset:
+            self.lam_values = []
+        return values
 
     def drop_partial_accumulation(self) -> None:
         """At an epoch's end: gradients of an unfinished accumulation must not leak into the next epoch."""

@@ -30,10 +30,12 @@ from .dist import end_with_launcher, hand_over, setup_distributed
 from .eval import export_backbone, knn_monitor
 from .loaders import build_eval_loader
 from .recipes import recipe_path
+from .records import finish_wandb
 from .resume import check_resume_flag, resume_run, save_run
 from .run import Run, TrainError, build, check_config, hold_run_folder, start
 from .runfolder import RunFolderError
-from .step import TrainState, compile_on
+from .step import TrainState, compile_on, step_generator
+from .views import lam_draws, step_views, views_grid
 
 __all__ = ["TrainError", "TrainState", "main", "train"]
 
@@ -48,6 +50,8 @@ def train_one_epoch(run: Run, state: TrainState, callback: Callable | None = Non
         state.batches_read += 1
         if run.train_step(a_u8, b_u8):
             run.logger.advance()
+            if run.cfg.train.image_every_steps and state.step % run.cfg.train.image_every_steps == 0:
+                log_views(run, state, a_u8, b_u8)
             stop = after_step(run, state, callback)
             if stop or state.step >= run.max_steps:
                 return stop
@@ -56,6 +60,25 @@ def train_one_epoch(run: Run, state: TrainState, callback: Callable | None = Non
 
 
 # -------------------------------------------------------------------------------------- between steps
+IMAGE_ROWS = 8  # samples in the trainer's views grid (the views command's default --n)
+
+
+def log_views(run: Run, state: TrainState, a_u8: torch.Tensor, b_u8: torch.Tensor) -> None:
+    """The views grid of `python -m bsim_fast.views` (`views_grid`) for the step just taken, to TensorBoard:
+    the first IMAGE_ROWS samples of its last micro-batch on rank 0, with λ of the steps since the last log line
+    beside them. Costs, at these steps only: the micro-batch mixed again in fp32 from the step's generator (no
+    RNG of the run is drawn), a host copy of those rows and of λ (a host sync), a matplotlib drawing."""
+    if not (run.is_main and run.logger.tb):
+        return
+    cfg, micro = run.cfg, state.step * run.cfg.train.accum_steps - 1  # the micro-batch index the step drew with
+    batch = step_views(a_u8, b_u8, cfg, step_generator(cfg.train.seed, micro, run.rank), rows=IMAGE_ROWS)
+    lam = run.train_step.take_lam_values(reset=False)
+    side = a_u8.shape[1]
+    lam = lam.numpy() if lam is not None else lam_draws(10_000, side, cfg.bsim.alpha, cfg.train.seed)
+    title = f"{cfg.recipe} ({cfg.method.mode.upper()}) · step {state.step} · rank {run.rank} · {side} px"
+    run.logger.image(state.step, "train/views", views_grid(batch, lam, cfg.bsim.alpha, title))
+
+
 def log_metrics(run: Run, state: TrainState) -> None:
     """Averages since the last log line to the console, metrics.csv and TensorBoard (a host sync)."""
     step = run.train_step
@@ -82,6 +105,9 @@ def log_metrics(run: Run, state: TrainState) -> None:
         values["mem_gb"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     run.t_last, run.last_loss, run.last_log_step = now, values["loss"], state.step
     run.logger.log(state.step, values)
+    lam = step.take_lam_values()  # a copy from the device after the host sync above (rank 0's λ)
+    if lam is not None:
+        run.logger.histogram(state.step, "train/lam_values", lam)
 
 
 def after_step(run: Run, state: TrainState, callback: Callable | None = None) -> str | None:
@@ -173,18 +199,26 @@ def train(
     with hold_run_folder(cfg, rank, world):  # one run per folder, all ranks agreeing, before any work
         run = build(cfg)
         state = resume_run(run, resume)
-        start(run)
+        start(run, resume)
         compiling = " and compiling the networks" if compile_on(cfg, device) else ""
         run.print(
             f"[train] step {state.step + 1}: filling the loader's pipeline{compiling}; then a line every "
             f"{cfg.train.log_every} step(s) with the time spent and the time left"
         )
         stop = None
-        while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
-            stop = train_one_epoch(run, state, callback)
-            if stop is None and state.batches_read >= len(run.loader):
-                end_epoch(run, state)
-        return finish(run, state, stop)
+        try:
+            while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
+                stop = train_one_epoch(run, state, callback)
+                if stop is None and state.batches_read >= len(run.loader):
+                    end_epoch(run, state)
+            result = finish(run, state, stop)
+        except BaseException:
+            if run.wandb is not None:
+                finish_wandb(run.wandb, exit_code=1)
+            raise
+        if run.wandb is not None:
+            finish_wandb(run.wandb)  # after `finish` closed the TensorBoard writer it syncs
+        return result
 
 
 def main(argv=None) -> int:

@@ -96,22 +96,27 @@ def denormalize(x: torch.Tensor, mean, std) -> np.ndarray:
     return host_u8(u8.permute(0, 2, 3, 1))
 
 
-def step_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator) -> ViewBatch:
+def step_views(
+    a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator, rows: int | None = None
+) -> ViewBatch:
     """The photometric views a, b of a step and what `make_views` makes of them with `gen` (the step's
-    generator); the boxes come from replaying `gen`'s draws through `mix.draw_mixing`, as make_views drew."""
+    generator); the boxes come from replaying `gen`'s draws through `mix.draw_mixing`, as make_views drew.
+    `rows`: only the first rows reach the host (the trainer's picture of a large batch); the whole batch is
+    mixed, so a partner may be a row left out."""
     replay = torch.Generator(device=gen.device)
     replay.set_state(gen.get_state())
     views = make_views(a_u8.contiguous(), b_u8.contiguous(), cfg, gen, torch.float32)
-    batch = ViewBatch(photo_a=host_u8(a_u8), photo_b=host_u8(b_u8))
+    kept = slice(rows)
+    batch = ViewBatch(photo_a=host_u8(a_u8[kept]), photo_b=host_u8(b_u8[kept]))
     if "mixed_a" not in views:
         return batch
     n, height, width, _ = a_u8.shape
     _, boxes_a, _, boxes_b, _ = draw_mixing(n, height, width, cfg.bsim.alpha, replay)
-    batch.mixed_a = denormalize(views["mixed_a"], cfg.data.mean, cfg.data.std)
-    batch.mixed_b = denormalize(views["mixed_b"], cfg.data.mean, cfg.data.std)
-    batch.boxes_a, batch.boxes_b = boxes_a.numpy(), boxes_b.numpy()
-    batch.partner = views["partner"].cpu().numpy()
-    batch.lam_a, batch.lam_b = views["lam_a"].cpu().numpy(), views["lam_b"].cpu().numpy()
+    batch.mixed_a = denormalize(views["mixed_a"][kept], cfg.data.mean, cfg.data.std)
+    batch.mixed_b = denormalize(views["mixed_b"][kept], cfg.data.mean, cfg.data.std)
+    batch.boxes_a, batch.boxes_b = boxes_a[kept].numpy(), boxes_b[kept].numpy()
+    batch.partner = views["partner"][kept].cpu().numpy()
+    batch.lam_a, batch.lam_b = views["lam_a"][kept].cpu().numpy(), views["lam_b"][kept].cpu().numpy()
     return batch
 
 

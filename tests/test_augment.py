@@ -9,6 +9,7 @@ from torchvision.transforms.v2 import functional as TF
 from bsim_fast import augment
 from bsim_fast.augment import photometric, policy_for
 from bsim_fast.config import Config
+from bsim_fast.kernels import photometric as U  # the columns of the per-sample uniforms, U_*
 
 
 def view_policy(**changes):
@@ -93,30 +94,31 @@ def test_solarize_matches_torchvision_uint8(batch_u8):
 
 def reference_photometric(x_u8, policy, seed):
     """The whole view transform image by image with torchvision, replaying photometric's draws."""
-    u = torch.rand(x_u8.shape[0], 13, generator=torch.Generator().manual_seed(seed))
+    u = torch.rand(x_u8.shape[0], U.U_COLUMNS, generator=torch.Generator().manual_seed(seed))
     outs = []
-    for img, r in zip(as_float(x_u8) / 255.0, u):
+    for img, row in zip(as_float(x_u8) / 255.0, u):
+        r = row.unbind()  # the columns as 0-d tensors
 
         def factor(col, s, r=r):
             lo = max(0.0, 1.0 - s)
             return float(lo + (1.0 + s - lo) * r[col])
 
-        if r[0] < policy.jitter_p:
+        if r[U.U_JITTER] < policy.jitter_p:
             ops = [
-                lambda t: TF.adjust_brightness(t, factor(1, policy.brightness)),
-                lambda t: TF.adjust_contrast(t, factor(2, policy.contrast)),
-                lambda t: TF.adjust_saturation(t, factor(3, policy.saturation)),
-                lambda t, r=r: TF.adjust_hue(t, float((r[4] * 2 - 1) * policy.hue)),
+                lambda t: TF.adjust_brightness(t, factor(U.U_BRIGHTNESS, policy.brightness)),
+                lambda t: TF.adjust_contrast(t, factor(U.U_CONTRAST, policy.contrast)),
+                lambda t: TF.adjust_saturation(t, factor(U.U_SATURATION, policy.saturation)),
+                lambda t, r=r: TF.adjust_hue(t, float((r[U.U_HUE] * 2 - 1) * policy.hue)),
             ]
-            for op in r[5:9].argsort():
+            for op in torch.stack(r[U.U_ORDER : U.U_ORDER + 4]).argsort():
                 img = ops[int(op)](img)
-        if r[9] < policy.gray_p:
+        if r[U.U_GRAY] < policy.gray_p:
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
-        if r[10] < policy.blur_p:
-            s = float(policy.blur_sigma[0] + (policy.blur_sigma[1] - policy.blur_sigma[0]) * r[11])
+        if r[U.U_BLUR] < policy.blur_p:
+            s = float(policy.blur_sigma[0] + (policy.blur_sigma[1] - policy.blur_sigma[0]) * r[U.U_SIGMA])
             k = augment.blur_kernel_size(min(img.shape[-2:]))
             img = TF.gaussian_blur(img, [k, k], [s, s])
-        if r[12] < policy.solarize_p:
+        if r[U.U_SOLARIZE] < policy.solarize_p:
             img = torch.where(img * 255.0 >= 127.5, 1.0 - img, img)
         outs.append(img)
     return (torch.stack(outs) * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from helpers import tiny_folder
 
-from bsim_fast.tools import bench
+from bsim_fast.tools import bench, bench_targets, harness
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_bench_tiny_smoke(tmp_path):
     assert e2e["model_images_s"] == model[0]["images_s"]
     assert e2e["ratio_to_model"] == pytest.approx(e2e["images_s"] / model[0]["images_s"])
     # the targets are for one GPU at full sizes: n/a or not measured here, never pass/miss
-    assert [t["id"] for t in report["targets"]] == [t["id"] for t in bench.TARGETS]
+    assert [t["id"] for t in report["targets"]] == [t["id"] for t in bench_targets.TARGETS]
     assert {t["status"] for t in report["targets"]} <= {"n/a", "not measured"}
     assert (tmp_path / "out" / "bench.png").stat().st_size > 1000
     assert "images/s" in r.stdout and " n/a " in r.stdout and "not meaningful" in r.stdout
@@ -120,8 +120,8 @@ def settings(size):
 
 
 def test_loader_rows_use_the_policy_of_the_recipe_at_their_resolution(tmp_path):
-    at224 = bench.Bench(settings(224), {}, tmp_path, bench.Budget(None), {}).loader_cfg("torch", "builtin")
-    at32 = bench.Bench(settings(32), {}, tmp_path, bench.Budget(None), {}).loader_cfg("torch", "builtin")
+    at224 = bench.Bench(settings(224), {}, tmp_path, harness.Budget(None), {}).loader_cfg("torch", "builtin")
+    at32 = bench.Bench(settings(32), {}, tmp_path, harness.Budget(None), {}).loader_cfg("torch", "builtin")
     assert list(at224.aug.blur_p) == [1.0, 0.1] and list(at224.aug.solarize_p) == [0.0, 0.2]  # ImageNet recipe
     assert list(at32.aug.blur_p) == [0.0, 0.0]  # configs/small
     assert at224.data.image_size == 224 and at224.data.loader == "torch"
@@ -150,7 +150,7 @@ def test_targets_against_hand_written_rows():
         {"kind": "kernel", "name": "cutmix_normalize", "ms": 0.2, "speedup": 3.7, "frac_of_copy": 0.65},
         {"kind": "kernel", "name": "augment_cutmix_normalize_two_views", "ms": 2.4, "launches": 5.5},
     ]
-    got = {t["id"]: (t["measured"], t["status"]) for t in bench.evaluate(rows, applicable=True)}
+    got = {t["id"]: (t["measured"], t["status"]) for t in bench_targets.evaluate(rows, applicable=True)}
     assert got["byol_bsim_model"] == (2250.0, "pass")
     assert abs(got["bsim_overhead"][0] - (2300 / 2250 - 1)) < 1e-12 and got["bsim_overhead"][1] == "pass"  # 2.2%
     assert got["ffcv_loader"] == (3000.0, "miss")
@@ -159,9 +159,9 @@ def test_targets_against_hand_written_rows():
     assert got["cutmix_speedup"] == (3.7, "pass") and got["cutmix_bandwidth"] == (0.65, "miss")
     assert got["view_pipeline_ms"] == (2.4, "miss") and got["view_pipeline_launches"] == (5.5, "pass")
     assert {s for _, s in got.values()} <= {"pass", "miss", "not measured"}
-    assert all(t["status"] in ("n/a", "not measured") for t in bench.evaluate(rows, applicable=False))
+    assert all(t["status"] in ("n/a", "not measured") for t in bench_targets.evaluate(rows, applicable=False))
 
 
 def test_benchmarks_doc_holds_the_targets_table():
     doc = (ROOT / "docs" / "BENCHMARKS.md").read_text()
-    assert bench.targets_markdown() in doc, "regenerate with: python -m bsim_fast.tools.bench --targets-md"
+    assert bench_targets.targets_markdown() in doc, "regenerate with: python -m bsim_fast.tools.bench --targets-md"

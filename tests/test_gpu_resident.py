@@ -22,6 +22,7 @@ from bsim_fast.loaders.gpu_resident import (
     crop_resize,
     random_resized_boxes,
 )
+from bsim_fast.loaders.resize import filter_code
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8
@@ -126,28 +127,31 @@ def test_eval_every_sample_once(folder, labels):
     assert [ys[i] for i in range(N)] == labels.tolist()
 
 
-def test_crops_match_torchvision():
-    """Box sampling within torchvision's bounds, and each view = torchvision's resized_crop (+ flip)."""
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_crops_match_torchvision(interpolation):
+    """Box sampling within torchvision's bounds, and each view = torchvision's antialiased resized_crop (+ flip)
+    with the filter asked for, in float64, rounded half up and clipped (tests/test_resize.py has all loaders)."""
     image = torch.randint(0, 256, (4, 30, 40, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(1)
     top, left, h, w = (t.view(4, 2) for t in random_resized_boxes(8, 30, 40, (0.08, 1.0), (3 / 4, 4 / 3), g))
     assert bool(((top >= 0) & (left >= 0) & (top + h <= 30) & (left + w <= 40)).all())
     flip = torch.tensor([[False, True]] * 4)
-    views = crop_resize(image, top, left, h, w, flip, 24)
+    views = crop_resize(image, top, left, h, w, flip, 24, filter_code(interpolation))
     diffs = []
     for i in range(4):
         for v in range(2):
             ref = TF.resized_crop(
-                image[i].permute(2, 0, 1).float(),
+                image[i].permute(2, 0, 1).double(),
                 int(top[i, v]),
                 int(left[i, v]),
                 int(h[i, v]),
                 int(w[i, v]),
                 [24, 24],
-                antialias=False,
+                TF.InterpolationMode(interpolation),
+                antialias=True,
             )
-            ref = (ref.flip(-1) if flip[i, v] else ref).round().permute(1, 2, 0)
-            diffs.append((ref - views[i, v].float()).abs())
+            ref = (ref.flip(-1) if flip[i, v] else ref).add(0.5).floor().clamp(0, 255).permute(1, 2, 0)
+            diffs.append((ref - views[i, v].double()).abs())
     diffs = torch.stack(diffs)
     assert diffs.max() <= 1 and (diffs > 0).float().mean() < 0.01  # off by one only at .5 (float32)
     # ten misses (the crop can never fit): the whole image clamped to the ratio range, centred

@@ -71,7 +71,12 @@ PHOTO_CASES = {
     "byol_t2_planar_view": (3, 16, 16, "t2", "planar"),  # the GPU-resident loader's permuted NCHW
     "blur_multi_tile_72x70": (2, 72, 70, dict(ONLY, blur_p=1.0, solarize_p=0.5), "nhwc"),  # 7 taps, 2x2 tiles
     "all_combined_32x32": (4, 32, 32, dict(jitter_p=1.0, gray_p=0.3, blur_p=0.5, solarize_p=0.5), "pair"),
+    # 4-byte words in and out: 3 strips of the blur (first, inner, last), planar input, a 3-block window
+    "byol_t1_pair_strips_40x72": (3, 40, 72, "t1", "pair"),
+    "byol_t1_planar_blur_32x40": (2, 32, 40, dict(ONLY, jitter_p=1.0, brightness=0.4, blur_p=1.0), "planar"),
+    "blur_23_taps_window3_40x160": (2, 40, 160, dict(jitter_p=1.0, gray_p=0.3, blur_p=1.0, solarize_p=0.5), "pair"),
 }
+PHOTO_TAPS = {"blur_23_taps_window3_40x160": 23}  # the blur's taps where not 10% of the side (the 224² kernel)
 
 
 def make_cutmix_case(name: str, device: str = "cpu"):
@@ -186,6 +191,19 @@ def make_photo_case(name: str, device: str = "cpu"):
 
 
 def compare_photometric(name: str, device: str) -> dict:
+    """The dispatching `augment.photometric` (the kernels here) against the reference; a JSON-able report."""
+    from bsim_fast import augment
+
+    blur_kernel_size = augment.blur_kernel_size  # both paths take the blur's size from it
+    if name in PHOTO_TAPS:
+        augment.blur_kernel_size = lambda side: PHOTO_TAPS[name]
+    try:
+        return _compare_photometric(name, device)
+    finally:
+        augment.blur_kernel_size = blur_kernel_size
+
+
+def _compare_photometric(name: str, device: str) -> dict:
     from bsim_fast import augment
 
     x, policy, seed = make_photo_case(name, device)
@@ -216,8 +234,10 @@ def compare_tied_order_keys() -> dict:
     policy = photo_policy(dict(jitter_p=1.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0))
     g = torch.Generator().manual_seed(11)
     x = torch.randint(0, 256, (4, 6, 5, 3), dtype=torch.uint8, generator=g)
-    u = torch.rand(4, 13, generator=g)
-    u[:, 5:9] = torch.tensor([[0.5, 0.5, 0.5, 0.5], [0.7, 0.2, 0.7, 0.2], [0.1, 0.9, 0.9, 0.1], [0.3, 0.3, 0.6, 0.3]])
+    u = torch.rand(4, kernel.U_COLUMNS, generator=g)
+    u[:, kernel.U_ORDER : kernel.U_ORDER + 4] = torch.tensor(
+        [[0.5, 0.5, 0.5, 0.5], [0.7, 0.2, 0.7, 0.2], [0.1, 0.9, 0.9, 0.1], [0.3, 0.3, 0.6, 0.3]]
+    )
     out = kernel.photometric(x, u, policy, augment.blur_kernel_size(5))
     diff = (out.int() - augment._transform(x, u, policy).int()).abs()
     return dict(max_diff=int(diff.max()), frac_diff=float((diff > 0).float().mean()))
@@ -496,21 +516,105 @@ def _compiler_available() -> bool:
         return False
 
 
-@pytest.mark.skipif(not _compiler_available(), reason="needs Triton's compiler (not the interpreter)")
-def test_ptx_for_sm90_vector_accesses_and_rounding():
+@pytest.fixture(scope="module")
+def sm90_report():
+    """Every kernel compiled for sm_90 once (tools/ptx.py): PTX counts, and ptxas's registers and spills."""
+    if not _compiler_available():
+        pytest.skip("needs Triton's compiler (not the interpreter)")
+    from bsim_fast.tools.ptx import ptx_report
+
+    return {(r["name"], r["side"], r.get("layout")): r for r in ptx_report()}
+
+
+def test_ptx_for_sm90_vector_accesses_and_rounding(sm90_report):
     """The CutMix kernel compiled for sm_90 (no GPU needed): 8-byte vector loads of the uint8 input and
     16-byte vector stores of bf16, IEEE round-to-nearest-even conversion (cvt.rn.bf16x2), no division, and
     few instructions per element; the blur runs its products on the tensor cores (mma)."""
-    from bsim_fast.tools.ptx import ptx_report
-
-    rows = {r["name"]: r for r in ptx_report()}
-    mixed = rows["cutmix_normalize"]
+    mixed = sm90_report["cutmix_normalize", 224, None]
     widths = mixed["global_access_bytes"]
     assert widths.get("ld8B", 0) >= 4 and widths.get("st16B", 0) >= 4, widths  # data: vectors
     assert not any(k in widths for k in ("ld1B", "ld2B", "st1B", "st2B", "st4B", "st8B")), widths
     assert mixed["cvt_rn_bf16"] and mixed["instructions_per_element"] <= 30, mixed
-    assert rows["cutmix_normalize_sim"]["instructions_per_element"] <= 12
-    assert rows["photometric_blur"]["mma"] > 0
+    assert sm90_report["cutmix_normalize_sim", 224, None]["instructions_per_element"] <= 12
+    assert sm90_report["photometric_blur", 224, "channel-last"]["mma"] > 0
+
+
+PHOTOMETRIC_ROWS = [
+    (name, side, layout)
+    for side, layout in ((224, "channel-last"), (32, "channel-last"), (32, "planar"))
+    for name in ("photometric_contrast_mean", "photometric_pointwise", "photometric_blur")
+] + [("photometric_blur", 512, "channel-last")]
+
+
+def test_sm90_photometric_instructions_and_access_widths(sm90_report):
+    """Issue 23's budgets: the blur at 224² runs <= 300 PTX instructions per output pixel on a sample's path
+    (every op on; the count is tools/ptx.py's path_instructions), and every photometric kernel moves its
+    pixels as 4-byte words in the loaders' layout and the GPU-resident one (no 1- or 2-byte global access)."""
+    assert set(PHOTOMETRIC_ROWS) <= set(sm90_report)
+    assert sm90_report["photometric_blur", 224, "channel-last"]["instructions_per_output_pixel"] <= 300
+    for key in PHOTOMETRIC_ROWS:
+        widths = sm90_report[key]["global_access_bytes"]
+        assert not {"ld1B", "ld2B", "st1B", "st2B", "cp.async"} & set(widths), (key, widths)
+        assert widths.get("ld4B", 0) >= 3 and widths.get("st4B", 0) >= 1, (key, widths)
+    for key in [k for k in PHOTOMETRIC_ROWS if k[0] != "photometric_contrast_mean"]:  # it stores one sum
+        assert sm90_report[key]["global_access_bytes"]["st4B"] >= 3, key  # a group: 3 words
+
+
+def test_sm90_photometric_registers_and_spills(sm90_report):
+    """ptxas for sm_90 (Triton's bundled one): every photometric kernel at 32², 224² (and the blur at 512²,
+    51 taps) fits in 128 registers per thread with no spill to local memory."""
+    from bsim_fast.tools.ptx import ptxas_path
+
+    if ptxas_path() is None:
+        pytest.skip("no ptxas (Triton's bundled one, or TRITON_PTXAS_PATH): registers cannot be counted")
+    for key in PHOTOMETRIC_ROWS:
+        row = sm90_report[key]
+        assert row["registers"] <= 128 and row["spill_stores"] == 0 and row["spill_loads"] == 0, (key, row)
+
+
+# A hand-written kernel body: an entry block (3 instructions), a loop whose header (3) and latch (2) run on
+# every iteration around a conditional block (2), and an exit (1); the inner variant nests a 2-instruction
+# self-loop inside the conditional block.
+LOOP_PTX = """
+.version 8.0
+.target sm_90a
+.visible .entry k(
+)
+{
+\tmov.u32 \t%r1, 0;
+\tsetp.eq.u32 \t%p1, %r2, 0;
+\t@%p1 bra \t$L__BB0_4;
+$L__BB0_1:
+\tadd.s32 \t%r1, %r1, 1;
+\tsetp.ne.u32 \t%p2, %r3, 0;
+\t@%p2 bra \t$L__BB0_3;
+// %bb.2:
+\tmul.lo.s32 \t%r4, %r4, 3;
+INNER\tadd.s32 \t%r4, %r4, 1;
+$L__BB0_3:
+\tsetp.lt.u32 \t%p3, %r1, 8;
+\t@%p3 bra \t$L__BB0_1;
+$L__BB0_4:
+\tret;
+}
+"""
+INNER_LOOP = "$L__BB0_5:\n\tadd.s32 \t%r5, %r5, 1;\n\t@%p4 bra \t$L__BB0_5;\n"
+
+
+def test_path_instructions_counts_loops_by_hand():
+    """path_instructions on hand-made control flow, against counts worked by hand: every instruction once
+    outside loops; a loop's header and latch times its runs, its conditional block as many times as given;
+    a nested loop's blocks times both; a loop deeper than the runs given is refused."""
+    from bsim_fast.tools.ptx import path_instructions, ptx_stats
+
+    flat = LOOP_PTX.replace("INNER", "")
+    assert ptx_stats(flat)["instructions"] == 11
+    assert path_instructions(flat, [(8, 5)]) == 3 + 8 * 3 + 5 * 2 + 8 * 2 + 1
+    assert path_instructions(flat, [(1, 1)]) == 11
+    nested = LOOP_PTX.replace("INNER", INNER_LOOP)  # splits the conditional block: 1 + [2-instruction loop] + 1
+    assert path_instructions(nested, [(8, 5), (4, 1)]) == 3 + 8 * 3 + 5 * 1 + 5 * 4 * 2 + 5 * 1 + 8 * 2 + 1
+    with pytest.raises(ValueError, match="depth 2"):
+        path_instructions(nested, [(8, 5)])
 
 
 # ----------------------------------------------------------------------------------------------------------

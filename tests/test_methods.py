@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bsim_fast import losses, mix
+from bsim_fast import mix
 from bsim_fast.config import Config
 from bsim_fast.methods import METHODS, build_method
 from bsim_fast.methods.byol import BYOL
@@ -113,6 +113,8 @@ def test_bsim_with_lam_one_equals_sim_on_plain_views(name, settings):
     method = build_method(tiny_cfg(name, "sim", **settings)).eval()
     ones = torch.ones(N)
     expected = method(batch["plain_a"], batch["plain_b"])["loss"]
+    if not method.symmetric:  # MoCo v2's SIM has one direction, its BSIM both: each reduces to SIM's
+        expected = (expected + method(batch["plain_b"], batch["plain_a"])["loss"]) / 2
     method.mode = "bsim"
     got = method(batch["plain_a"], batch["plain_b"], batch["plain_a"], batch["plain_b"], batch["partner"], ones, ones)
     assert torch.allclose(got["loss"], expected, atol=1e-5)
@@ -189,30 +191,53 @@ def test_moco_forward_enqueues_only_plain_keys(symmetric):
     assert moco.queue_ptr.item() == n_keys
 
 
+def _info_nce(q, positive, queue, tau):
+    """MoCo's InfoNCE of one query (MoCo v2 eq. 1 with the BSIM paper's eq. 3 per positive), unit vectors:
+    -log(e^{q.k+/tau} / (e^{q.k+/tau} + sum over the queue of e^{q.n/tau}))."""
+    pos = torch.exp(q @ positive / tau)
+    return -torch.log(pos / (pos + torch.exp(queue @ q / tau).sum()))
+
+
+def _moco_direction(queries, keys, queue, tau, partner=None, lam=None):
+    """mean_i [lam_i nce(q_i, k_i) + (1 - lam_i) nce(q_i, k_partner[i])], written out per sample."""
+    n = len(queries)
+    partner = range(n) if partner is None else partner.tolist()
+    lam = [1.0] * n if lam is None else lam.tolist()
+    terms = [
+        lam[i] * _info_nce(queries[i], keys[i], queue, tau)
+        + (1 - lam[i]) * _info_nce(queries[i], keys[partner[i]], queue, tau)
+        for i in range(n)
+    ]
+    return sum(terms) / n
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
-def test_moco_routing_by_hand(symmetric):
-    """The method's loss equals losses.moco_loss on the views docs/METHOD.md routes: one direction (query a,
-    keys of b) or the mean of both; SIM on plain views, BSIM on mixed ones with the partner and lambda."""
+def test_moco_wbsim_equals_both_directions_by_hand(symmetric):
+    """SPEC §2: the BSIM part is m' against the keys of b and m'' against the keys of a, with lam per sample
+    and per direction, their mean; the SIM part is MoCo v2's one direction (query a, keys of b) or MoCo v2+'s
+    mean of both; WBSIM = SIM + w BSIM. Computed here per sample from the equations, in float64."""
     batch = tiny_batch()
     torch.manual_seed(0)
     moco: MoCo = build_method(tiny_cfg("moco", "wbsim", queue_size=16, symmetric=symmetric)).eval()
-    queue = moco.queue.clone()
+    moco.weight = 0.7  # bsim.weight: w != 1 shows that it is applied
+    queue = F.normalize(moco.queue.clone().double(), dim=1)
     out = moco(**batch)
+    tau, p = moco.settings.temperature, batch["partner"]
     with torch.no_grad():
-        q = {k: moco.head(moco.backbone(batch[k])) for k in ("plain_a", "plain_b", "mixed_a", "mixed_b")}
-        key_a, key_b = (F.normalize(moco.key_encoder(batch[k]), dim=1) for k in ("plain_a", "plain_b"))
-        tau = moco.settings.temperature
-
-        def nce(view, keys, partner=None, lam=None):
-            return losses.moco_loss(q[view], keys, queue, partner, lam, tau)
-
-        p = batch["partner"]
-        if symmetric:
-            sim = (nce("plain_a", key_b) + nce("plain_b", key_a)) / 2
-            bsim = (nce("mixed_a", key_b, p, batch["lam_a"]) + nce("mixed_b", key_a, p, batch["lam_b"])) / 2
-        else:
-            sim, bsim = nce("plain_a", key_b), nce("mixed_a", key_b, p, batch["lam_a"])
-    assert torch.allclose(out["loss_sim"], sim, atol=1e-5) and torch.allclose(out["loss_bsim"], bsim, atol=1e-5)
+        views = ("plain_a", "plain_b", "mixed_a", "mixed_b")
+        q = {k: F.normalize(moco.head(moco.backbone(batch[k])).double(), dim=1) for k in views}
+        key_a, key_b = (F.normalize(moco.key_encoder(batch[k]).double(), dim=1) for k in ("plain_a", "plain_b"))
+    sim_ab = _moco_direction(q["plain_a"], key_b, queue, tau)
+    sim = (sim_ab + _moco_direction(q["plain_b"], key_a, queue, tau)) / 2 if symmetric else sim_ab
+    bsim = (
+        _moco_direction(q["mixed_a"], key_b, queue, tau, p, batch["lam_a"])
+        + _moco_direction(q["mixed_b"], key_a, queue, tau, p, batch["lam_b"])
+    ) / 2
+    assert out["loss_sim"].item() == pytest.approx(sim.item(), rel=1e-5)
+    assert out["loss_bsim"].item() == pytest.approx(bsim.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx((sim + 0.7 * bsim).item(), rel=1e-5)
+    moco.mode = "bsim"  # BSIM alone: the same two directions
+    assert moco(**batch)["loss"].item() == pytest.approx(bsim.item(), rel=1e-5)
 
 
 def test_simsiam_targets_are_stop_gradient():

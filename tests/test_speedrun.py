@@ -19,7 +19,7 @@ from PIL import Image
 
 from bsim_fast.config import load_config
 from bsim_fast.datasets import builtin_root
-from bsim_fast.tools import cifar10, speedrun
+from bsim_fast.tools import cifar10, speedrun, speedrun_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -318,7 +318,7 @@ def test_targets_pass_miss_and_not_measured():
         result("bsim", 5, [(2.5, 80.0), (5, 84.0)]),  # a 5-minute schedule short of 85: miss
         result("wbsim", 5, [(2.5, 83.0), (5, 86.0)]),
     ]  # ... but WBSIM reaches it: the best of the two counts
-    got = {t["id"]: t["status"] for t in speedrun.evaluate_targets(runs, applicable=True)}
+    got = {t["id"]: t["status"] for t in speedrun_report.evaluate_targets(runs, applicable=True)}
     # BSIM/WBSIM ran 5 minutes only: the 30-minute target is open, not missed
     assert got == {
         "byol_sim_90_in_30min": "pass",
@@ -326,20 +326,22 @@ def test_targets_pass_miss_and_not_measured():
         "byol_sim_85_in_5min": "not measured",
         "byol_bsim_85_in_5min": "pass",
     }
-    measured = {t["id"]: t["measured"] for t in speedrun.evaluate_targets(runs, applicable=True)}
+    measured = {t["id"]: t["measured"] for t in speedrun_report.evaluate_targets(runs, applicable=True)}
     assert measured["byol_sim_90_in_30min"] == "90.50% at 30.01 min (small/byol_sim)"
     assert measured["byol_sim_85_in_5min"] == "80.00% by 5 min of a 30-min schedule (small/byol_sim; run --minutes 5)"
-    assert speedrun.at_minutes(runs[0]["curve"], 5) == 80.0
-    assert speedrun.at_minutes(result("sim", 1.5, [(0.5, 20.0), (1.5, 21.0)])["curve"], 5) is None  # never got there
-    missed = speedrun.evaluate_targets([result("wbsim", 30, [(30, 89.0)])], applicable=True)[1]
+    assert speedrun_report.at_minutes(runs[0]["curve"], 5) == 80.0
+    assert (
+        speedrun_report.at_minutes(result("sim", 1.5, [(0.5, 20.0), (1.5, 21.0)])["curve"], 5) is None
+    )  # never got there
+    missed = speedrun_report.evaluate_targets([result("wbsim", 30, [(30, 89.0)])], applicable=True)[1]
     assert (missed["status"], missed["measured"]) == ("miss", "best 89.00% in 30 min (small/byol_wbsim)")
-    assert {t["status"] for t in speedrun.evaluate_targets(runs, applicable=False)} == {"n/a", "not measured"}
-    assert all(t["status"] == "not measured" for t in speedrun.evaluate_targets([], applicable=True))
+    assert {t["status"] for t in speedrun_report.evaluate_targets(runs, applicable=False)} == {"n/a", "not measured"}
+    assert all(t["status"] == "not measured" for t in speedrun_report.evaluate_targets([], applicable=True))
 
 
 def test_results_doc_holds_the_targets_table():
     doc = (ROOT / "docs" / "RESULTS.md").read_text()
-    assert speedrun.targets_markdown() in doc, "regenerate with speedrun.targets_markdown()"
+    assert speedrun_report.targets_markdown() in doc, "regenerate with speedrun_report.targets_markdown()"
 
 
 # ------------------------------------------------------------------------------------------ bad arguments
@@ -391,7 +393,7 @@ def test_the_command_the_acceptance_report_names_is_valid(tmp_path):
     assert SPEEDRUN_COMMAND.startswith("python -m bsim_fast.tools.speedrun ")
     argv[argv.index("--data") + 1], argv[argv.index("--out") + 1] = "builtin", str(tmp_path / "out")
     plan = speedrun.check_arguments(speedrun.parse_args(argv))
-    assert [name for name, _, _ in plan.recipes] == ["small/byol", "small/byol_wbsim"] and plan.minutes == 3
+    assert [name for name, _, _ in plan.recipes] == ["small/byol", "small/byol_wbsim"] and plan.minutes == 5
 
 
 def test_cli_missing_data_is_one_line(tmp_path):
@@ -492,7 +494,7 @@ def test_speedrun_on_the_builtin_set_writes_the_whole_report(tmp_path):
     assert (report["data"]["train_images"], report["data"]["test_images"]) == (5000, 1000)
     assert report["settings"]["knn"] == {"k": 200, "t": 0.07, "bank": 100, "queries": 50}
     assert not report["targets_apply"] and report["targets_not_applicable_because"] == "not a GPU run"
-    assert [t["id"] for t in report["targets"]] == [t["id"] for t in speedrun.TARGETS]
+    assert [t["id"] for t in report["targets"]] == [t["id"] for t in speedrun_report.TARGETS]
     assert [(r["recipe"], r["mode"]) for r in report["recipes"]] == [
         ("small/byol", "sim"),
         ("small/byol_wbsim", "wbsim"),

@@ -4,8 +4,8 @@ of it each side, at least half a point, clipped to 0..100; labels at least 5% of
 
 import pytest
 
-from bsim_fast.tools.speedrun import TARGETS
 from bsim_fast.tools.speedrun_chart import chart, chart_layout
+from bsim_fast.tools.speedrun_report import TARGETS
 
 
 def result(recipe, values, mode="bsim"):

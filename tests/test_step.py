@@ -1,4 +1,5 @@
-"""The one training step: the step the benchmark and the speedrun time is the step `train()` trains with."""
+"""The one training step: the step the benchmark and the speedrun time (through `tools.harness.images_s`) is the
+step `train()` trains with."""
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from bsim_fast.precision import precision_for
 from bsim_fast.resume import load_into
 from bsim_fast.seeds import set_rng_state
 from bsim_fast.step import TrainStep
+from bsim_fast.tools import harness
 from bsim_fast.train import train
 
 
@@ -42,25 +44,44 @@ def test_exposed_step_equals_the_trainers_step_bitwise(folder, tmp_path, extra):
         ],
     )
     train(cfg, resume="none")
-    first, second = (load_checkpoint(p) for p in list_checkpoints(tmp_path))
-    assert (first["step"], second["step"]) == (1, 2)
+    first_path, second_path = list_checkpoints(tmp_path)
+    second = load_checkpoint(second_path)
+    assert (load_checkpoint(first_path)["step"], second["step"]) == (1, 2)
 
     loader = build_train_loader(cfg, 0, 1, "cpu")
-    step = TrainStep(cfg, "cpu", len(loader) // cfg.train.accum_steps)
-    load_into(step, first, tmp_path)
-    set_rng_state(first["rng"][0])
-    batches = loader.epoch(step.state.epoch, start_batch=step.state.batches_read)
-    stepped = [step(a_u8, b_u8) for (a_u8, b_u8, _), _ in zip(batches, range(cfg.train.accum_steps))]
-    assert stepped == [False] * (cfg.train.accum_steps - 1) + [True] and step.state.step == 2
 
-    assert step.method.state_dict().keys() == second["model"].keys()
-    for k, v in step.method.state_dict().items():
-        assert torch.equal(v, second["model"][k]), k
-    ours, theirs = step.optimizer.state_dict()["state"], second["optimizer"]["state"]
-    assert ours.keys() == theirs.keys()
-    for i in ours:
-        assert all(torch.equal(ours[i][k], theirs[i][k]) for k in ours[i]), i
-    assert step.scaler.state_dict() == second["scaler"]
+    def resumed() -> TrainStep:
+        """A step resumed from step 1's checkpoint, read afresh (a loaded optimiser state may share its tensors
+        with the checkpoint's, which the step then updates in place)."""
+        first = load_checkpoint(first_path)
+        step = TrainStep(cfg, "cpu", len(loader) // cfg.train.accum_steps)
+        load_into(step, first, tmp_path)
+        set_rng_state(first["rng"][0])
+        return step
+
+    def next_views(step: TrainStep):
+        """The batches the loop read for its step 2: where the checkpoint of step 1 left the epoch."""
+        batches = loader.epoch(step.state.epoch, start_batch=step.state.batches_read)
+        return ((a_u8, b_u8) for (a_u8, b_u8, _), _ in zip(batches, range(cfg.train.accum_steps)))
+
+    step = resumed()
+    stepped = [step(a_u8, b_u8) for a_u8, b_u8 in next_views(step)]
+    assert stepped == [False] * (cfg.train.accum_steps - 1) + [True] and step.state.step == 2
+    # the same step as the benchmark's model-only and end-to-end rows and the speedrun's calibration time it:
+    # through the tools' one timing loop (harness.images_s)
+    timed = resumed()
+    harness.images_s(next_views(timed), "cpu", warmup=0, count=cfg.train.accum_steps, step=timed)
+    assert timed.state.step == 2
+
+    for ours in (step, timed):
+        assert ours.method.state_dict().keys() == second["model"].keys()
+        for k, v in ours.method.state_dict().items():
+            assert torch.equal(v, second["model"][k]), k
+        mine, theirs = ours.optimizer.state_dict()["state"], second["optimizer"]["state"]
+        assert mine.keys() == theirs.keys()
+        for i in mine:
+            assert all(torch.equal(mine[i][k], theirs[i][k]) for k in mine[i]), i
+        assert ours.scaler.state_dict() == second["scaler"]
 
 
 def test_precision_is_decided_once():

@@ -1,11 +1,12 @@
 """Triton kernels of the training step, each a leaf module: a kernel and the launcher of already-validated
 tensors, importing nothing of bsim_fast (`bsim_fast.mix` and `bsim_fast.augment` validate and dispatch; their
 PyTorch references are the oracles). `bsim_fast/tools/kernel_bench.py` times each kernel against its
-reference and a plain device copy, `tools/ptx.py` reads the PTX compiled for sm_90 and `tools/counting.py` counts
-launches and bytes (docs/BENCHMARKS.md, "Kernels").
+reference and a plain device copy, `tools/ptx.py` reads the PTX compiled for sm_90 (and ptxas's registers and
+spills) and `tools/counting.py` counts launches and bytes (docs/BENCHMARKS.md, "Kernels").
 
 On a machine without a GPU the kernels run under Triton's interpreter when ``TRITON_INTERPRET=1`` is set
-before these modules are imported (``@triton.jit`` reads it when it decorates a kernel).
+before these modules are imported (``@triton.jit`` reads it when it decorates a kernel), so before
+`bsim_fast.augment`, which imports `photometric` for the names of its uniforms' columns.
 """
 
 import os

@@ -4,7 +4,7 @@ Graph of the training pipeline (one per rank and epoch):
 
     readers.webdataset(shards in an epoch-seeded order, sample range of this rank, shuffle buffer)
       ├─ jpg ─ decoders.image(device='mixed' on GPU, 'cpu' otherwise)  ── decoded ONCE
-      │          ├─ view(t'):  random resized crop + flip (one resize of a region)          → a  uint8 NHWC
+      │          ├─ view(t'):  random window, cut (slice), resized + flipped in one resize    → a  uint8 NHWC
       │          └─ view(t''): the same, its own draws                                       → b  uint8 NHWC
       └─ cls ─ ASCII decimal (a leading '-' for an unlabeled set's -1) → int64 on the host  → label
     DALIGenericIterator → torch tensors (views on the training device)
@@ -140,11 +140,17 @@ def _decode(jpegs, on_gpu: bool, hw_decoder_load: float):
     return fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
 
 
+# aug.interpolation -> DALI's filter: with antialiasing, Pillow's bicubic and bilinear (bsim_fast/loaders/resize.py)
+DALI_FILTERS = {"bicubic": "INTERP_CUBIC", "bilinear": "INTERP_LINEAR"}
+
+
 def _crop_view(jpegs, images, aug: AugCfg, size: int):
     """One geometric view of a batch of decoded HWC uint8 images: a random resized crop, mirrored with
-    probability flip_p, as one resize of a region (a region whose x end lies left of its start is resized
-    mirrored, so the flip costs no pass of its own). Returns (view, anchor, shape, flip): the window drawn
-    (anchor [y, x], shape [h, w], int) and the flip (0/1), which tests read back.
+    probability flip_p. The window is cut first (`fn.slice`), so that the resize reads only its pixels, as
+    every loader's crop-then-resize (a resize of a region of the whole image would read a few pixels beyond
+    its edges); the resize's region is then the whole cut, its x ends swapped when flipped, so the flip costs
+    no pass of its own. Returns (view, anchor, shape, flip): the window drawn (anchor [y, x], shape [h, w],
+    int) and the flip (0/1), which tests read back.
 
     The window comes from DALI's own generator (`fn.random_crop_generator`, the one behind
     `fn.random_resized_crop`): area ~ U(scale), log aspect ~ U(log ratio), ten attempts, position uniform,
@@ -157,11 +163,25 @@ def _crop_view(jpegs, images, aug: AugCfg, size: int):
         fn.peek_image_shape(jpegs), random_area=list(aug.crop_scale), random_aspect_ratio=list(aug.crop_ratio)
     )
     flip = fn.random.coin_flip(probability=float(aug.flip_p), dtype=types.INT32)
-    mirror = fn.stack(0 * flip, flip)  # [y, x]: x start and end swap when flipped
-    start = fn.cast(anchor + mirror * shape, dtype=types.FLOAT)
-    end = fn.cast(anchor + shape - mirror * shape, dtype=types.FLOAT)
-    view = fn.resize(images, roi_start=start, roi_end=end, size=[size, size], antialias=True)
-    return view, anchor, shape, flip
+    return resize_window(images, anchor, shape, flip, aug.interpolation, size), anchor, shape, flip
+
+
+def resize_window(images, anchor, shape, flip, interpolation: str, size: int):
+    """The window (anchor [y, x], shape [h, w]) of each image cut, resized to size x size with the filter
+    `interpolation` names, mirrored where flip is 1 (see `_crop_view`)."""
+    from nvidia.dali import fn, types
+
+    window = fn.slice(images, anchor, shape, axes=[0, 1], normalized_anchor=False, normalized_shape=False)
+    mirror = fn.cast(fn.stack(0 * flip, flip), dtype=types.FLOAT)  # [y, x]: x start and end swap when flipped
+    return fn.resize(
+        window,
+        roi_start=mirror,
+        roi_end=1.0 - mirror,
+        roi_relative=True,
+        size=[size, size],
+        antialias=True,
+        interp_type=getattr(types, DALI_FILTERS[interpolation]),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, CenterCropRGBImageDecoder, SimpleRGBImageDecoder
-from ffcv.libffcv import imdecode, resize_crop
+from ffcv.libffcv import imdecode
 from ffcv.loader import Loader, OrderOption
 from ffcv.loader.epoch_iterator import EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery
@@ -44,6 +44,7 @@ from .base import (
     mix_seed,
     random_resized_crop_params,
 )
+from .resize import compiled_resize_crop, filter_code
 
 
 def _quiet_numba_finalizer_keyerror() -> None:
@@ -103,31 +104,30 @@ def _make_view_params(uniform, crop_params):
     return view_params
 
 
-def _flip_rows(view):
-    """Mirror an (S, S, 3) view in place."""
-    side_w = view.shape[1]
-    for r in range(view.shape[0]):
-        for c in range(side_w // 2):
-            for ch in range(3):
-                tmp = view[r, c, ch]
-                view[r, c, ch] = view[r, side_w - 1 - c, ch]
-                view[r, side_w - 1 - c, ch] = tmp
-
-
 class TwoViewCropDecoder(SimpleRGBImageDecoder):
     """RGBImageField -> uint8 (2, S, S, 3): one decode, two random resized crops with horizontal flips.
 
     Subclasses SimpleRGBImageDecoder so that ffcv accepts it as the field's decoder. Modelled on ffcv's
     ResizedCropRGBImageDecoder: the full image is decoded into a per-sample scratch buffer (sized for the
-    largest image of the file), then each view is cut and resized from it by libffcv's resize_crop."""
+    largest image of the file), then each view is cut and resized from it by `resize.resize_crop` with the
+    filter `interpolation` names (libffcv's own resize is OpenCV's INTER_AREA only), flipped as it is written."""
 
-    def __init__(self, output_size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), flip_p: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        output_size: int,
+        scale=(0.08, 1.0),
+        ratio=(3 / 4, 4 / 3),
+        flip_p: float = 0.5,
+        seed: int = 0,
+        interpolation: str = "bicubic",
+    ):
         super().__init__()
         self.output_size = int(output_size)
         self.scale = np.array(scale, dtype=np.float64)
         self.ratio = np.array(ratio, dtype=np.float64)
         self.flip_p = float(flip_p)
         self.seed_key = np.uint64(mix_seed(seed, bits=64))
+        self.filter_code = filter_code(interpolation)
 
     def declare_state_and_memory(self, previous_state):
         max_width = np.uint64(self.metadata["width"].max())
@@ -143,14 +143,13 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
-        resize_crop_c = Compiler.compile(resize_crop)
+        resize_crop_c = compiled_resize_crop(Compiler.compile)
         splitmix = Compiler.compile(_splitmix64)
         view_params = Compiler.compile(
             _make_view_params(Compiler.compile(_make_uniform(splitmix)), Compiler.compile(random_resized_crop_params))
         )
-        flip_rows = Compiler.compile(_flip_rows)
         jpg = IMAGE_MODES["jpg"]
-        scale, ratio, flip_p, seed_key = self.scale, self.ratio, self.flip_p, self.seed_key
+        scale, ratio, flip_p, seed_key, code = self.scale, self.ratio, self.flip_p, self.seed_key, self.filter_code
         index_mask = _INDEX_MASK
 
         def decode(batch_indices, my_storage, metadata, storage_state):
@@ -173,10 +172,7 @@ class TwoViewCropDecoder(SimpleRGBImageDecoder):
                     i, j, h, w, flip = view_params(
                         splitmix(sample_key + np.uint64(v)), height, width, scale, ratio, flip_p, uniforms
                     )
-                    view = destination[dst_ix, v]
-                    resize_crop_c(image, i, i + h, j, j + w, view)
-                    if flip:
-                        flip_rows(view)
+                    resize_crop_c(image, i, j, h, w, destination[dst_ix, v], code, flip)
             return destination[: len(batch_indices)]
 
         decode.is_parallel = True
@@ -228,8 +224,9 @@ class FfcvTrainLoader(TrainLoader):
         cfg = self.cfg
         converted.check_beton(path)  # names the file if it is truncated, instead of ffcv's garbage pointers
         self.labels = _labels(path)
+        aug = cfg.aug
         decoder = TwoViewCropDecoder(
-            cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio, cfg.aug.flip_p, seed=self.seed
+            cfg.data.image_size, aug.crop_scale, aug.crop_ratio, aug.flip_p, self.seed, aug.interpolation
         )
         # The order given to ffcv here is never used: crops() hands EpochIterator its own (rank_order).
         with keep_torch_threads():

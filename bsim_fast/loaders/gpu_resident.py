@@ -3,7 +3,7 @@ views there (`data.loader=gpu_resident`).
 
 At 32x32 a ResNet-18 step eats 20-25k images/s on one H100, more than a few CPU cores can crop and feed.
 Here the whole set lives on the training device as one uint8 tensor [N, H, W, 3] and each batch is a handful
-of batched kernels: gather by index, two random resized crops + flips (one `grid_sample`), then the same
+of batched kernels: gather by index, two random resized crops + flips (two batched matmuls), then the same
 photometric policy as every other loader (base.py). No Python loop over samples, no host sync.
 
 What is stored. Sources are the paths the other loaders take: an FFCV .beton (decoded once by ffcv's own
@@ -17,10 +17,9 @@ The set must fit a budget (25% of the free memory of a GPU, 4 GiB on the CPU), c
 
 The crops are `base.random_resized_crop_params` (torchvision's RandomResizedCrop) evaluated for every view
 at once: all ten attempts' uniforms are drawn together and the first attempt that fits is kept, which gives
-the reference's box for the same uniforms (tests/test_loaders_conformance.py). The resize is bilinear with
-sampling positions clamped to the crop box (as torchvision's crop then resize), without antialiasing: it
-matches torchvision exactly when a crop is upsampled (every crop at 32 px from 32 px images) and aliases
-slightly where a crop is shrunk.
+the reference's box for the same uniforms (tests/test_loaders_conformance.py). The resize is every loader's
+(`resize.py`: Pillow's filter named by `aug.interpolation`, crop then resize, antialiased where a crop
+shrinks): the taps of every view as dense matrices, two batched matmuls (horizontal, vertical), rounded once.
 
 Randomness: the crops and flips of a batch come from `batch_generator(seed, epoch, batch index, rank,
 CROP_STREAM)`, the colours from the base class's photometric generator; the order is `rank_order(seed,
@@ -36,11 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import converted, datasets
 from ..config import ConfigError
 from .base import CROP_ATTEMPTS, DatasetError, EvalLoader, TrainLoader, batch_generator, eval_crop_ratio, scan_folder
+from .resize import BILINEAR, dense_taps, filter_code
 
 CPU_BUDGET_BYTES = 4 << 30  # the device is the CPU (tests, debugging): host memory is shared with all else
 GPU_BUDGET_FRACTION = 0.25  # of the free memory: the model, activations and optimiser need the rest
@@ -205,33 +204,23 @@ def random_resized_boxes(n: int, height: int, width: int, scale, ratio, generato
     return boxes_from_uniforms(uniforms, height, width, scale, ratio)
 
 
-def _sample_points(start: torch.Tensor, length: torch.Tensor, out: int, size: int) -> torch.Tensor:
-    """[n, out] grid_sample coordinates (align_corners=False) of the pixel centres of `out` pixels spread
-    over [start, start + length), clamped to the box's first and last pixel as torchvision's crop + resize."""
-    steps = torch.arange(out, device=start.device, dtype=start.dtype) + 0.5
-    centres = start[:, None] + steps * (length / out)[:, None]
-    pixels = torch.minimum(torch.maximum(centres - 0.5, start[:, None]), (start + length - 1)[:, None])
-    return ((2 * pixels + 1) / size - 1).float()
+def crop_resize(images_u8: torch.Tensor, top, left, h, w, flip, size: int, code: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] and V boxes per image ([B, V] each, float64; flip bool) -> uint8 [B, V, size, size, 3],
+    each box cut and resized with the filter `code` (resize.py), mirrored where flip.
 
-
-def crop_resize(images_u8: torch.Tensor, top, left, h, w, flip, size: int) -> torch.Tensor:
-    """uint8 [B, H, W, 3] and V boxes per image ([B, V] each; flip bool) -> uint8 [B, V, size, size, 3].
-
-    One bilinear grid_sample for all views, the V views of an image stacked in one tall output. The result
-    is a permuted view of that NCHW output: photometric() reads channel planes and returns a contiguous copy,
-    so the NHWC copy here would be wasted."""
+    Two batched matmuls in float32 (PyTorch's default full-precision matmul; TF32, which would cost a grey
+    level, is never turned on here). The result is a permuted view of a [B, V, 3, S, S] tensor: photometric()
+    reads channel planes and returns a contiguous copy, so an NHWC copy here would be wasted."""
     b, height, width, _ = images_u8.shape
     views = top.shape[1]
-    ys = _sample_points(top.flatten(), h.flatten(), size, height).view(b, views, size)
-    xs = _sample_points(left.flatten(), w.flatten(), size, width).view(b, views, size)
-    xs = torch.where(flip[..., None], xs.flip(-1), xs)  # mirror after the crop
-    grid = torch.stack(torch.broadcast_tensors(xs[:, :, None, :], ys[:, :, :, None]), dim=-1)  # [B,V,y,x,2]
-    x = images_u8.permute(0, 3, 1, 2).float()
-    out = F.grid_sample(
-        x, grid.view(b, views * size, size, 2), mode="bilinear", padding_mode="border", align_corners=False
-    )  # [B, 3, V*S, S]
-    out = out.round_().clamp_(0, 255).to(torch.uint8)
-    return out.view(b, 3, views, size, size).permute(0, 2, 3, 4, 1)
+    rows_taps = dense_taps(top.flatten(), h.flatten(), size, height, code).view(b, views, size, height)
+    cols_taps = dense_taps(left.flatten(), w.flatten(), size, width, code).view(b, views, size, width)
+    cols_taps = torch.where(flip[..., None, None], cols_taps.flip(2), cols_taps)  # mirror after the crop
+    x = images_u8.permute(0, 3, 1, 2).float()[:, None]  # [B, 1, 3, H, W]
+    rows = torch.matmul(x, cols_taps.transpose(-1, -2)[:, :, None])  # horizontal pass: [B, V, 3, H, S]
+    out = torch.matmul(rows_taps[:, :, None], rows)  # vertical pass: [B, V, 3, S, S]
+    out = out.add_(0.5).floor_().clamp_(0, 255).to(torch.uint8)  # rounded half up, as resize.round_u8
+    return out.permute(0, 1, 3, 4, 2)
 
 
 # ---- the loaders ---------------------------------------------------------------------------------------
@@ -250,6 +239,7 @@ class GpuResidentTrainLoader(TrainLoader):
         order = self.order(epoch, start_batch)
         order_on_device = torch.from_numpy(order).to(self.device)  # one copy per epoch
         aug, size, bs = self.cfg.aug, self.cfg.data.image_size, self.batch_size
+        code = filter_code(aug.interpolation)
         _, height, width, _ = self.data.images.shape
         for b in range(len(order) // bs):
             g = batch_generator(self.seed, epoch, start_batch + b, self.rank, self.device, CROP_STREAM)
@@ -258,7 +248,7 @@ class GpuResidentTrainLoader(TrainLoader):
             )
             flip = torch.rand(bs, 2, generator=g, device=self.device) < aug.flip_p
             views_u8 = crop_resize(
-                self.data.images[order_on_device[b * bs : (b + 1) * bs]], top, left, h, w, flip, size
+                self.data.images[order_on_device[b * bs : (b + 1) * bs]], top, left, h, w, flip, size, code
             )
             yield views_u8[:, 0], views_u8[:, 1], self.data.labels[torch.from_numpy(order[b * bs : (b + 1) * bs])]
 
@@ -287,5 +277,5 @@ class GpuResidentEvalLoader(EvalLoader):
             else:
                 box = [torch.full((len(idx), 1), float(v), device=self.device) for v in (top, left, crop, crop)]
                 flip = torch.zeros((len(idx), 1), dtype=torch.bool, device=self.device)
-                x = crop_resize(x, *box, flip, self.size)[:, 0]
+                x = crop_resize(x, *box, flip, self.size, BILINEAR)[:, 0]  # torchvision's Resize, as the torch loader
             yield x, self.data.labels[indices[k : k + self.batch_size]]

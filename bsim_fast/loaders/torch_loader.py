@@ -43,14 +43,36 @@ def _bad_file(reason: str) -> DatasetError:
     )
 
 
+# aug.interpolation -> Pillow's filter: Pillow is the anchors' resize itself (bsim_fast/loaders/resize.py)
+PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def crop_view(image: Image.Image, box, size: int, interpolation: str, flip: bool) -> np.ndarray:
+    """uint8 [size, size, 3]: the crop box = (top, left, h, w) of `image` resized by Pillow, mirrored if flip."""
+    top, left, h, w = box
+    view = image.crop((left, top, left + w, top + h)).resize((size, size), PIL_FILTERS[interpolation])
+    return np.asarray(view.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else view)
+
+
 class TwoViewFolder(Dataset):
     """Item (epoch, index) -> (uint8 [2, S, S, 3] views, label, error): one decode, two crops, from a
-    generator seeded by (seed, epoch, index). A file that does not decode gives zero views and its one-line
-    reason as `error` (an exception would reach the main process wrapped in the worker's traceback)."""
+    generator seeded by (seed, epoch, index), each cut then resized by Pillow (torchvision's RandomResizedCrop
+    on a PIL image). A file that does not decode gives zero views and its one-line reason as `error` (an
+    exception would reach the main process wrapped in the worker's traceback)."""
 
-    def __init__(self, source: datasets.FolderSource, size: int, scale, ratio, flip_p: float, seed: int):
+    def __init__(
+        self,
+        source: datasets.FolderSource,
+        size: int,
+        scale,
+        ratio,
+        flip_p: float,
+        seed: int,
+        interpolation: str = "bicubic",
+    ):
         self.source = source
         self.size, self.scale, self.ratio, self.flip_p, self.seed = size, scale, ratio, flip_p, seed
+        self.interpolation = interpolation
 
     def __len__(self) -> int:
         return len(self.source)
@@ -64,13 +86,10 @@ class TwoViewFolder(Dataset):
             return torch.from_numpy(views), self.source.label(index), f"{self.source.describe(index)}: {exc}"
         rng = np.random.default_rng(seed_sequence(self.seed, epoch, index))
         for v in range(2):
-            top, left, h, w = random_resized_crop_params(
+            box = random_resized_crop_params(
                 image.height, image.width, self.scale, self.ratio, rng.random((CROP_ATTEMPTS, 4))
             )
-            view = image.resize((self.size, self.size), Image.BILINEAR, box=(left, top, left + w, top + h))
-            if rng.random() < self.flip_p:
-                view = view.transpose(Image.FLIP_LEFT_RIGHT)
-            views[v] = np.asarray(view)
+            views[v] = crop_view(image, box, self.size, self.interpolation, flip=rng.random() < self.flip_p)
         return torch.from_numpy(views), self.source.label(index), ""
 
 
@@ -105,10 +124,10 @@ class TorchTrainLoader(TrainLoader):
     kind = "torch"
 
     def open(self, path: str):
-        cfg = self.cfg
+        data, aug = self.cfg.data, self.cfg.aug
         self.source = scan_folder(path, self.rank)
         self.dataset = TwoViewFolder(
-            self.source, cfg.data.image_size, cfg.aug.crop_scale, cfg.aug.crop_ratio, cfg.aug.flip_p, self.seed
+            self.source, data.image_size, aug.crop_scale, aug.crop_ratio, aug.flip_p, self.seed, aug.interpolation
         )
         self._batches = _EpochBatches()
         self._loader = DataLoader(

@@ -69,7 +69,9 @@ class Method(nn.Module):
     name: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
     networks: ClassVar[tuple[str, ...]] = ("encode",)
-    symmetric: bool = True  # both directions (a against b's targets, b against a's); one if False
+    # The SIM part's directions: both (a against b's targets, b against a's), or a against b's only if False.
+    # The BSIM part always has both: each mixture against the targets of the other view (SPEC §2).
+    symmetric: bool = True
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -114,22 +116,31 @@ class Method(nn.Module):
     def pair_loss(self, out, target, partner, lam) -> torch.Tensor:
         raise NotImplementedError
 
+    def join_directions(self, terms: list[torch.Tensor]) -> torch.Tensor:
+        """One part's loss (SIM or BSIM) from its directions' losses: their sum by default (BYOL's symmetrised
+        loss; SimSiam's 0.5 per direction is inside its loss)."""
+        return sum(terms)
+
     def after_forward(self, targets) -> None:
         pass
 
     def forward(self, plain_a, plain_b, mixed_a=None, mixed_b=None, partner=None, lam_a=None, lam_b=None):
         self._check_views(mixed_a, mixed_b)
-        k = 2 if self.symmetric else 1  # direction i: view i against the targets of view 1 - i
-        plain, mixed, lam = (plain_a, plain_b)[:k], (mixed_a, mixed_b)[:k], (lam_a, lam_b)
-        views = ([] if self.mode == "bsim" else list(plain)) + ([] if self.mode == "sim" else list(mixed))
+        k = 2 if self.symmetric else 1  # SIM direction i: plain view i against the targets of view 1 - i
+        plain = [] if self.mode == "bsim" else [plain_a, plain_b][:k]
+        mixed = [] if self.mode == "sim" else [mixed_a, mixed_b]  # BSIM direction i: mixture i, both always
+        views = plain + mixed
         out, proj = self.encode(torch.cat(views))
         out, proj = out.chunk(len(views)), proj.chunk(len(views))
         targets = self.targets(plain_a, plain_b, proj)
         loss_sim = loss_bsim = None
-        if self.mode != "bsim":
-            loss_sim = sum(self.pair_loss(out[i], targets[1 - i], None, None) for i in range(k))
-        if self.mode != "sim":
-            loss_bsim = sum(self.pair_loss(out[len(views) - k + i], targets[1 - i], partner, lam[i]) for i in range(k))
+        if plain:
+            loss_sim = self.join_directions([self.pair_loss(out[i], targets[1 - i], None, None) for i in range(k)])
+        if mixed:
+            m, lam = len(plain), (lam_a, lam_b)
+            loss_bsim = self.join_directions(
+                [self.pair_loss(out[m + i], targets[1 - i], partner, lam[i]) for i in range(2)]
+            )
         self.after_forward(targets)
         return self._result(loss_sim, loss_bsim)
 

@@ -22,8 +22,9 @@ class MoCoSettings:
     tau_final: float = setting(0.999, ge=0, le=1)  # ... cosine-scheduled to this (MoCo v2: constant)
     temperature: float = setting(0.2, gt=0)
     shuffle_bn: bool = True  # shuffle the key encoder's batch across ranks (nothing to shuffle in one process)
-    # False: MoCo v2 as published, queries of view a against keys of view b, N keys enqueued per rank and step.
-    # True: solo-learn's MoCo v2+, both directions, the loss their mean, 2N keys enqueued (docs/METHOD.md).
+    # The SIM part. False: MoCo v2 as published, queries of view a against keys of view b, N keys enqueued per
+    # rank and step. True: solo-learn's MoCo v2+, both directions, the loss their mean, 2N keys enqueued. The
+    # BSIM part has both directions either way (m' against keys of b, m'' against keys of a; docs/METHOD.md).
     symmetric: bool = False
 
 
@@ -52,8 +53,12 @@ class MoCo(Method):
         with torch.no_grad():
             if self.symmetric:  # a and b in one batch: one shuffle, one pair of collectives, one key forward
                 keys = F.normalize(self.encode_keys(torch.cat([plain_a, plain_b])).float(), dim=1).chunk(2)
-            else:  # one direction: only b's keys are needed
-                keys = (None, F.normalize(self.encode_keys(plain_b).float(), dim=1))
+            else:
+                # MoCo v2's keys of b, batch statistics over b alone as in its SIM loss; the keys of a only for
+                # the BSIM part's m'' direction, in a forward (and a shuffle) of their own
+                key_b = F.normalize(self.encode_keys(plain_b).float(), dim=1)
+                key_a = None if self.mode == "sim" else F.normalize(self.encode_keys(plain_a).float(), dim=1)
+                keys = (key_a, key_b)
         self._queue_now = self.queue.clone()  # the queue is updated in place before backward
         return keys
 
@@ -103,14 +108,17 @@ class MoCo(Method):
         return concat_all_gather(y)[torch.argsort(perm)[r * n : (r + 1) * n]]
 
     def pair_loss(self, out, target, partner, lam):
-        loss = losses.moco_loss(out, target, self._queue_now, partner, lam, self.settings.temperature)
-        # symmetric: the mean of the two directions, as solo-learn's MoCo v2+, so that its lr carries over
-        return loss / 2 if self.symmetric else loss
+        return losses.moco_loss(out, target, self._queue_now, partner, lam, self.settings.temperature)
+
+    def join_directions(self, terms):
+        # the mean of the directions, as solo-learn's MoCo v2+, so that a recipe's lr carries over; the BSIM part
+        # of one-direction MoCo v2 is then on the scale of its SIM loss (and equal to it in expectation at lam = 1)
+        return sum(terms) / len(terms)
 
     def after_forward(self, targets) -> None:
         del self._queue_now
-        if self.training:
-            self.enqueue(torch.cat([t for t in targets if t is not None]))
+        if self.training:  # MoCo v2 (one direction) enqueues b's keys only, even when a's were computed
+            self.enqueue(torch.cat(targets if self.symmetric else targets[1:]))
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

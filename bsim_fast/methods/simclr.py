@@ -17,6 +17,11 @@ from bsim_fast.models import mlp
 @dataclass
 class SimCLRSettings:
     temperature: float = setting(0.1, gt=0)  # SimCLR's tau for batch 4096 (Chen et al. 2020a, B.9)
+    # The projector, Linear-[BN]-ReLU-Linear-[BN] (docs/RECIPES.md, "SimCLR"). The defaults are SimCLR's code
+    # (google-research/simclr, `projection_head`): BN after both Linears, the output's with a scale and no
+    # shift. solo-learn's CIFAR head (configs/small/simclr.yaml) has neither: Linear-ReLU-Linear with biases.
+    proj_hidden_bn: bool = True
+    proj_output_bn: bool = True
 
 
 @register("simclr")
@@ -26,7 +31,15 @@ class SimCLR(Method):
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.model
-        self.projector = mlp(self.feat_dim, m.proj_hidden, m.proj_dim)
+        s = self.settings
+        self.projector = mlp(
+            self.feat_dim,
+            m.proj_hidden,
+            m.proj_dim,
+            hidden_bn=s.proj_hidden_bn,
+            last_bn=s.proj_output_bn,
+            last_bn_shift=False,
+        )
 
     def encode(self, x):
         return self.projector(self.backbone(x))

@@ -20,239 +20,26 @@ the acceptance report (`bsim_fast.tools.gpu_check`).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 
 from bsim_fast import cli
-from bsim_fast.atomic import write_text_atomic
 from bsim_fast.config import MODES, Config, load_config
 from bsim_fast.host import available_cores
 from bsim_fast.methods import METHODS
-from bsim_fast.provenance import environment
 from bsim_fast.recipes import recipe_path
 from bsim_fast.step import TrainStep
 
-# --------------------------------------------------------------------------------------------- targets
-# One H100, full sizes. `metric` names a function of the rows in METRICS; `op` is how the measured value
-# must compare with `value`. Sources: the project's product targets (BYOL-BSIM 2,200 images/s follows from
-# ~116 ms per ResNet-50 step at batch 256) and the view-pipeline budget (docs/BENCHMARKS.md, kernels).
-TARGETS = [
-    dict(
-        id="cutmix_speedup",
-        what="CutMix + normalise kernel vs its PyTorch reference, N=256, 224², bf16",
-        metric="cutmix_speedup",
-        op=">=",
-        value=3.0,
-        unit="×",
-    ),
-    dict(
-        id="cutmix_bandwidth",
-        what="CutMix + normalise kernel, fraction of device-copy bandwidth",
-        metric="cutmix_bandwidth",
-        op=">=",
-        value=0.70,
-        unit="of copy",
-    ),
-    dict(
-        id="view_pipeline_ms",
-        what="photometric + CutMix + normalise of a 256 × 224² two-view batch",
-        metric="view_pipeline_ms",
-        op="<=",
-        value=2.0,
-        unit="ms",
-    ),
-    dict(
-        id="view_pipeline_launches",
-        what="kernel launches of that path, per view (outside the model)",
-        metric="view_pipeline_launches",
-        op="<=",
-        value=6,
-        unit="launches",
-    ),
-    dict(
-        id="dali_loader",
-        what="DALI loader-only, two-view images/s at 224 (recipe policy)",
-        metric="loader_dali",
-        op=">=",
-        value=12000,
-        unit="images/s",
-    ),
-    dict(
-        id="ffcv_loader",
-        what="FFCV loader-only (one decode, two views), images/s at 224, 16 cores",
-        metric="loader_ffcv",
-        op=">=",
-        value=3300,
-        unit="images/s",
-    ),
-    dict(
-        id="byol_bsim_model",
-        what="model-only BYOL-BSIM ResNet-50 224, batch 256, compiled, bf16",
-        metric="byol_bsim_model",
-        op=">=",
-        value=2200,
-        unit="images/s",
-    ),
-    dict(
-        id="bsim_overhead",
-        what="BSIM step time over SIM, BYOL ResNet-50 224 compiled",
-        metric="bsim_overhead",
-        op="<=",
-        value=0.03,
-        unit="fraction",
-    ),
-    dict(
-        id="e2e_dali",
-        what="end-to-end DALI / model-only (BYOL-BSIM ResNet-50 224)",
-        metric="e2e_ratio_dali",
-        op=">=",
-        value=0.95,
-        unit="× model-only",
-    ),
-    dict(
-        id="e2e_ffcv",
-        what="end-to-end FFCV / model-only (BYOL-BSIM ResNet-50 224)",
-        metric="e2e_ratio_ffcv",
-        op=">=",
-        value=0.90,
-        unit="× model-only",
-    ),
-    dict(
-        id="e2e_vs_torchvision",
-        what="best end-to-end (DALI or FFCV) / torchvision DataLoader end-to-end",
-        metric="e2e_vs_torch",
-        op=">=",
-        value=8.0,
-        unit="×",
-    ),
-]
-REPO = Path(__file__).resolve().parents[2]  # the repository root
-FULL_SIZE = 224  # the targets are for this resolution and ResNet-50
-VIEW_PATH = "augment_cutmix_normalize_two_views"  # bsim_fast.tools.kernel_bench's row for the whole view path
+from . import harness
+from .bench_report import describe, plot, table
+from .bench_targets import FULL_SIZE, evaluate, measured_row, targets_markdown
 
-
-def _one(rows, **match) -> dict | None:
-    """The measured row (not skipped) whose fields equal `match`, or None."""
-    for r in rows:
-        if "skipped" not in r and "error" not in r and all(r.get(k) == v for k, v in match.items()):
-            return r
-    return None
-
-
-def _field(row, key):
-    return None if row is None else row.get(key)
-
-
-def _ratio(a, b):
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def _bsim_overhead(rows):
-    sim = _one(rows, kind="model", method="byol", mode="sim", arch="resnet50", size=FULL_SIZE, compile=True)
-    bsim = _one(rows, kind="model", method="byol", mode="bsim", arch="resnet50", size=FULL_SIZE, compile=True)
-    if sim is None or bsim is None:
-        return None
-    return sim["images_s"] / bsim["images_s"] - 1.0  # extra step time of BSIM, as a fraction of SIM's
-
-
-def _e2e_ratio(rows, loader):
-    return _field(_one(rows, kind="end_to_end", loader=loader, size=FULL_SIZE), "ratio_to_model")
-
-
-def _e2e_vs_torch(rows):
-    best = [_field(_one(rows, kind="end_to_end", loader=k, size=FULL_SIZE), "images_s") for k in ("dali", "ffcv")]
-    best = max((b for b in best if b is not None), default=None)
-    return _ratio(best, _field(_one(rows, kind="end_to_end", loader="torch", size=FULL_SIZE), "images_s"))
-
-
-METRICS: dict[str, Callable[[list[dict]], float | None]] = {
-    "cutmix_speedup": lambda rows: _field(_one(rows, kind="kernel", name="cutmix_normalize"), "speedup"),
-    "cutmix_bandwidth": lambda rows: _field(_one(rows, kind="kernel", name="cutmix_normalize"), "frac_of_copy"),
-    "view_pipeline_ms": lambda rows: _field(_one(rows, kind="kernel", name=VIEW_PATH), "ms"),
-    "view_pipeline_launches": lambda rows: _field(_one(rows, kind="kernel", name=VIEW_PATH), "launches"),
-    "loader_dali": lambda rows: _field(_one(rows, kind="loader", loader="dali", size=FULL_SIZE), "images_s"),
-    "loader_ffcv": lambda rows: _field(_one(rows, kind="loader", loader="ffcv", size=FULL_SIZE), "images_s"),
-    "byol_bsim_model": lambda rows: _field(
-        _one(rows, kind="model", method="byol", mode="bsim", arch="resnet50", size=FULL_SIZE, compile=True), "images_s"
-    ),
-    "bsim_overhead": _bsim_overhead,
-    "e2e_ratio_dali": lambda rows: _e2e_ratio(rows, "dali"),
-    "e2e_ratio_ffcv": lambda rows: _e2e_ratio(rows, "ffcv"),
-    "e2e_vs_torch": _e2e_vs_torch,
-}
-
-
-def target_text(t: dict) -> str:
-    value = f"{t['value']:,}" if isinstance(t["value"], int) or t["value"] >= 100 else f"{t['value']:g}"
-    sep = "" if t["unit"].startswith("×") else " "
-    return f"{'≥' if t['op'] == '>=' else '≤'} {value}{sep}{t['unit']}"
-
-
-def evaluate(rows: list[dict], applicable: bool) -> list[dict]:
-    """Each target with its measured value and `pass` / `miss` / `not measured`. On a CPU or at tiny sizes
-    the targets do not apply (`n/a`): they are for one H100 at full sizes."""
-    out = []
-    for t in TARGETS:
-        value = METRICS[t["metric"]](rows)
-        if value is None:
-            status = "not measured"
-        elif not applicable:
-            status = "n/a"
-        else:
-            status = "pass" if (value >= t["value"] if t["op"] == ">=" else value <= t["value"]) else "miss"
-        out.append({**t, "target": target_text(t), "measured": value, "status": status})
-    return out
-
-
-def targets_markdown() -> str:
-    """The targets table of docs/BENCHMARKS.md (a test checks the document holds exactly this)."""
-    lines = ["| id | what (one H100) | target |", "|---|---|---|"]
-    lines += [f"| `{t['id']}` | {t['what']} | {target_text(t)} |" for t in TARGETS]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------- timing
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Budget:
-    """Rows that would end after the deadline are skipped (reported, not run). `None`: no deadline."""
-
-    def __init__(self, deadline: float | None):
-        self.deadline = deadline
-
-    def allows(self, seconds: float) -> bool:
-        return self.deadline is None or time.time() + seconds <= self.deadline
-
-
-def timed(fn: Callable[[], int], device: torch.device, warmup: int, iters: int) -> tuple:
-    """(images/s, seconds timed) of `fn` (which returns the images it handled), after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    t0, images = time.perf_counter(), 0
-    for _ in range(iters):
-        images += fn()
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return images / seconds, seconds
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_mem_gb(device: torch.device) -> float | None:
-    """Peak allocated device memory since the last reset; None (n/a) on a CPU, where it is not tracked."""
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+# The package each loader needs beyond torch: without it its rows are skipped, saying so.
+PACKAGES = {"ffcv": "ffcv", "dali": "nvidia.dali"}
 
 
 # ------------------------------------------------------------------------------------------ the step
@@ -284,17 +71,15 @@ def train_step(cfg: Config, device: torch.device) -> TrainStep:
     return TrainStep(cfg, device, max(1, images // cfg.data.batch_size))
 
 
-def step_images(step: TrainStep, a_u8: torch.Tensor, b_u8: torch.Tensor) -> int:
-    """One training step on the views; the source images it took."""
-    step(a_u8, b_u8)
-    return a_u8.shape[0]
-
-
 def synthetic_views(batch: int, size: int, device: torch.device):
     g = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).to(device)
     b = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=g).to(device)
     return a, b
+
+
+def policy_name(size: int) -> str:
+    return "configs/small (no blur)" if size <= 64 else "ImageNet recipe (blur 1.0/0.1, solarize 0/0.2)"
 
 
 # -------------------------------------------------------------------------------------------- settings
@@ -329,12 +114,27 @@ class Settings:
             return 2.0
         return (75.0 if arch == "resnet50" else 45.0) if compile_on else (8.0 if arch == "resnet50" else 4.0)
 
+    def model_order(self) -> list[tuple]:
+        """(method, mode, arch, size, compiled) of the model-only rows, most important first: the targets'
+        rows (BYOL compiled), then every method eager, then the rest compiled (each compiled ResNet-50 costs
+        about a minute of compilation)."""
+        (arch0, size0), byol = self.archs[0], "byol" in self.methods
+        targets = [
+            ("byol", mode, arch0, size0, c) for c in sorted(self.compiles, reverse=True) for mode in ("bsim", "sim")
+        ]
+        order = [t for t in targets if byol and t[1] in self.modes]
+        for compile_on in self.compiles:
+            order += [
+                (m, mode, a, size, compile_on) for a, size in self.archs for m in self.methods for mode in self.modes
+            ]
+        return list(dict.fromkeys(order))
+
 
 # ------------------------------------------------------------------------------------------------ rows
 class Bench:
     """Runs rows in order and keeps them; every row is written to `<out>/bench.json` as soon as it exists."""
 
-    def __init__(self, settings: Settings, paths: dict[str, str], out: Path, budget: Budget, env: dict):
+    def __init__(self, settings: Settings, paths: dict[str, str], out: Path, budget: harness.Budget, env: dict):
         self.s, self.paths, self.out, self.budget, self.env = settings, paths, out, budget, env
         self.rows: list[dict] = []
 
@@ -353,8 +153,7 @@ class Bench:
         return row
 
     def save(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.out / "bench.json", json.dumps(self.report(), indent=1))
+        harness.write_report(self.out, "bench", self.report())
 
     def report(self) -> dict:
         return {
@@ -369,7 +168,7 @@ class Bench:
         try:
             rows = bench_kernels(self.s.tiny, self.s.device)
         except Exception as e:  # noqa: BLE001 - a kernel failure is reported; loaders and models still run
-            rows = [{"kind": "kernel", "name": "kernels", "error": f"{type(e).__name__}: {first_line(e)}"}]
+            rows = [{"kind": "kernel", "name": "kernels", "error": harness.error_text(e)}]
         for row in rows:
             self.add(row)
 
@@ -389,79 +188,55 @@ class Bench:
         except ImportError as e:
             self.add({**base, "skipped": f"{kind} not installed ({e.name or e})"})
         except Exception as e:  # noqa: BLE001 - one loader's failure must not hide the others
-            self.add({**base, "error": f"{type(e).__name__}: {first_line(e)}"})
+            self.add({**base, "error": harness.error_text(e)})
         return None
 
+    def loader_row(self, kind: str, path: str, base: dict, step: TrainStep | None = None) -> dict | None:
+        """Loader-only (no `step`) or end-to-end two-view images/s through `kind`; None when it could not be
+        built (its skipped or error row is already added)."""
+        s = self.s
+        loader = self.build_loader(kind, self.loader_cfg(kind, path, step is not None and True in s.compiles), base)
+        if loader is None:
+            return None
+        try:
+            harness.reset_peak(s.device)
+            views = harness.loader_views(loader, s.warmup + s.loader_batches)
+            ips, seconds = harness.images_s(views, s.device, s.warmup, s.loader_batches, step)
+            peak = harness.peak_mem_gb(s.device)
+            return {**base, "images_s": ips, "batches": s.loader_batches, "seconds": seconds, "peak_mem_gb": peak}
+        except Exception as e:  # noqa: BLE001
+            return {**base, "error": harness.error_text(e)}
+
     def loaders(self) -> None:
+        s = self.s
         for kind, path in self.paths.items():
-            base = {
-                "kind": "loader",
-                "loader": kind,
-                "size": self.s.size,
-                "batch": self.s.batch,
-                "workers": self.s.workers,
-                "policy": policy_name(self.s.size),
-            }
+            base = {"kind": "loader", "loader": kind, "size": s.size, "batch": s.batch, "workers": s.workers}
+            base["policy"] = policy_name(s.size)
             if not self.budget.allows(20):
                 self.add({**base, "skipped": "time budget"})
                 continue
-            loader = self.build_loader(kind, self.loader_cfg(kind, path), base)
-            if loader is None:
-                continue
-            try:
-                reset_peak(self.s.device)
-                ips, seconds, n = loader_images_s(loader, self.s.warmup, self.s.loader_batches, self.s.device)
-                self.add(
-                    {
-                        **base,
-                        "images_s": ips,
-                        "batches": n,
-                        "seconds": seconds,
-                        "peak_mem_gb": peak_mem_gb(self.s.device),
-                    }
-                )
-            except Exception as e:  # noqa: BLE001
-                self.add({**base, "error": f"{type(e).__name__}: {first_line(e)}"})
-            finally:
-                loader = None
+            row = self.loader_row(kind, path, base)
+            if row is not None:
+                self.add(row)
 
     # ---- model-only and end-to-end
-    def model_row(self, method, mode, arch, size, compile_on, step: TrainStep | None = None) -> TrainStep | None:
+    def model_row(self, method, mode, arch, size, compile_on) -> None:
         batch = self.s.batch_for(arch)
-        base = {
-            "kind": "model",
-            "method": method,
-            "mode": mode,
-            "arch": arch,
-            "size": size,
-            "batch": batch,
-            "compile": compile_on,
-        }
-        if _one(self.rows, **base) is not None:
-            return step
-        if step is None and not self.budget.allows(self.s.cost_s(arch, compile_on)):
+        base = dict(kind="model", method=method, mode=mode, arch=arch, size=size, batch=batch, compile=compile_on)
+        if measured_row(self.rows, **base) is not None:
+            return
+        if not self.budget.allows(self.s.cost_s(arch, compile_on)):
             self.add({**base, "skipped": "time budget"})
-            return None
+            return
         try:
-            if step is None:
-                cfg = recipe_cfg(method, mode, arch, size, batch, compile_on, self.s.precision)
-                step = train_step(cfg, self.s.device)
-            a, b = synthetic_views(batch, size, self.s.device)
-            reset_peak(self.s.device)
-            ips, seconds = timed(lambda: step_images(step, a, b), self.s.device, self.s.warmup, self.s.iters)
-            self.add(
-                {
-                    **base,
-                    "images_s": ips,
-                    "seconds": seconds,
-                    "steps": self.s.iters,
-                    "peak_mem_gb": peak_mem_gb(self.s.device),
-                }
-            )
-            return step
+            step = train_step(recipe_cfg(method, mode, arch, size, batch, compile_on, self.s.precision), self.s.device)
+            views = itertools.repeat(synthetic_views(batch, size, self.s.device))
+            harness.reset_peak(self.s.device)
+            ips, seconds = harness.images_s(views, self.s.device, self.s.warmup, self.s.iters, step)
+            peak = harness.peak_mem_gb(self.s.device)
+            self.add({**base, "images_s": ips, "seconds": seconds, "steps": self.s.iters, "peak_mem_gb": peak})
         except Exception as e:  # noqa: BLE001
-            self.add({**base, "error": f"{type(e).__name__}: {first_line(e)}"})
-            return None
+            self.add({**base, "error": harness.error_text(e)})
 
     def end_to_end(self) -> None:
         """BYOL-BSIM through each loader, with its ratio to model-only measured on the same training step (same
@@ -470,15 +245,8 @@ class Bench:
         s = self.s
         compile_on = True in s.compiles
         arch, size = s.e2e_arch, s.size
-        base = {
-            "kind": "end_to_end",
-            "size": size,
-            "batch": s.batch,
-            "workers": s.workers,
-            "arch": arch,
-            "compile": compile_on,
-            "policy": policy_name(size),
-        }
+        base = dict(kind="end_to_end", size=size, batch=s.batch, workers=s.workers, arch=arch, compile=compile_on)
+        base["policy"] = policy_name(size)
         if not self.budget.allows(s.cost_s(arch, compile_on) + 15 * len(self.paths)):
             for kind in self.paths:
                 self.add({**base, "loader": kind, "skipped": "time budget"})
@@ -488,46 +256,41 @@ class Bench:
             step = train_step(cfg, s.device)
         except Exception as e:  # noqa: BLE001
             for kind in self.paths:
-                self.add({**base, "loader": kind, "error": f"TrainStep: {type(e).__name__}: {first_line(e)}"})
+                self.add({**base, "loader": kind, "error": f"TrainStep: {harness.error_text(e)}"})
             return
-        a, b = synthetic_views(s.batch, size, s.device)
-        model_ips = [timed(lambda: step_images(step, a, b), s.device, s.warmup, s.loader_batches)[0]]
+        views = itertools.repeat(synthetic_views(s.batch, size, s.device))
+        model_ips = [harness.images_s(views, s.device, s.warmup, s.loader_batches, step)[0]]
         results = []
         for kind, path in self.paths.items():
-            row = {**base, "loader": kind}
             if not self.budget.allows(15):
-                results.append({**row, "skipped": "time budget"})
-                continue
-            loader = self.build_loader(kind, self.loader_cfg(kind, path, compile_on), row)
-            if loader is None:
-                continue
-            try:
-                reset_peak(s.device)
-                ips, seconds, n = loader_images_s(loader, s.warmup, s.loader_batches, s.device, step)
-                results.append(
-                    {**row, "images_s": ips, "batches": n, "seconds": seconds, "peak_mem_gb": peak_mem_gb(s.device)}
-                )
-            except Exception as e:  # noqa: BLE001
-                results.append({**row, "error": f"{type(e).__name__}: {first_line(e)}"})
-            loader = None
-        reset_peak(s.device)
-        model_ips.append(timed(lambda: step_images(step, a, b), s.device, s.warmup, s.loader_batches)[0])
-        model = max(model_ips)
-        # The same measurement is the model-only row of this configuration (no second compilation).
+                results.append({**base, "loader": kind, "skipped": "time budget"})
+            elif (row := self.loader_row(kind, path, {**base, "loader": kind}, step)) is not None:
+                results.append(row)
+        harness.reset_peak(s.device)
+        model_ips.append(harness.images_s(views, s.device, s.warmup, s.loader_batches, step)[0])
+        self.add_end_to_end(base, max(model_ips), results)
+        step = None
+        if compile_on:
+            torch._dynamo.reset()
+
+    def add_end_to_end(self, base: dict, model: float, results: list[dict]) -> None:
+        """The model-only row measured with the end-to-end rows (no second compilation), then those rows with
+        their ratio to it."""
+        s = self.s
         self.add(
-            {
-                "kind": "model",
-                "method": "byol",
-                "mode": "bsim",
-                "arch": arch,
-                "size": size,
-                "batch": s.batch,
-                "compile": compile_on,
-                "images_s": model,
-                "steps": s.loader_batches,
-                "peak_mem_gb": peak_mem_gb(s.device),
-                "note": "measured with the end-to-end rows",
-            }
+            dict(
+                kind="model",
+                method="byol",
+                mode="bsim",
+                arch=base["arch"],
+                size=base["size"],
+                batch=s.batch,
+                compile=base["compile"],
+                images_s=model,
+                steps=s.loader_batches,
+                peak_mem_gb=harness.peak_mem_gb(s.device),
+                note="measured with the end-to-end rows",
+            )
         )
         for r in results:
             if "images_s" in r:
@@ -537,69 +300,15 @@ class Bench:
                 # CPU shared by workers and the model), so it is reported as not meaningful.
                 r["ratio_meaningful"] = r["ratio_to_model"] <= 1.02 and not s.tiny
             self.add(r)
-        step = None
-        if compile_on:
-            torch._dynamo.reset()
 
     def models(self) -> None:
-        """Model-only rows, most important first: the targets' rows, then every method eager, then the rest
-        compiled (each compiled ResNet-50 costs about a minute of compilation)."""
-        s = self.s
-        order = []
-        for compile_on in sorted(s.compiles, reverse=True):  # BYOL compiled first: the targets read it
-            for arch, size in s.archs[:1]:
-                for mode in ("bsim", "sim"):
-                    if "byol" in s.methods and mode in s.modes:
-                        order.append(("byol", mode, arch, size, compile_on))
-        for arch, size in s.archs:
-            for method in s.methods:
-                for mode in s.modes:
-                    order.append((method, mode, arch, size, False))
-        if True in s.compiles:
-            for arch, size in s.archs:
-                for method in s.methods:
-                    for mode in s.modes:
-                        order.append((method, mode, arch, size, True))
-        for method, mode, arch, size, compile_on in order:
-            if compile_on not in s.compiles:
-                continue
+        """Model-only rows in `Settings.model_order`."""
+        for method, mode, arch, size, compile_on in self.s.model_order():
             self.model_row(method, mode, arch, size, compile_on)
             if compile_on:  # drop the compiled graphs (and the parameters they hold) before the next model
                 torch._dynamo.reset()
-                if s.device.type == "cuda":
+                if self.s.device.type == "cuda":
                     torch.cuda.empty_cache()
-
-
-def loader_images_s(loader, warmup: int, batches: int, device, step: TrainStep | None = None):
-    """(two-view images/s, seconds, batches) over `batches` batches after `warmup`, across epochs as needed;
-    with `step`, each batch also goes through a training step (end-to-end)."""
-    it = _batches(loader, warmup + batches)
-    for _ in range(warmup):
-        a_u8, b_u8 = next(it)
-        if step is not None:
-            step(a_u8, b_u8)
-    _sync(device)
-    t0, images = time.perf_counter(), 0
-    for a_u8, b_u8 in it:
-        images += step_images(step, a_u8, b_u8) if step is not None else a_u8.shape[0]
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    return images / seconds, seconds, batches
-
-
-def _batches(loader, n: int) -> Iterator:
-    epoch = 0
-    while n > 0:
-        got = 0
-        for a_u8, b_u8, _ in loader.epoch(epoch):
-            got += 1
-            yield a_u8, b_u8
-            n -= 1
-            if n == 0:
-                return
-        if got == 0:
-            raise RuntimeError("the loader yields no batch: fewer images than one batch")
-        epoch += 1
 
 
 def bench_kernels(tiny: bool, device: torch.device) -> list[dict]:
@@ -615,114 +324,6 @@ def bench_kernels(tiny: bool, device: torch.device) -> list[dict]:
     except ImportError as e:
         return [{**base, "skipped": f"kernel benchmark unavailable ({e})"}]
     return kernel_rows(tiny, device, sweep=False)
-
-
-# ---------------------------------------------------------------------------------------------- output
-def policy_name(size: int) -> str:
-    return "configs/small (no blur)" if size <= 64 else "ImageNet recipe (blur 1.0/0.1, solarize 0/0.2)"
-
-
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else ""
-
-
-def describe(r: dict) -> str:
-    if r["kind"] == "kernel":
-        return f"{r['name']}" + (f" N={r['n']} {r['size']}² {r['dtype']}" if "n" in r else "")
-    if r["kind"] == "model":
-        return (
-            f"{r['method']}/{r['mode']} {r['arch']}@{r['size']} b{r['batch']} {'compiled' if r['compile'] else 'eager'}"
-        )
-    return f"{r['loader']}@{r['size']} b{r['batch']} w{r['workers']}"
-
-
-def fmt_gb(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.2f}"
-
-
-def table(rows: list[dict]) -> str:
-    lines = [f"{'kind':<11} {'what':<44} {'images/s':>12} {'peak GB':>8}  note"]
-    for r in rows:
-        what = describe(r)
-        if "skipped" in r or "error" in r:
-            lines.append(
-                f"{r['kind']:<11} {what:<44} {'-':>12} {'-':>8}  "
-                f"{'skipped: ' + r['skipped'] if 'skipped' in r else 'ERROR: ' + r['error']}"
-            )
-            continue
-        if r["kind"] == "kernel":
-            lines.append(
-                f"{'kernel':<11} {what:<44} {r['ms']:>10.4f}ms {'':>8}  ref {r['ref_ms']:.4f} ms, "
-                f"{r['speedup']:.2f}x, {r['gbps']:.0f} GB/s = {100 * r['frac_of_copy']:.0f}% of copy"
-                + (f", {r['launches']:g} launches/view" if r.get("launches") is not None else "")
-            )
-            continue
-        note = ""
-        if "ratio_to_model" in r:
-            note = f"{r['ratio_to_model']:.2f}x model-only"
-            if not r["ratio_meaningful"]:
-                note += " (not meaningful: timing noise / tiny run)"
-        lines.append(f"{r['kind']:<11} {what:<44} {r['images_s']:>12,.0f} {fmt_gb(r.get('peak_mem_gb')):>8}  {note}")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], path: Path, env: dict) -> None:
-    """One panel per kind of row, each on its own (log) scale with the value printed at every bar, so no
-    kind hides another; device, commit and versions in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = []
-    kernels = [r for r in rows if r["kind"] == "kernel" and "ms" in r]
-    if kernels:
-        bars = []
-        for r in kernels:
-            bars.append((f"{r['name']} (Triton)", r["ms"], "tab:purple"))
-            if r.get("ref_ms") and r["ref_ms"] == r["ref_ms"]:  # NaN: no reference for this row
-                bars.append((f"{r['name']} (PyTorch ref.)", r["ref_ms"], "tab:gray"))
-        panels.append(("kernels: ms per call (lower is better)", bars, "{:.3g} ms"))
-    for kind, title, colour in (
-        ("loader", "loader-only: two-view images/s", "tab:blue"),
-        ("model", "model-only: images/s", "tab:orange"),
-        ("end_to_end", "end-to-end: images/s (ratio to model-only)", "tab:green"),
-    ):
-        bars = []
-        for r in rows:
-            if r["kind"] != kind or "images_s" not in r:
-                continue
-            label = describe(r)
-            if "ratio_to_model" in r:
-                label += f"  ({r['ratio_to_model']:.2f}x{'' if r['ratio_meaningful'] else ', n/m'})"
-            bars.append((label, r["images_s"], colour))
-        if bars:
-            panels.append((title, bars, "{:,.0f}"))
-    if not panels:
-        return
-    heights = [0.28 * len(b) + 0.9 for _, b, _ in panels]
-    fig, axes = plt.subplots(
-        len(panels), 1, figsize=(10, sum(heights) + 0.8), gridspec_kw={"height_ratios": heights}, squeeze=False
-    )
-    for ax, (title, bars, fmt) in zip(axes[:, 0], panels):
-        values = [v for _, v, _ in bars]
-        ax.barh([n for n, _, _ in bars], values, color=[c for *_, c in bars])
-        ax.set_xscale("log")
-        ax.set_xlim(min(values) / 2, max(values) * 6)  # room for the printed values
-        for i, v in enumerate(values):
-            ax.text(v * 1.05, i, fmt.format(v) if v >= 100 else f"{v:.3g}", va="center", fontsize=7)
-        ax.set_title(title, fontsize=9, loc="left")
-        ax.tick_params(axis="y", labelsize=7)
-        ax.invert_yaxis()
-    fig.suptitle(
-        f"bsim_fast bench · {env.get('device')} · commit {env.get('commit') or '?'} · "
-        f"torch {env.get('torch')} · {env.get('time')}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -758,39 +359,41 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
+def drop_missing_datasets(bench: Bench) -> None:
+    """A loader whose package is not installed, or whose dataset path does not exist, is a skipped loader and
+    end-to-end row, said once, not an error."""
+    s = bench.s
+    for kind, path in list(bench.paths.items()):
+        if kind in PACKAGES and not harness.installed(PACKAGES[kind]):
+            why = f"{kind} not installed ({PACKAGES[kind]})"
+        elif path != "builtin" and not Path(path).exists():
+            why = f"no dataset at {path}"
+        else:
+            continue
+        for row_kind in ("loader", "end_to_end"):
+            row = {"kind": row_kind, "loader": kind, "size": s.size, "batch": s.batch, "workers": s.workers}
+            bench.add({**row, "skipped": why})
+        del bench.paths[kind]
+
+
 def main(argv=None) -> int:
-    cuda = torch.cuda.is_available()
-    p = build_parser()
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.targets_md:
         print(targets_markdown())
         return 0
     only = {"kernel" if s == "cutmix" else s for s in args.only}
-    device = torch.device("cuda" if cuda else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     settings = Settings(args, device)
-    env = environment(device)
-    paths = {k: v for k, v in (("ffcv", args.ffcv), ("dali", args.dali), ("torch", args.folder))}
-    bench = Bench(settings, paths, Path(args.out), Budget(args.deadline), env)
+    env = harness.environment(device)
+    paths = {"ffcv": args.ffcv, "dali": args.dali, "torch": args.folder}
+    bench = Bench(settings, paths, Path(args.out), harness.Budget(args.deadline), env)
     print(f"bench on {env['device']} ({'tiny' if settings.tiny else 'full'} sizes)", flush=True)
-    for kind, path in list(paths.items()):
-        if path != "builtin" and not Path(path).exists():
-            for row_kind in ("loader", "end_to_end"):
-                bench.add(
-                    {
-                        "kind": row_kind,
-                        "loader": kind,
-                        "size": settings.size,
-                        "batch": settings.batch,
-                        "workers": settings.workers,
-                        "skipped": f"no dataset at {path}",
-                    }
-                )
-            del paths[kind]
+    drop_missing_datasets(bench)
     if "kernel" in only:
         bench.kernels()
     if "loader" in only:
         bench.loaders()
-    if "end_to_end" in only and paths:
+    if "end_to_end" in only and bench.paths:
         bench.end_to_end()
     if "model" in only:
         bench.models()
@@ -800,7 +403,7 @@ def main(argv=None) -> int:
     except ImportError as e:  # matplotlib is optional for the numbers
         print(f"bench.png not written: {e}")
     print(table(bench.rows))
-    print(json.dumps(bench.report()))
+    print(json.dumps(bench.report(), default=str))
     return 1 if any("error" in r for r in bench.rows) else 0
 
 

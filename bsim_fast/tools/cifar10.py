@@ -313,9 +313,10 @@ class Found:
     path: Path
 
 
-def find(data: str, download_missing: bool = False) -> Found:
-    """Where CIFAR-10 is at `data` and in which form (module docstring); one line when it is not there.
-    Reads no image and writes nothing: the speedrun calls it with the other argument checks."""
+def find(data: str, download_missing: bool = False, flag: str = "--data") -> Found:
+    """Where CIFAR-10 is at `data` and in which form (module docstring); one line naming `flag` (the option
+    that gave `data`) when it is not there. Reads no image and writes nothing: the speedrun and the acceptance
+    run call it with their other argument checks."""
     if data == "builtin":
         return Found("builtin", Path(data))
     path = Path(data)
@@ -326,10 +327,8 @@ def find(data: str, download_missing: bool = False) -> Found:
         return Found("python", source)
     if not download_missing:
         what = "not found" if not path.exists() else "holds no CIFAR-10"
-        raise CifarError(
-            f"--data {data}: {what}; expected {ACCEPTED} (--download fetches it into a folder when "
-            f"the machine has a network)"
-        )
+        fetch = " (--download fetches it into a folder when the machine has a network)" if flag == "--data" else ""
+        raise CifarError(f"{flag} {data}: {what}; expected {ACCEPTED}{fetch}")
     if path.exists() and not path.is_dir():
         raise CifarError(f"--data {data}: a file that is not {ARCHIVE}; --download needs a folder")
     host, port = download_host()

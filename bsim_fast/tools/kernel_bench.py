@@ -28,12 +28,13 @@ if __name__ == "__main__":
         os.environ.setdefault("BSIM_FAST_TRITON", "1")
 
 import contextlib  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
+import itertools  # noqa: E402
 
 import torch  # noqa: E402
 
 from bsim_fast import cli  # noqa: E402
+from bsim_fast.atomic import write_text_atomic  # noqa: E402
+from bsim_fast.tools import harness  # noqa: E402
 from bsim_fast.tools.counting import count_launches  # noqa: E402
 from bsim_fast.tools.counting import interpreting as _interpreting  # noqa: E402
 
@@ -41,31 +42,6 @@ __all__ = ["bench_kernels", "TARGET_MS"]
 
 TARGET_MS = 2.0  # augmentation + CutMix + normalise of a 256 x 224² two-view batch on an H100
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-
-# ---- timing ----------------------------------------------------------------------------------------------
-
-
-def _time_ms(fn, iters: int, device: torch.device) -> float:
-    """Median time of ``fn`` in ms: CUDA events with L2 flushed before every run (the way a fresh batch
-    arrives); wall time under the interpreter."""
-    fn()  # warm-up: compilation, allocator
-    times = []
-    if device.type == "cuda":
-        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)  # larger than any L2
-        for _ in range(iters):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @contextlib.contextmanager
@@ -92,69 +68,66 @@ def _reference_path():
             os.environ["BSIM_FAST_TRITON"] = saved
 
 
-def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list[dict]:
-    """One row per kernel (and per (BLOCK, num_warps) with ``sweep``), ``kind="kernel"``: ``ms`` (the
-    dispatching call), ``ref_ms`` (the PyTorch reference), ``speedup``, ``gbps`` and ``copy_gbps`` over
-    ``min_bytes`` (the uint8 input read once and every output written once), ``frac_of_copy``, and per view
-    ``launches`` and ``bytes`` (measured; bytes exact under the interpreter only), against ``budget_launches``
-    and ``budget_bytes``. Needs CUDA, or TRITON_INTERPRET=1 set before the kernels were imported."""
-    from bsim_fast import augment, mix
-    from bsim_fast.config import Config
+class KernelCase:
+    """The inputs of every kernel row (BYOL's two view policies, one seeded batch, its partner and boxes) and
+    the plain device copy of as many bytes that the rows are compared with."""
 
-    device = torch.device(device)
-    if device.type != "cuda" and not _interpreting():
-        print("  kernels: no GPU and TRITON_INTERPRET unset; run `python -m bsim_fast.tools.kernel_bench --tiny`")
-        return []
-    gpu = device.type == "cuda"
-    n, size = (16, 32) if tiny else (256, 224)
-    if not gpu:
-        n, size = 4, 32  # the interpreter runs every program in Python
-    iters = (50 if not tiny else 20) if gpu else 1
-    dtype = torch.bfloat16
-    cfg = Config()  # BYOL's view policies (blur 1.0 / 0.1, solarize 0.0 / 0.2) and statistics
-    cfg.data.image_size, cfg.method.mode = size, "bsim"
-    policies = augment.policy_for(cfg)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    pair = torch.randint(0, 256, (n, 2, size, size, 3), dtype=torch.uint8, generator=gen).to(device)
-    views = pair[:, 0].contiguous()
-    partner = mix.derangement(n, generator=gen)
-    boxes, lam = mix.sample_boxes(n, size, size, 1.0, generator=gen)
-    partner_d, boxes_d = mix.to_device([partner, boxes], device)
-    elems = n * size * size * 3
-    esize = torch.empty((), dtype=dtype).element_size()
-    info = dict(
-        kind="kernel",
-        device=torch.cuda.get_device_name(device) if gpu else "cpu (triton interpreter)",
-        n=n,
-        size=size,
-        dtype=str(dtype).replace("torch.", ""),
-        measured_on_gpu=gpu,
-    )
+    def __init__(self, tiny: bool, device: torch.device):
+        from bsim_fast import augment, mix
+        from bsim_fast.config import Config
 
-    src = torch.empty(elems * (1 + 2 * esize) // 2, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_ms = _time_ms(lambda: dst.copy_(src), iters, device)
-    copy_gbps = 2 * src.numel() / copy_ms / 1e6
+        self.device, self.gpu = device, device.type == "cuda"
+        self.n, self.size = (16, 32) if tiny else (256, 224)
+        if not self.gpu:
+            self.n, self.size = 4, 32  # the interpreter runs every program in Python
+        self.iters = (50 if not tiny else 20) if self.gpu else 1
+        self.dtype = torch.bfloat16
+        self.cfg = Config()  # BYOL's view policies (blur 1.0 / 0.1, solarize 0.0 / 0.2) and statistics
+        self.cfg.data.image_size, self.cfg.method.mode = self.size, "bsim"
+        self.policies = augment.policy_for(self.cfg)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        shape = (self.n, 2, self.size, self.size, 3)
+        self.pair = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
+        self.views = self.pair[:, 0].contiguous()
+        self.partner = mix.derangement(self.n, generator=gen)
+        self.boxes, self.lam = mix.sample_boxes(self.n, self.size, self.size, 1.0, generator=gen)
+        self.partner_d, self.boxes_d = mix.to_device([self.partner, self.boxes], device)
+        self.elems = self.n * self.size * self.size * 3
+        self.mix_bytes = self.elems * (1 + 2 * self.dtype.itemsize)  # uint8 read once, plain and mixed written once
+        self.info = dict(
+            kind="kernel",
+            device=torch.cuda.get_device_name(device) if self.gpu else "cpu (triton interpreter)",
+            n=self.n,
+            size=self.size,
+            dtype=str(self.dtype).replace("torch.", ""),
+            measured_on_gpu=self.gpu,
+        )
+        src = torch.empty(self.mix_bytes // 2, dtype=torch.uint8, device=device)
+        dst = torch.empty_like(src)
+        copy_ms = harness.median_ms(lambda: dst.copy_(src), self.iters, device)
+        self.copy_gbps = 2 * src.numel() / copy_ms / 1e6
 
-    def photo_gen():
-        return torch.Generator(device=device).manual_seed(1)
+    def photo_gen(self) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(1)
 
-    def row(name, kernel_fn, reference_fn, min_bytes, count_fn=None, per=1, budget=None, **extra):
+    def row(self, name, kernel_fn, reference_fn, min_bytes, count_fn=None, per=1, budget=None, **extra) -> dict:
+        """Times of the kernel path and of its reference, bandwidth against the copy, launches and bytes."""
         with _forced_triton():
-            ms = _time_ms(kernel_fn, iters, device)
+            ms = harness.median_ms(kernel_fn, self.iters, self.device)
             counts = count_launches(count_fn or kernel_fn)
         with _reference_path():
-            ref_ms = _time_ms(reference_fn, iters if gpu else 1, device) if reference_fn else float("nan")
+            iters = self.iters if self.gpu else 1
+            ref_ms = harness.median_ms(reference_fn, iters, self.device) if reference_fn else float("nan")
         r = dict(
-            info,
+            self.info,
             name=name,
             ms=ms,
             ref_ms=ref_ms,
             speedup=ref_ms / ms,
             min_bytes=min_bytes // per,
             gbps=min_bytes / ms / 1e6,
-            copy_gbps=copy_gbps,
-            frac_of_copy=min_bytes / ms / 1e6 / copy_gbps,
+            copy_gbps=self.copy_gbps,
+            frac_of_copy=min_bytes / ms / 1e6 / self.copy_gbps,
             launches=counts["launches"] / per,
             triton_launches=len(counts["triton"]) / per,
             aten_ops=counts["aten"],
@@ -167,101 +140,112 @@ def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list
             r.update(budget_launches=budget[0], budget_bytes=budget[1] // per)
         return r
 
-    rows = []
-    mix_bytes = elems * (1 + 2 * esize)  # uint8 read once, plain and mixed written once
-    stats = mix.check_cutmix_inputs(views, partner, boxes, MEAN, STD, dtype)  # host work, not counted
-    rows.append(
-        row(
+    def cutmix_row(self) -> dict:
+        from bsim_fast import mix
+
+        c = self
+        stats = mix.check_cutmix_inputs(c.views, c.partner, c.boxes, MEAN, STD, c.dtype)  # host work, not counted
+        return self.row(
             "cutmix_normalize",
-            lambda: mix.cutmix_normalize(views, partner_d, boxes_d, MEAN, STD, dtype),
-            lambda: mix.cutmix_normalize_reference(views, partner_d, boxes_d, MEAN, STD, dtype),
-            mix_bytes,
-            count_fn=lambda: mix._normalize_checked(views, partner_d, boxes_d, *stats, dtype),
-            mean_box_fraction=float(1 - lam.mean()),
+            lambda: mix.cutmix_normalize(c.views, c.partner_d, c.boxes_d, MEAN, STD, c.dtype),
+            lambda: mix.cutmix_normalize_reference(c.views, c.partner_d, c.boxes_d, MEAN, STD, c.dtype),
+            c.mix_bytes,
+            count_fn=lambda: mix._normalize_checked(c.views, c.partner_d, c.boxes_d, *stats, c.dtype),
+            mean_box_fraction=float(1 - c.lam.mean()),
         )
-    )
-    for v, policy in enumerate(policies):
-        rows.append(
-            row(
+
+    def photometric_rows(self) -> list[dict]:
+        from bsim_fast import augment
+
+        pair, gen = self.pair, self.photo_gen
+        return [
+            self.row(
                 f"photometric_t{v + 1}",
-                lambda p=policy, v=v: augment.photometric(pair[:, v], p, photo_gen()),
-                lambda p=policy, v=v: augment.photometric_reference(pair[:, v], p, photo_gen()),
-                2 * elems,
+                lambda p=policy, v=v: augment.photometric(pair[:, v], p, gen()),
+                lambda p=policy, v=v: augment.photometric_reference(pair[:, v], p, gen()),
+                2 * self.elems,
                 blur_p=policy.blur_p,
                 solarize_p=policy.solarize_p,
             )
+            for v, policy in enumerate(self.policies)
+        ]
+
+    def view_path_row(self, tiny: bool) -> dict:
+        """What every step asks of the device outside the model (loader hand-off + make_views), per view."""
+        from bsim_fast import augment, mix
+
+        c = self
+        stats = mix.check_cutmix_inputs(c.views, c.partner, c.boxes, MEAN, STD, c.dtype)
+
+        def two_views(photometric):
+            g = c.photo_gen()
+            a = photometric(c.pair[:, 0], c.policies[0], g)
+            b = photometric(c.pair[:, 1], c.policies[1], g)
+            return mix.make_views(a, b, c.cfg, torch.Generator().manual_seed(2), c.dtype)
+
+        def two_views_on_device():
+            # make_views minus its host work (drawing and checking partner and boxes, then ONE host-to-device
+            # copy per step, counted below as h2d_copies): the same calls on the device
+            g = c.photo_gen()
+            a = augment.photometric(c.pair[:, 0], c.policies[0], g)
+            b = augment.photometric(c.pair[:, 1], c.policies[1], g)
+            mix._normalize_checked(a, c.partner_d, c.boxes_d, *stats, c.dtype)
+            mix._normalize_checked(b, c.partner_d, c.boxes_d, *stats, c.dtype)
+
+        return self.row(
+            "augment_cutmix_normalize_two_views",
+            lambda: two_views(augment.photometric),
+            lambda: two_views(augment.photometric_reference),
+            2 * c.mix_bytes,
+            count_fn=two_views_on_device,
+            per=2,
+            budget=(6, 3 * 2 * c.mix_bytes),
+            h2d_copies_per_step=1,
+            target_ms=TARGET_MS if (c.gpu and not tiny) else None,
         )
 
-    def two_views():  # what every step asks of the device outside the model (loader hand-off + make_views)
-        g = photo_gen()
-        a = augment.photometric(pair[:, 0], policies[0], g)
-        b = augment.photometric(pair[:, 1], policies[1], g)
-        return mix.make_views(a, b, cfg, torch.Generator().manual_seed(2), dtype)
-
-    def two_views_on_device():
-        # make_views minus its host work (drawing and checking partner and boxes, then ONE host-to-device
-        # copy per step, counted below as h2d_copies): the same calls on the device
-        g = photo_gen()
-        a = augment.photometric(pair[:, 0], policies[0], g)
-        b = augment.photometric(pair[:, 1], policies[1], g)
-        mix._normalize_checked(a, partner_d, boxes_d, *stats, dtype)
-        mix._normalize_checked(b, partner_d, boxes_d, *stats, dtype)
-
-    def two_views_reference():
-        g = photo_gen()
-        a = augment.photometric_reference(pair[:, 0], policies[0], g)
-        b = augment.photometric_reference(pair[:, 1], policies[1], g)
-        return mix.make_views(a, b, cfg, torch.Generator().manual_seed(2), dtype)
-
-    step = row(
-        "augment_cutmix_normalize_two_views",
-        two_views,
-        two_views_reference,
-        2 * mix_bytes,
-        count_fn=two_views_on_device,
-        per=2,
-        budget=(6, 3 * 2 * mix_bytes),
-        h2d_copies_per_step=1,
-        target_ms=TARGET_MS if (gpu and not tiny) else None,
-    )
-    rows.append(step)
-
-    if sweep and gpu:
+    def sweep_rows(self) -> list[dict]:
+        """Other (BLOCK, num_warps) choices of the CutMix and photometric kernels (a GPU only)."""
+        from bsim_fast import augment, mix
         from bsim_fast.kernels import cutmix
         from bsim_fast.kernels import photometric as ph
 
+        c, rows = self, []
         saved = cutmix.BLOCK, cutmix.NUM_WARPS, ph.BLOCK_PIXELS, ph.NUM_WARPS
         try:
-            for block in (2048, 4096, 8192, 16384):
-                for warps in (4, 8, 16):
-                    cutmix.BLOCK, cutmix.NUM_WARPS = block, warps
-                    ms = _time_ms(
-                        lambda: mix.cutmix_normalize(views, partner_d, boxes_d, MEAN, STD, dtype), iters, device
-                    )
-                    rows.append(
-                        dict(
-                            info,
-                            name=f"cutmix_normalize[BLOCK={block},warps={warps}]",
-                            ms=ms,
-                            gbps=mix_bytes / ms / 1e6,
-                            frac_of_copy=mix_bytes / ms / 1e6 / copy_gbps,
-                        )
-                    )
+            for block, warps in itertools.product((2048, 4096, 8192, 16384), (4, 8, 16)):
+                cutmix.BLOCK, cutmix.NUM_WARPS = block, warps
+                fn = lambda: mix.cutmix_normalize(c.views, c.partner_d, c.boxes_d, MEAN, STD, c.dtype)  # noqa: E731
+                ms = harness.median_ms(fn, c.iters, c.device)
+                gbps = c.mix_bytes / ms / 1e6
+                name = f"cutmix_normalize[BLOCK={block},warps={warps}]"
+                rows.append(dict(c.info, name=name, ms=ms, gbps=gbps, frac_of_copy=gbps / c.copy_gbps))
             cutmix.BLOCK, cutmix.NUM_WARPS = saved[:2]
-            for block in (256, 512, 1024, 2048):
-                for warps in (2, 4, 8):
-                    ph.BLOCK_PIXELS, ph.NUM_WARPS = block, warps
-                    ms = _time_ms(lambda: augment.photometric(pair[:, 1], policies[1], photo_gen()), iters, device)
-                    rows.append(
-                        dict(
-                            info,
-                            name=f"photometric_t2[BLOCK_PIXELS={block},warps={warps}]",
-                            ms=ms,
-                            gbps=2 * elems / ms / 1e6,
-                        )
-                    )
+            for block, warps in itertools.product((256, 512, 1024, 2048), (2, 4, 8)):
+                ph.BLOCK_PIXELS, ph.NUM_WARPS = block, warps
+                fn = lambda: augment.photometric(c.pair[:, 1], c.policies[1], c.photo_gen())  # noqa: E731
+                ms = harness.median_ms(fn, c.iters, c.device)
+                name = f"photometric_t2[BLOCK_PIXELS={block},warps={warps}]"
+                rows.append(dict(c.info, name=name, ms=ms, gbps=2 * c.elems / ms / 1e6))
         finally:
             cutmix.BLOCK, cutmix.NUM_WARPS, ph.BLOCK_PIXELS, ph.NUM_WARPS = saved
+        return rows
+
+
+def bench_kernels(tiny: bool, device: torch.device, sweep: bool = False) -> list[dict]:
+    """One row per kernel (and per (BLOCK, num_warps) with ``sweep``), ``kind="kernel"``: ``ms`` (the
+    dispatching call), ``ref_ms`` (the PyTorch reference), ``speedup``, ``gbps`` and ``copy_gbps`` over
+    ``min_bytes`` (the uint8 input read once and every output written once), ``frac_of_copy``, and per view
+    ``launches`` and ``bytes`` (measured; bytes exact under the interpreter only), against ``budget_launches``
+    and ``budget_bytes``. Needs CUDA, or TRITON_INTERPRET=1 set before the kernels were imported."""
+    device = torch.device(device)
+    if device.type != "cuda" and not _interpreting():
+        print("  kernels: no GPU and TRITON_INTERPRET unset; run `python -m bsim_fast.tools.kernel_bench --tiny`")
+        return []
+    case = KernelCase(tiny, device)
+    rows = [case.cutmix_row(), *case.photometric_rows(), case.view_path_row(tiny)]
+    if sweep and case.gpu:
+        rows += case.sweep_rows()
     return rows
 
 
@@ -309,8 +293,7 @@ def _main(argv=None) -> int:
     text = json.dumps(result, indent=2, default=str)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(args.json, text + "\n")
     print()
     print(table(rows))
     return 0

@@ -6,11 +6,10 @@ the PNG. The y-axis fits the data: on 0..100 the BSIM-vs-SIM gap of about a poin
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
-from bsim_fast.atomic import write_bytes_atomic
+from . import harness
 
 Y_MARGIN = 0.12  # of the values' range, each side of the fitted y-axis
 Y_MIN_MARGIN = 0.5  # k-NN points: a flat curve still gets an axis one point tall
@@ -101,6 +100,4 @@ def chart(results: list[dict], env: dict, targets: list[dict]):
 
 def plot(results: list[dict], path: Path, env: dict, targets: list[dict]) -> None:
     """`chart` as a PNG at `path`, written atomically."""
-    png = io.BytesIO()
-    chart(results, env, targets).savefig(png, format="png", dpi=110)
-    write_bytes_atomic(path, png.getvalue())
+    harness.write_png(path, chart(results, env, targets))
