@@ -27,7 +27,7 @@ from .metrics import MetricsLogger
 from .models import check_arch
 from .provenance import environment
 from .records import check_wandb, read_record, record_start, start_wandb
-from .runfolder import RunFolderError, RunLock, check_out_dir
+from .runfolder import LOCK_NAME, RunFolderError, RunLock, check_out_dir
 from .seeds import seed_everything
 from .step import TrainState, TrainStep
 
@@ -72,6 +72,8 @@ def hold_run_folder(cfg: Config, rank: int, world: int) -> Iterator[None]:
             lock.acquire()
         except RunFolderError as e:
             refusal = str(e)
+        except OSError as e:  # the folder passed its checks and still cannot hold the lock (a full disk, ...)
+            refusal = f"train.out_dir={cfg.train.out_dir}: cannot take its {LOCK_NAME} ({e.strerror})"
     if world > 1:
         outcome = [refusal]
         dist.broadcast_object_list(outcome, src=0)

@@ -131,6 +131,8 @@ def after_step(run: Run, state: TrainState, callback: Callable | None = None) ->
 
 def monitor_knn(run: Run, state: TrainState) -> None:
     backbone = run.method.backbone
+    data = run.cfg.data  # a minute or more of features on a CPU: said before, not only after
+    run.print(f"[knn] step {state.step}: features of {data.train} (the bank) and {data.val} (the queries)")
     results = knn_monitor(backbone, run.cfg, build_eval_loader, run.rank, run.world, run.device, log=run.print)
     if results is None:  # unlabeled data: said once, not tried again
         run.knn = False

@@ -42,15 +42,16 @@ if "knn_top1" not in trained:
 cfg = from_dict(json.load(open("runs/quickstart/config.json")), "runs/quickstart/config.json")
 run = build(cfg)  # the run's own set-up and seed: its network as it was before step 1
 untrained = knn_monitor(run.method.backbone, cfg, build_eval_loader, 0, 1, run.device)
+queries = "the built-in test split" if cfg.data.val == "builtin:test" else cfg.data.val
 print(
-    f"k-NN top-1 on the built-in test split: {trained['knn_top1']:.2f}% after {trained['step']} steps, "
+    f"k-NN top-1 on {queries}: {trained['knn_top1']:.2f}% after {trained['step']} steps, "
     f"{untrained['knn_top1']:.2f}% untrained"
 )
 if os.environ["QUICK_DEVICE"] == "cpu":
     print(
         "This CPU run shows that the pipeline runs end to end (convert, load, augment, mix, train, checkpoint, "
-        "k-NN); ten CPU steps do not learn, so the two numbers are alike. Learning is shown on a GPU: "
-        "docs/RESULTS.md, `bash scripts/gpu_check.sh runs/check` and `python -m bsim_fast.tools.speedrun`."
+        f"k-NN); {trained['step']} CPU steps do not learn, so the two numbers are alike. Learning is shown on a "
+        "GPU: docs/RESULTS.md, `bash scripts/gpu_check.sh runs/check` and `python -m bsim_fast.tools.speedrun`."
     )
 else:
     print("The difference is what this short GPU run learned; docs/RESULTS.md has the longer runs.")

@@ -296,9 +296,18 @@ def test_a_pass_taken_long_after_its_mark_stands_for_its_own_clock(tmp_path):
         (90.0, 92.0, "interval"),
         (124.0, 124.0, "interval, taken 4.0 s after its mark"),
     ]
-    # the side-by-side table's rows are the interval passes' marks: no "0.5" row holding the 0.75-min pass
-    assert speedrun.at_minutes(watch.curve, 0.5) is None
-    assert speedrun.at_minutes(watch.curve, 0.75) == 10.0 and speedrun.at_minutes(watch.curve, 1.0) == 20.0
+    assert speedrun_report.at_minutes(watch.curve, 0.5) is None  # nothing measured by 0.5 min
+    assert speedrun_report.at_minutes(watch.curve, 0.75) == 10.0 and speedrun_report.at_minutes(watch.curve, 1) == 20.0
+    # the report's side-by-side table: the 0.75-min pass in a row of its own, no "0.5" row
+    run = {"recipe": "small/byol", "mode": "sim", "curve": watch.curve, "final": watch.curve[-1]}
+    rows = [line.split(" | ")[:2] for line in speedrun_report.curves_table([run])[2:]]
+    assert [[cell.strip("| ") for cell in row] for row in rows] == [
+        ["0.75", "10.00"],
+        ["1", "20.00"],
+        ["1.5", "30.00"],
+        ["2.0667", "40.00"],
+        ["end", "40.00 at 2.07 min"],
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the targets

@@ -1,12 +1,14 @@
 """The trainer's first contact (issue 24, trainer side), as a user meets it: real processes, signals and folders.
 One training per run folder; ranks that end with their launcher; run folders that cannot be written; options
-and overrides in any order; signals through scripts/train_8gpu.sh; the first line and the progress line."""
+and overrides in any order; signals through scripts/train_8gpu.sh; the first line and the progress line; the
+quickstart's account of what it proved."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,11 +18,17 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, TINY, tiny_folder
+import torch
+from helpers import ROOT, TINY, project_copy, tiny_folder
 
 from bsim_fast.checkpoint import latest_valid, list_checkpoints
+from bsim_fast.config import from_dict
+from bsim_fast.eval import knn_monitor
+from bsim_fast.loaders import build_eval_loader
+from bsim_fast.methods import build_method
 from bsim_fast.metrics import Progress, clock
 from bsim_fast.runfolder import LOCK_NAME, RunFolderError, RunLock, process_start
+from bsim_fast.seeds import seed_everything
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable}
 
@@ -42,9 +50,9 @@ def script(*args):
     return ["bash", "scripts/train_8gpu.sh", *args]
 
 
-def run(args, env=None, timeout=600):
+def run(args, env=None, timeout=600, cwd=ROOT):
     return subprocess.run(
-        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, check=False
+        args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**ENV, **(env or {})}, check=False
     )
 
 
@@ -332,3 +340,34 @@ def test_progress_times_by_hand():
     assert progress.line(3, 170.0) == "elapsed 1:10 left 0:35"
     assert progress.line(9, 200.0) == "elapsed 1:40 left 0:05"
     assert [clock(41), clock(725), clock(10930)] == ["0:41", "12:05", "3:02:10"]
+
+
+# ---- the quickstart says what it proved ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quickstart_prints_the_untrained_knn_and_what_the_cpu_run_shows(train_dir, tmp_path):
+    """The quickstart in a copy of the project, as a new user runs it, all but the install: the copy's install.sh
+    links this test's environment (a test installs nothing). Tiny training overrides through QUICK_ARGS."""
+    clone = project_copy(tmp_path / "clone")
+    venv = Path(sys.executable).parent.parent
+    (clone / "scripts" / "install.sh").write_text(f'#!/usr/bin/env bash\nln -sfn "{venv}" "$(dirname "$0")/../.venv"\n')
+    val_dir = tiny_folder(tmp_path / "val", "test", per_class=3)
+    quick = [*TINY, f"data.train={train_dir}", f"data.val={val_dir}", "train.epochs=1", "train.max_steps=2"]
+    r = run(["bash", "scripts/quickstart.sh"], cwd=clone, env={"QUICK_ARGS": " ".join(quick), "PYTHONPATH": str(clone)})
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    line = next(line for line in r.stdout.splitlines() if line.startswith("k-NN top-1 on "))
+    match = re.fullmatch(
+        rf"k-NN top-1 on {re.escape(str(val_dir))}: ([\d.]+)% after 2 steps, ([\d.]+)% untrained", line
+    )
+    assert match, line
+    trained, untrained = map(float, match.groups())
+    run_dir = clone / "runs" / "quickstart"
+    assert trained == round(json.loads((run_dir / "final.json").read_text())["knn_top1"], 2)
+    # the untrained network rebuilt here from the run's seed alone (the run seeds, then builds its method), scored
+    # by the monitor the run used: the number the quickstart printed
+    cfg = from_dict(json.loads((run_dir / "config.json").read_text()))
+    seed_everything(cfg.train.seed)
+    backbone = build_method(cfg).backbone
+    expected = knn_monitor(backbone, cfg, build_eval_loader, 0, 1, torch.device("cpu"))["knn_top1"]
+    assert untrained == round(expected, 2), (untrained, expected)
+    assert "This CPU run shows that the pipeline runs end to end" in r.stdout
+    assert "2 CPU steps do not learn" in r.stdout and "docs/RESULTS.md" in r.stdout
