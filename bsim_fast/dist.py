@@ -76,24 +76,33 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[start : start + ctx.rows]
 
 
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks (same shape on each) along dim 0, keeping the autograd graph."""
-    if world() == 1:
-        return x
+# The collectives run eagerly under torch.compile (`torch.compiler.disable`): a compiled method's graph is
+# split where they are called, over several processes only (one process never reaches them).
+@torch.compiler.disable
+def _gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
+@torch.compiler.disable
 @torch.no_grad()
-def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks (same shape on each) along dim 0, without gradient."""
-    if world() == 1:
-        return x
+def _concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     x = x.contiguous()  # before empty_like, so the receive buffers have the layout that is sent
     parts = [torch.empty_like(x) for _ in range(world())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks (same shape on each) along dim 0, keeping the autograd graph."""
+    return x if world() == 1 else _gather_with_grad(x)
+
+
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks (same shape on each) along dim 0, without gradient."""
+    return x if world() == 1 else _concat_all_gather(x)
+
+
+@torch.compiler.disable
 @torch.no_grad()
 def broadcast_(x: torch.Tensor, src: int = 0) -> torch.Tensor:
     """Overwrite `x` on every rank with rank `src`'s `x` (in place; `x` must be contiguous); returns `x`."""

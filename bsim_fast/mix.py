@@ -238,11 +238,18 @@ def cutmix_normalize(
     return _normalize_checked(views_u8, partner, boxes, mean_f, inv_f, dtype)
 
 
-def _normalize_checked(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3, dtype):
-    """`cutmix_normalize` after validation: the kernel or the reference."""
+def _normalize_checked(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3, dtype, out=None):
+    """`cutmix_normalize` after validation: the kernel or the reference. `out = (plain, mixed)`: write into
+    these ([N, 3, H, W] channels_last tensors of `dtype`; mixed None without boxes) and return them."""
     device = views_u8.device
     if not use_triton(device):
-        return _reference(views_u8, partner, boxes, mean, inv_std, dtype)
+        made = _reference(views_u8, partner, boxes, mean, inv_std, dtype)
+        if out is None:
+            return made
+        for target, value in zip(out, made):
+            if target is not None:
+                target.copy_(value)
+        return out
     from .kernels import cutmix as kernel
 
     n, height, width, _ = views_u8.shape
@@ -251,7 +258,7 @@ def _normalize_checked(views_u8, partner, boxes, mean: Floats3, inv_std: Floats3
         raise ValueError(f"cutmix_normalize: {why}")
     if boxes is not None:
         partner, boxes = to_device([partner, boxes], device)
-    return kernel.cutmix_normalize(views_u8, partner, boxes, mean, inv_std, dtype)
+    return kernel.cutmix_normalize(views_u8, partner, boxes, mean, inv_std, dtype, out=out)
 
 
 def to_device(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -289,8 +296,27 @@ def draw_mixing(n: int, height: int, width: int, alpha: float, gen: torch.Genera
     return partner, boxes_a, lam_a, boxes_b, lam_b
 
 
-def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.Generator, dtype: torch.dtype) -> dict:
-    """The step's views: plain_a, plain_b and, in BSIM/WBSIM, mixed_a, mixed_b, partner, lam_a, lam_b.
+VIEW_NAMES = ("plain_a", "plain_b", "mixed_a", "mixed_b")
+
+
+def view_order(mode: str) -> tuple[str, ...]:
+    """The views of a step in `mode`, in the order `make_views` lays them out unless a method asks otherwise."""
+    return VIEW_NAMES[:2] if mode == "sim" else VIEW_NAMES
+
+
+def make_views(
+    a_u8: torch.Tensor,
+    b_u8: torch.Tensor,
+    cfg: Config,
+    gen: torch.Generator,
+    dtype: torch.dtype,
+    order: Sequence[str] | None = None,
+) -> dict:
+    """The step's views, written once into one batch: `views`, [V*N, 3, S, S] in `dtype`, channels_last, the
+    named views in `order` (`view_order(mode)` by default; a method's `view_order()` in the training step),
+    so that every network reads a slice of it and no view is copied after the kernel (docs/DESIGN.md).
+    Also `plain_a`, `plain_b` and, in BSIM/WBSIM, `mixed_a`, `mixed_b` (those slices), `partner`, `lam_a`,
+    `lam_b`.
 
     One partner for both views, boxes drawn per sample and per view (one generator, `gen`, draws all of
     it on its device, the host for the trainer). Partner, boxes and lam are validated on the host and reach
@@ -298,19 +324,24 @@ def make_views(a_u8: torch.Tensor, b_u8: torch.Tensor, cfg: Config, gen: torch.G
     """
     n, h, w, _ = a_u8.shape
     mean, std = cfg.data.mean, cfg.data.std
+    order = tuple(view_order(cfg.method.mode) if order is None else order)
+    if sorted(order) != sorted(view_order(cfg.method.mode)):
+        raise ValueError(f"make_views: order {order} does not name the views of mode {cfg.method.mode!r}")
+    views = torch.empty((len(order) * n, 3, h, w), dtype=dtype, device=a_u8.device, memory_format=torch.channels_last)
+    out = {name: views[i * n : (i + 1) * n] for i, name in enumerate(order)}
     if cfg.method.mode == "sim":
-        plain_a, _ = cutmix_normalize(a_u8, None, None, mean, std, dtype)
-        plain_b, _ = cutmix_normalize(b_u8, None, None, mean, std, dtype)
-        return dict(plain_a=plain_a, plain_b=plain_b)
+        mean_f, inv_f = check_cutmix_inputs(a_u8, None, None, mean, std, dtype)
+        check_cutmix_inputs(b_u8, None, None, mean, std, dtype)
+        _normalize_checked(a_u8, None, None, mean_f, inv_f, dtype, out=(out["plain_a"], None))
+        _normalize_checked(b_u8, None, None, mean_f, inv_f, dtype, out=(out["plain_b"], None))
+        return dict(views=views, **out)
     partner, boxes_a, lam_a, boxes_b, lam_b = draw_mixing(n, h, w, cfg.bsim.alpha, gen)
     mean_f, inv_f = check_cutmix_inputs(a_u8, partner, boxes_a, mean, std, dtype)
     check_cutmix_inputs(b_u8, partner, boxes_b, mean, std, dtype)
     partner, boxes_a, boxes_b, lam_a, lam_b = to_device([partner, boxes_a, boxes_b, lam_a, lam_b], a_u8.device)
-    plain_a, mixed_a = _normalize_checked(a_u8, partner, boxes_a, mean_f, inv_f, dtype)
-    plain_b, mixed_b = _normalize_checked(b_u8, partner, boxes_b, mean_f, inv_f, dtype)
-    return dict(
-        plain_a=plain_a, plain_b=plain_b, mixed_a=mixed_a, mixed_b=mixed_b, partner=partner, lam_a=lam_a, lam_b=lam_b
-    )
+    _normalize_checked(a_u8, partner, boxes_a, mean_f, inv_f, dtype, out=(out["plain_a"], out["mixed_a"]))
+    _normalize_checked(b_u8, partner, boxes_b, mean_f, inv_f, dtype, out=(out["plain_b"], out["mixed_b"]))
+    return dict(views=views, **out, partner=partner, lam_a=lam_a, lam_b=lam_b)
 
 
 __all__ = [
@@ -323,4 +354,6 @@ __all__ = [
     "to_device",
     "draw_mixing",
     "make_views",
+    "view_order",
+    "VIEW_NAMES",
 ]

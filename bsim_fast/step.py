@@ -57,12 +57,58 @@ def step_generator(seed: int, micro_batch: int, rank: int) -> torch.Generator:
     return g
 
 
-def all_ranks_true(flag: torch.Tensor) -> bool:
-    """Every rank must take the same branch, or DDP's gradient all-reduce would hang (a host sync)."""
-    flag = flag.float().reshape(1)
+def finite_everywhere_later(record: torch.Tensor) -> Callable[[], bool]:
+    """Starts reading whether this micro-batch's loss was finite on every rank (`record[2]` counts a non-finite
+    loss, `Method._result`) and returns the function that waits for the answer: every rank must take the same
+    branch, or DDP's collectives would hang. The flag is reduced over the ranks and copied to pinned host memory
+    now, so the caller can queue the backward before it waits: the one host sync per micro-batch that
+    train.nan_policy=skip needs waits for the forward only."""
+    flag = record[2:3]
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        flag = flag.clone()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.device.type != "cuda":
+        return lambda: flag.item() == 0
+    host = torch.empty(1, dtype=flag.dtype, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+
+    def wait() -> bool:
+        ready.synchronize()
+        return host.item() == 0
+
+    return wait
+
+
+class ForwardState:
+    """What a forward changes outside its outputs and `Method.hold`: BatchNorm's running statistics and counts.
+    `save` copies them into buffers made once (a multi-tensor copy per dtype, the statistics' and the counts',
+    as a multi-tensor kernel takes one dtype; no allocation), `restore` puts them back after a skipped step.
+    MoCo's queue is not among them: its update waits for the step (`hold_updates`)."""
+
+    def __init__(self, method: torch.nn.Module):
+        self.live = [
+            b
+            for m in method.modules()
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+            if b is not None
+        ]
+        self.saved = [torch.empty_like(b) for b in self.live]
+        self.by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, b in enumerate(self.live):
+            self.by_dtype.setdefault(b.dtype, []).append(i)
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for idx in self.by_dtype.values():
+            torch._foreach_copy_([self.saved[i] for i in idx], [self.live[i] for i in idx])
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for idx in self.by_dtype.values():
+            torch._foreach_copy_([self.live[i] for i in idx], [self.saved[i] for i in idx])
 
 
 def compile_on(cfg: Config, device: torch.device) -> bool:
@@ -98,8 +144,16 @@ class TrainStep:
         # λ', λ'' of each micro-batch since the trainer last took them (`take_lam_values`), kept only when it
         # asks (a list, not None): references to the step's own tensors, no copy and no host sync here
         self.lam_values: list[torch.Tensor] | None = None
+        self.method.hold_updates = True  # MoCo's enqueue after the backward, and never on a skipped step
+        self.forward_state = ForwardState(self.method) if cfg.train.nan_policy == "skip" else None
         if compile_on(cfg, self.device):
             compile_networks(self.method)  # state-dict keys unchanged: a checkpoint loads into it
+        if self.device.type == "cuda":
+            # The step's shapes never change (fixed image size, drop_last batches), so cuDNN times its convolution
+            # algorithms once per shape and keeps the fastest. Process-wide; the k-NN monitor's other shapes are
+            # timed once each too. The choice by timing can differ between runs, like cuDNN's non-deterministic
+            # kernels already could: GPU runs were never bitwise repeatable, CPU runs are (the tests).
+            torch.backends.cudnn.benchmark = True
         self.model = self._wrap(self.method)
 
     def _build_method(self) -> torch.nn.Module:
@@ -127,27 +181,24 @@ class TrainStep:
         """One micro-batch: views, forward, backward; the last of `train.accum_steps` also steps the optimiser
         (returns True). Under train.nan_policy=skip a non-finite loss drops the whole step and leaves no trace."""
         cfg, method, state, accum = self.cfg, self.method, self.state, self.cfg.train.accum_steps
-        skip = cfg.train.nan_policy == "skip"
         gen = step_generator(cfg.train.seed, state.step * accum + state.micro, self.rank)
-        views = make_views(a_u8, b_u8, cfg, gen, self.precision.view_dtype)
-        # a skipped step must leave no trace: its forward already wrote BN statistics (and MoCo's queue)
-        saved = [b.detach().clone() for b in method.buffers()] if skip else None
+        views = make_views(a_u8, b_u8, cfg, gen, self.precision.view_dtype, order=method.view_order())
+        batch = {k: views[k] for k in ("views", "partner", "lam_a", "lam_b") if k in views}
+        if self.forward_state is not None:  # a skipped step must leave no trace: the forward writes BN statistics
+            self.forward_state.save()
         accumulating = self.world > 1 and state.micro + 1 < accum
         with self.model.no_sync() if accumulating else nullcontext():
             with self.precision.autocast_context():
-                loss = self.model(**views)["loss"].float()
-            finite = torch.isfinite(loss)
-            if skip and not all_ranks_true(finite):  # a host sync per micro-batch, under this policy only
-                self.optimizer.zero_grad(set_to_none=True)  # drop this step's gradients entirely
-                with torch.no_grad():
-                    for b, before in zip(method.buffers(), saved):
-                        b.copy_(before)
-                state.micro = 0
-                self.log(f"[nan] step {state.step}: non-finite loss, step skipped (train.nan_policy=skip)")
-                return False
-            self.scaler.scale(loss / accum).backward()
-        lam = views.get("lam_a", loss.new_ones(1)).mean()
-        self.sums += torch.stack([loss.detach().nan_to_num(0.0), lam, (~finite).float(), loss.new_ones(())])
+                out = self.model(**batch)
+            finite = finite_everywhere_later(out["record"]) if self.forward_state is not None else None
+            loss = out["loss"].float()
+            # the backward is queued before the host waits for `finite`; a skipped step's gradients are dropped
+            self.scaler.scale(loss if accum == 1 else loss / accum).backward()
+        if finite is not None and not finite():
+            self._skip()
+            return False
+        method.apply_held_updates()
+        self.sums.add_(out["record"])  # loss, lam, non-finite, micro-batches: made in the compiled objective
         self.images += a_u8.shape[0] * self.world
         if self.lam_values is not None and "lam_a" in views:
             self.lam_values += [views["lam_a"], views["lam_b"]]
@@ -173,6 +224,14 @@ class TrainStep:
         if reset:
             self.lam_values = []
         return values
+
+    def _skip(self) -> None:
+        """Drop this step: its gradients (earlier micro-batches' too), BN statistics and held updates."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.forward_state.restore()
+        self.method.drop_held_updates()
+        self.state.micro = 0
+        self.log(f"[nan] step {self.state.step}: non-finite loss, step skipped (train.nan_policy=skip)")
 
     def drop_partial_accumulation(self) -> None:
         """At an epoch's end: gradients of an unfinished accumulation must not leak into the next epoch."""

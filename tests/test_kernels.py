@@ -488,13 +488,16 @@ def test_make_views_one_transfer_and_host_checks(monkeypatch):
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8, generator=g) for _ in range(2))
     views = mix.make_views(a, b, cfg, torch.Generator().manual_seed(1), torch.float32)
-    assert set(views) == {"plain_a", "plain_b", "mixed_a", "mixed_b", "partner", "lam_a", "lam_b"}
+    assert set(views) == {"views", "plain_a", "plain_b", "mixed_a", "mixed_b", "partner", "lam_a", "lam_b"}
+    # one batch, written by the two launches: each named view is its slice, in the default order
+    for i, k in enumerate(("plain_a", "plain_b", "mixed_a", "mixed_b")):
+        assert views[k].data_ptr() == views["views"][i * 4].data_ptr() and views[k].shape == (4, 3, 8, 8)
     assert calls["to_device"] == [5] and calls["normalize"] == 2 and calls["checked_on"] == {"cpu"}
     again = mix.make_views(a, b, cfg, torch.Generator().manual_seed(1), torch.float32)
     assert all(torch.equal(views[k], again[k]) for k in views)
     assert torch.equal(views["plain_a"], mix.cutmix_normalize_reference(a, None, None, MEAN, STD, torch.float32)[0])
     cfg.method.mode = "sim"
-    assert set(mix.make_views(a, b, cfg, torch.Generator(), torch.float32)) == {"plain_a", "plain_b"}
+    assert set(mix.make_views(a, b, cfg, torch.Generator(), torch.float32)) == {"views", "plain_a", "plain_b"}
 
 
 def test_to_device_on_cpu_is_identity_and_keeps_dtypes():

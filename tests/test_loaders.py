@@ -169,3 +169,21 @@ def test_ffcv_bad_file_named(tmp_path):
     bad.write_bytes(b"\0" * 10)
     with pytest.raises(Exception, match="cut.beton"):
         build_train_loader(make_cfg("ffcv", str(bad)), 0, 1, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_loader_copies_on_its_own_stream_ordered_by_an_event():
+    """The batch is copied on the loader's stream, and work queued after it on the compute stream sees it whole
+    (the compute stream waits for the copy's event), however long the compute stream's earlier work runs."""
+    from bsim_fast.loaders.torch_loader import SideStreamCopy
+
+    device = torch.device("cuda")
+    to_device = SideStreamCopy(device)
+    assert to_device.stream != torch.cuda.current_stream(device)
+    host = torch.randint(0, 256, (64, 2, 64, 64, 3), dtype=torch.uint8).pin_memory()
+    busy = torch.randn(2048, 2048, device=device)
+    for _ in range(20):  # the compute stream is busy while the copy runs on the other stream
+        busy = busy @ busy / 2048
+    batch = to_device(host)
+    assert batch.device.type == "cuda" and torch.equal(batch.sum(dtype=torch.int64).cpu(), host.sum(dtype=torch.int64))

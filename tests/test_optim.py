@@ -1,5 +1,6 @@
 """LARS against solo-learn's update rule written out by hand, the parameter groups, and the lr schedule."""
 
+import copy
 import math
 
 import pytest
@@ -102,3 +103,63 @@ def test_lr_schedule_warmup_then_cosine_to_min_ratio():
     assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
     assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0, 0.2) == pytest.approx(0.2)
+
+
+def lars_pair(clip, exclude, layers=2):
+    """Two identical nets, one stepped by build_optimizer's LARS, one by timm's own LARS, tensor by tensor."""
+    from timm.optim import Lars
+
+    cfg = load_config(
+        None,
+        [
+            "optim.name=lars",
+            "optim.lr=1.2",
+            "optim.weight_decay=0.01",
+            "optim.trust_coefficient=0.02",
+            f"optim.clip_lr={str(clip).lower()}",
+            f"optim.exclude_bias_norm={str(exclude).lower()}",
+        ],
+    )
+    torch.manual_seed(0)
+    net = nn.Sequential(*[m for _ in range(layers) for m in (nn.Linear(6, 6), nn.BatchNorm1d(6), nn.ReLU())])
+    twin = copy.deepcopy(net)
+    ours = build_optimizer(net, cfg, torch.device("cpu"))
+    o = cfg.optim
+    timms = Lars(
+        param_groups(twin, cfg), lr=o.lr, momentum=o.momentum, trust_coeff=o.trust_coefficient, trust_clip=clip
+    )
+    for group in timms.param_groups:
+        group["foreach"] = False
+    return net, twin, ours, timms
+
+
+@pytest.mark.parametrize("clip,exclude", [(True, True), (False, False)])
+def test_lars_steps_as_timms_lars(clip, exclude):
+    """Four steps of LARS (multi-tensor operations) against timm's own, tensor-by-tensor LARS from the same start:
+    the first step bitwise (momentum buffers start as r d), the later ones within float rounding (buf + r d is one
+    fused multiply-add here, where timm rounds r d first)."""
+    net, twin, ours, timms = lars_pair(clip, exclude)
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x = torch.randn(8, 6, generator=g)
+        for model, optimizer in ((net, ours), (twin, timms)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+        for p, q in zip(net.parameters(), twin.parameters(), strict=True):
+            assert torch.equal(p, q) if step == 0 else torch.allclose(p, q, rtol=1e-6, atol=1e-7), step
+    assert ours.state_dict()["state"].keys() == timms.state_dict()["state"].keys()  # a checkpoint of either loads
+
+
+def test_lars_step_launches_do_not_grow_with_the_number_of_tensors():
+    """One operation per group or per bucket, not per tensor: 2 and 6 layers launch the same operations."""
+    from bsim_fast.tools.counting import count_launches
+
+    names = []
+    for layers in (2, 6):
+        net, _, optimizer, _ = lars_pair(True, True, layers)
+        for _ in range(2):  # the second step: momentum buffers exist
+            optimizer.zero_grad()
+            net(torch.randn(8, 6)).square().mean().backward()
+            names.append(count_launches(optimizer.step)["aten"])
+    assert names[1] == names[3] and len(names[1]) <= 20, names

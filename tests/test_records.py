@@ -57,8 +57,8 @@ def panel(picture: np.ndarray, layout: GridLayout, row: int, col: int) -> np.nda
 def test_views_grid_at_its_steps_and_lam_histogram_at_every_log_line(data, tmp_path, monkeypatch):
     seen = []  # (a_u8, b_u8, views) of every micro-batch the training step made, in order
 
-    def spy(a_u8, b_u8, cfg, gen, dtype):
-        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+    def spy(a_u8, b_u8, cfg, gen, dtype, **layout):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype, **layout)
         seen.append((a_u8.clone(), b_u8.clone(), views))
         return views
 

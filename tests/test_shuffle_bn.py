@@ -49,7 +49,7 @@ def _worker(rank_, init_file, out_dir, views):
             moco = fresh_moco(shuffle_bn)
             # different seeds per rank: only rank 0's permutation may be used, on both ranks
             torch.manual_seed(RANK_SEED + rank_)
-            k_a, k_b = moco.targets(a, b, None)
+            k_a, k_b = moco.targets(torch.cat([a, b, a, b]), None)  # the step's batch a, b, m', m'' (m' = a here)
             result[shuffle_bn] = (k_a, k_b, moco.key_encoder[0].bn1.running_mean.clone())
         # under SyncBN the statistics are global already: no shuffle (and no collective) is wanted
         moco = fresh_moco(True)

@@ -1,6 +1,9 @@
 """The one training step: the step the benchmark and the speedrun time (through `tools.harness.images_s`) is the
 step `train()` trains with."""
 
+import copy
+import dataclasses
+
 import pytest
 import torch
 from helpers import TINY, tiny_folder
@@ -97,3 +100,46 @@ def test_precision_is_decided_once():
     for (name, device), (amp, autocast, view, scaler) in cases.items():
         p = precision_for(name, device)
         assert (p.amp_dtype, p.autocast, p.view_dtype, p.grad_scaler) == (amp, autocast, view, scaler), (name, device)
+
+
+def test_skipped_step_leaves_no_trace_and_saves_only_what_a_forward_changes(folder, monkeypatch):
+    """train.nan_policy=skip, MoCo-WBSIM (BatchNorm statistics of the online and key networks, the queue and
+    its pointer, momentum buffers): a micro-batch with a non-finite loss changes no tensor of the method or
+    the optimiser and leaves the step counters; what the step saves before a forward is BatchNorm's running
+    statistics and counts alone (the queue is not copied: its update waits for the backward)."""
+    from bsim_fast import step as step_module
+
+    cfg = load_config(
+        "configs/small/moco_wbsim.yaml",
+        TINY + [f"data.train={folder}", "data.val=", "train.nan_policy=skip", "method.symmetric=false"],
+    )
+    lines = []
+    step = TrainStep(cfg, "cpu", 10, log=lines.append)
+    g = torch.Generator().manual_seed(0)
+    a_u8, b_u8 = (torch.randint(0, 256, (8, 16, 16, 3), dtype=torch.uint8, generator=g) for _ in range(2))
+    assert step(a_u8, b_u8)  # a finite step first: momentum buffers and a queue pointer that has moved
+    batchnorm = [m for m in step.method.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert len(step.forward_state.live) == 3 * len(batchnorm)
+    assert all(b.numel() < step.method.queue.numel() for b in step.forward_state.live)
+    model = {k: v.clone() for k, v in step.method.state_dict().items()}
+    optim = copy.deepcopy(step.optimizer.state_dict())
+    sums, state = step.sums.clone(), dataclasses.replace(step.state)
+    real = step_module.make_views
+
+    def poisoned(*args, **kwargs):
+        views = real(*args, **kwargs)
+        views["mixed_b"].fill_(float("nan"))  # a slice of views["views"]
+        return views
+
+    monkeypatch.setattr(step_module, "make_views", poisoned)
+    assert not step(a_u8, b_u8) and "step skipped" in lines[-1]
+    for k, v in step.method.state_dict().items():
+        assert torch.equal(v, model[k]), k
+    after = step.optimizer.state_dict()
+    assert all(
+        torch.equal(after["state"][i]["momentum_buffer"], optim["state"][i]["momentum_buffer"]) for i in optim["state"]
+    )
+    assert all(p.grad is None for p in step.method.parameters())
+    assert torch.equal(step.sums, sums) and step.state == state
+    monkeypatch.setattr(step_module, "make_views", real)
+    assert step(a_u8, b_u8) and step.method.queue_ptr.item() == (2 * 8) % cfg.model.queue_size  # b's keys, twice

@@ -110,8 +110,8 @@ def test_resumed_run_ends_bitwise_equal(data, tmp_path, recipe_extra):
 def test_export_loads_into_torchvision_and_knn_is_logged(data, tmp_path, monkeypatch):
     drawn = []  # the mean lambda of each step's mixed views a, as the trainer drew them
 
-    def recording(a_u8, b_u8, cfg, gen, dtype):
-        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+    def recording(a_u8, b_u8, cfg, gen, dtype, **layout):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype, **layout)
         drawn.append(views["lam_a"].mean().item())
         return views
 
@@ -185,11 +185,11 @@ def poison(monkeypatch, step, accum=1, seed=0):
     target = st.step_generator(seed, step * accum, 0).initial_seed()
     hit = []
 
-    def poisoned(a_u8, b_u8, cfg, gen, dtype):
-        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+    def poisoned(a_u8, b_u8, cfg, gen, dtype, **layout):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype, **layout)
         if gen.initial_seed() == target and not hit:
             hit.append(step)
-            views["plain_a"] = views["plain_a"] * float("nan")
+            views["plain_a"].fill_(float("nan"))  # a slice of views["views"], the batch the method reads
         return views
 
     monkeypatch.setattr(st, "make_views", poisoned)

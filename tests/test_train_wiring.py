@@ -99,8 +99,8 @@ def record_draws(monkeypatch):
     """The trainer's own draws: partner, lambdas and the mixed views of every micro-batch, as it made them."""
     seen = []
 
-    def recording(a_u8, b_u8, cfg, gen, dtype):
-        views = real_make_views(a_u8, b_u8, cfg, gen, dtype)
+    def recording(a_u8, b_u8, cfg, gen, dtype, **layout):
+        views = real_make_views(a_u8, b_u8, cfg, gen, dtype, **layout)
         seen.append({k: views[k].clone() for k in ("partner", "lam_a", "lam_b", "mixed_a", "mixed_b")})
         return views
 

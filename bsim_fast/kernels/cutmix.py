@@ -157,18 +157,23 @@ def check_shape(n: int, height: int, width: int) -> str | None:
 
 
 def cutmix_normalize(views_u8: torch.Tensor, partner: torch.Tensor | None, boxes: torch.Tensor | None,
-                     mean: tuple, inv_std: tuple, dtype: torch.dtype):
+                     mean: tuple, inv_std: tuple, dtype: torch.dtype, out: tuple | None = None):
     """Launch on already-validated tensors, all on one device (CUDA, or CPU under the interpreter).
 
     ``views_u8`` uint8 [N, H, W, 3] contiguous; ``partner`` int [N] with values in [0, N); ``boxes`` int [N, 4]
     inside the image, or None (SIM: only ``plain``); ``mean`` and ``inv_std`` 3 floats each (0..255 units,
     ``inv_std`` already 1/std rounded to fp32); ``check_shape`` passed. Returns ``(plain, mixed)``, each
     [N, 3, H, W] in ``dtype`` with channels_last strides (``mixed`` None without boxes). One launch.
+    ``out = (plain, mixed)`` writes into those tensors instead (each [N, 3, H, W] in ``dtype``, channels_last
+    and dense, e.g. slices of the one batch the networks read; ``mixed`` None without boxes).
     """
     n, h, w, _ = views_u8.shape
     device = views_u8.device
-    plain = torch.empty((n, 3, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
-    mixed = None if boxes is None else torch.empty_like(plain, memory_format=torch.channels_last)
+    if out is None:
+        plain = torch.empty((n, 3, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
+        mixed = None if boxes is None else torch.empty_like(plain, memory_format=torch.channels_last)
+    else:
+        plain, mixed = out
     if plain.numel() == 0:
         return plain, mixed
     hw3 = h * w * 3

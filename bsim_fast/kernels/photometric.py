@@ -119,14 +119,10 @@ def _sample_params(u_ptr, img, jitter_p, b_lo, b_span, c_lo, c_span, s_lo, s_spa
 def _jitter(r, g, b, rank_b, rank_c, rank_s, rank_h, fb, fc, fs, shift, cmean, UNTIL_CONTRAST: tl.constexpr,
             HAS_B: tl.constexpr, HAS_C: tl.constexpr, HAS_S: tl.constexpr, HAS_H: tl.constexpr):
     """The jitter ops in the sample's order: slot k runs the op of rank k (a loop: the code holds each op once;
-    UNTIL_CONTRAST stops before contrast: only slots below its rank run). The trip count is the constant 4, not
-    the contrast's rank: triton 3.6's interpreter reads a runtime bound with int() of a one-element array, which
-    numpy 2.4 refuses. Brightness needs no clamp at 0: x and the factor are >= 0."""
+    UNTIL_CONTRAST: only slots below contrast's rank; a constant trip count, as triton 3.6's interpreter fails
+    on a runtime one under numpy 2.4). Brightness needs no clamp at 0: x and the factor are >= 0."""
     for slot in range(0, 4):
-        if UNTIL_CONTRAST:
-            active = slot < rank_c
-        else:
-            active = slot < 4
+        active = slot < rank_c if UNTIL_CONTRAST else slot < 4
         if HAS_B:
             if (rank_b == slot) & active:
                 r, g, b = tl.minimum(r * fb, 255.0), tl.minimum(g * fb, 255.0), tl.minimum(b * fb, 255.0)

@@ -23,7 +23,6 @@ class BYOLSettings:
 @register("byol")
 class BYOL(Method):
     Settings = BYOLSettings
-    networks = ("encode", "encode_target")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -39,9 +38,9 @@ class BYOL(Method):
     def encode_target(self, x):
         return self.target(x)
 
-    def targets(self, plain_a, plain_b, projections):
+    def targets(self, views, projections):
         with torch.no_grad():
-            return self.encode_target(torch.cat([plain_a, plain_b])).chunk(2)
+            return self.encode_target(self.span(views, "plain_a", "plain_b")).chunk(2)
 
     def pair_loss(self, out, target, partner, lam):
         return losses.byol_loss(out, target, partner, lam)

@@ -28,10 +28,16 @@ class MoCoSettings:
     symmetric: bool = False
 
 
+@torch.compiler.disable  # eager under torch.compile: the draw from torch's default RNG, as in an eager run
+def shared_permutation(size: int, device: torch.device) -> torch.Tensor:
+    """A random permutation drawn on rank 0 and broadcast to every rank."""
+    perm = torch.randperm(size, device=device) if rank() == 0 else torch.empty(size, dtype=torch.long, device=device)
+    return broadcast_(perm)
+
+
 @register("moco")
 class MoCo(Method):
     Settings = MoCoSettings
-    networks = ("encode", "key_forward")
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -49,18 +55,23 @@ class MoCo(Method):
     def key_forward(self, x):
         return self.key_encoder(x)
 
-    def targets(self, plain_a, plain_b, projections):
+    def view_order(self):
+        # MoCo v2's one direction in BSIM / WBSIM: the queries (a, m', m'') follow b, so they are one slice
+        if not self.symmetric and self.mode != "sim":
+            return ("plain_b", "plain_a", "mixed_a", "mixed_b")
+        return super().view_order()
+
+    def targets(self, views, projections):
         with torch.no_grad():
             if self.symmetric:  # a and b in one batch: one shuffle, one pair of collectives, one key forward
-                keys = F.normalize(self.encode_keys(torch.cat([plain_a, plain_b])).float(), dim=1).chunk(2)
-            else:
-                # MoCo v2's keys of b, batch statistics over b alone as in its SIM loss; the keys of a only for
-                # the BSIM part's m'' direction, in a forward (and a shuffle) of their own
-                key_b = F.normalize(self.encode_keys(plain_b).float(), dim=1)
-                key_a = None if self.mode == "sim" else F.normalize(self.encode_keys(plain_a).float(), dim=1)
-                keys = (key_a, key_b)
-        self._queue_now = self.queue.clone()  # the queue is updated in place before backward
-        return keys
+                keys = F.normalize(self.encode_keys(self.span(views, "plain_a", "plain_b")).float(), dim=1)
+                return keys.chunk(2)
+            # MoCo v2's keys of b, batch statistics over b alone as in its SIM loss; the keys of a only for
+            # the BSIM part's m'' direction, in a forward (and a shuffle) of their own
+            key_b = F.normalize(self.encode_keys(self.span(views, "plain_b")).float(), dim=1)
+            if self.mode == "sim":
+                return None, key_b
+            return F.normalize(self.encode_keys(self.span(views, "plain_a")).float(), dim=1), key_b
 
     def _shuffles(self) -> bool:
         """ShuffleBN matters only where the key encoder normalises with its own rank's batch statistics:
@@ -91,12 +102,7 @@ class MoCo(Method):
             return self.key_forward(x)
         n, r = x.shape[0], rank()
         x_all = concat_all_gather(x)
-        perm = (
-            torch.randperm(x_all.shape[0], device=x.device)
-            if r == 0
-            else torch.empty(x_all.shape[0], dtype=torch.long, device=x.device)
-        )
-        broadcast_(perm)
+        perm = shared_permutation(x_all.shape[0], x.device)
         # the gather is in plain layout; give the encoder the layout it was handed (channels_last or not)
         layout = (
             torch.channels_last
@@ -108,7 +114,8 @@ class MoCo(Method):
         return concat_all_gather(y)[torch.argsort(perm)[r * n : (r + 1) * n]]
 
     def pair_loss(self, out, target, partner, lam):
-        return losses.moco_loss(out, target, self._queue_now, partner, lam, self.settings.temperature)
+        # the queue as it was before this step's keys: they enter it after the forward (`after_forward`)
+        return losses.moco_loss(out, target, self.queue, partner, lam, self.settings.temperature)
 
     def join_directions(self, terms):
         # the mean of the directions, as solo-learn's MoCo v2+, so that a recipe's lr carries over; the BSIM part
@@ -116,9 +123,9 @@ class MoCo(Method):
         return sum(terms) / len(terms)
 
     def after_forward(self, targets) -> None:
-        del self._queue_now
         if self.training:  # MoCo v2 (one direction) enqueues b's keys only, even when a's were computed
-            self.enqueue(torch.cat(targets if self.symmetric else targets[1:]))
+            keys = torch.cat(targets) if self.symmetric else targets[1]
+            self.hold(lambda: self.enqueue(keys))
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:

@@ -44,14 +44,15 @@ class SimCLR(Method):
     def encode(self, x):
         return self.projector(self.backbone(x))
 
-    def forward(self, plain_a, plain_b, mixed_a=None, mixed_b=None, partner=None, lam_a=None, lam_b=None):
-        self._check_views(mixed_a, mixed_b)
-        # The plain views are the candidates in every mode, so they are always encoded, with gradient.
-        views = [plain_a, plain_b] + ([] if self.mode == "sim" else [mixed_a, mixed_b])
-        n, tau = plain_a.shape[0], self.settings.temperature
-        z = self.encode(torch.cat(views))
+    def online_views(self):
+        # the plain views are the candidates in every mode, so they are always encoded, with gradient
+        return self.view_order()
+
+    def objective(self, views, partner=None, lam_a=None, lam_b=None):
+        names, n, tau = self.online_views(), views.shape[0] // len(self.view_order()), self.settings.temperature
+        z = self.encode(self.span(views, *names))
         # One collective for all views: [world * k * n, D] -> k tensors of [world * n, D] in rank order.
-        z = gather_with_grad(z).unflatten(0, (world(), len(views), n)).transpose(0, 1).flatten(1, 2)
+        z = gather_with_grad(z).unflatten(0, (world(), len(names), n)).transpose(0, 1).flatten(1, 2)
         loss_sim = loss_bsim = None
         if self.mode != "bsim":
             loss_sim = losses.simclr_loss(z[0], z[1], z[0], z[1], tau=tau)
@@ -65,4 +66,4 @@ class SimCLR(Method):
             loss_bsim = losses.simclr_loss(
                 z[2], z[3], z[0], z[1], partner, concat_all_gather(lam_a), concat_all_gather(lam_b), tau=tau
             )
-        return self._result(loss_sim, loss_bsim)
+        return self._result(loss_sim, loss_bsim, lam_a), ()

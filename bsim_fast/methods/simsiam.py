@@ -12,8 +12,6 @@ from bsim_fast.models import mlp
 
 @register("simsiam")
 class SimSiam(Method):
-    networks = ("encode", "encode_target")
-
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.model
@@ -27,11 +25,11 @@ class SimSiam(Method):
     def encode_target(self, x):
         return self.projector(self.backbone(x))
 
-    def targets(self, plain_a, plain_b, projections):
+    def targets(self, views, projections):
         if self.mode != "bsim":  # the plain views went through the online forward already
             return projections[0], projections[1]
         with torch.no_grad():  # BSIM: the online side saw only mixed views
-            return self.encode_target(torch.cat([plain_a, plain_b])).chunk(2)
+            return self.encode_target(self.span(views, "plain_a", "plain_b")).chunk(2)
 
     def pair_loss(self, out, target, partner, lam):
         return losses.simsiam_loss(out, target, partner, lam)

@@ -17,7 +17,20 @@ import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["count_launches", "interpreting"]
+__all__ = ["count_launches", "interpreting", "uncounted"]
+
+_UNCOUNTED = [0]  # > 0 inside `uncounted()`
+
+
+@contextlib.contextmanager
+def uncounted():
+    """What runs inside is left out of the count: host work, or a compiled graph that a count excludes."""
+    _UNCOUNTED[0] += 1
+    try:
+        yield
+    finally:
+        _UNCOUNTED[0] -= 1
+
 
 # aten ops that allocate or re-view memory: no kernel launch, no traffic
 _NO_KERNEL = {
@@ -53,6 +66,11 @@ _NO_KERNEL = {
     "sym_numel",
     "dim",
     "is_same_size",
+    # a Python number as a 0-dim host tensor, an argument of the next kernel (torch.where(c, x, 1.0))
+    "scalar_tensor",
+    # the profiler's markers around optimizer.step and zero_grad: host bookkeeping
+    "_record_function_enter_new",
+    "_record_function_exit",
 }
 
 
@@ -63,30 +81,48 @@ def interpreting() -> bool:
 # ---- counting --------------------------------------------------------------------------------------------
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """Which memory a tensor lives in (its storage), so views of one buffer share a key."""
+    return (t.device, t.untyped_storage().data_ptr())
+
+
 class _AtenOps(TorchDispatchMode):
-    def __init__(self, paused: Callable[[], bool]):
+    def __init__(self, paused: Callable[[], bool], on_launch: Callable | None = None):
         super().__init__()
         self.paused = paused
+        self.on_launch = on_launch
         self.ops: list[tuple] = []
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # torch.compile'd code runs (and is counted, unless `uncounted`) instead of falling back to eager
+        return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not self.paused() and name not in _NO_KERNEL:
-            storages = {}
-            for t in [*torch.utils._pytree.tree_leaves((args, kwargs)), *torch.utils._pytree.tree_leaves(out)]:
+        if not self.paused() and not _UNCOUNTED[0] and name not in _NO_KERNEL:
+            storages, inputs = {}, set()
+            for t in torch.utils._pytree.tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                    storages[(t.device, t.untyped_storage().data_ptr())] = t.numel() * t.element_size()
+                    storages[storage_key(t)] = t.numel() * t.element_size()
+                    inputs.add(storage_key(t))
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    storages[storage_key(t)] = t.numel() * t.element_size()
             self.ops.append((name, sum(storages.values())))
+            if self.on_launch:
+                self.on_launch(name, sum(storages.values()), inputs, out)
         return out
 
 
 class _KernelTraffic:
     """Patches Triton's launchers (and, under the interpreter, its loads and stores) while active."""
 
-    def __init__(self):
+    def __init__(self, on_launch: Callable | None = None):
         self.launches: list[dict] = []
         self.inside = False
+        self.on_launch = on_launch
 
     def _unique_bytes(self, chunks) -> int:
         if not chunks:
@@ -108,7 +144,7 @@ class _KernelTraffic:
 
         def counted(original):
             def run(fn_self, *args, **kwargs):
-                if kwargs.get("warmup"):
+                if kwargs.get("warmup") or _UNCOUNTED[0]:
                     return original(fn_self, *args, **kwargs)
                 record["reads"], record["writes"] = [], []
                 self.inside = True
@@ -124,6 +160,8 @@ class _KernelTraffic:
                             unique_bytes=self._unique_bytes(record["reads"]) + self._unique_bytes(record["writes"]),
                         )
                     )
+                    if self.on_launch:
+                        self.on_launch(self.launches[-1]["name"], accessed, None, None)
 
             return run
 
@@ -157,13 +195,15 @@ class _KernelTraffic:
                     delattr(owner, name)
 
 
-def count_launches(fn: Callable[[], object]) -> dict[str, object]:
+def count_launches(fn: Callable[[], object], on_launch: Callable | None = None) -> dict[str, object]:
     """Run ``fn`` once and count what it asks of the device: ``launches`` (Triton kernels + aten ops that
     launch a kernel) and their names; under the interpreter also ``bytes``, every byte the kernels load and
     store (what DRAM moves if no re-read hits a cache: an upper bound), and ``unique_bytes``, each distinct
-    byte once per launch (a lower bound). Aten ops count the bytes of the tensors they touch in both."""
-    traffic = _KernelTraffic()
-    aten = _AtenOps(lambda: traffic.inside)
+    byte once per launch (a lower bound). Aten ops count the bytes of the tensors they touch in both.
+    Work inside `uncounted()` is left out. ``on_launch(name, bytes, input_storages, output)`` sees each counted
+    launch as it happens (a Triton kernel's storages and output are None)."""
+    traffic = _KernelTraffic(on_launch)
+    aten = _AtenOps(lambda: traffic.inside, on_launch)
     with traffic.active(), aten:
         fn()
     aten_bytes = sum(b for _, b in aten.ops)
