@@ -1,15 +1,19 @@
 """The process group (`setup_distributed`, from torchrun's environment) and thin helpers over torch.distributed
 that degrade to the identity in a single process; the CPU thread count; the launcher scripts/train_8gpu.sh runs
-(torchrun, with one line instead of its failure report):
+(torchrun, with one line instead of its failure report) and the ranks' tie to it (`end_with_launcher`):
 
     python -m bsim_fast.dist [torchrun arguments] -m bsim_fast.train --config ...
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,28 +135,76 @@ def set_cpu_threads(local_processes: int, log: Callable[[str], None] | None = pr
 
 
 # ------------------------------------------------------------------------------------------ launcher
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> None:
+    """A rank started by torchrun ends when its launcher ends, whatever ended it (kill -9 on the launcher's
+    process group included: torchrun starts each rank in a session of its own, so the group's signal never
+    reaches it, and an orphaned rank would go on writing the run folder). On Linux the kernel sends the rank
+    SIGKILL when its parent dies (prctl PR_SET_PDEATHSIG); the parent is then checked once, for a launcher
+    that died before the call. Elsewhere a thread watches the parent (once a second). Checkpoints are written
+    atomically, so a killed rank loses only the steps since the last one; the run resumes as after kill -9."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # not a torchrun rank: a user's process outlives its shell
+        return
+    launcher = int(os.environ.get("BSIM_LAUNCHER_PID", "0")) or os.getppid()
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    else:
+        threading.Thread(target=_watch_parent, args=(launcher,), daemon=True, name="launcher-watch").start()
+    if os.getppid() != launcher:
+        print(
+            f"[launch] rank {os.environ.get('RANK', '?')}: its launcher (pid {launcher}) has ended; ending too",
+            file=sys.stderr,
+        )
+        os._exit(1)
+
+
+def _watch_parent(launcher: int) -> None:
+    while os.getppid() == launcher:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hand_over(code: int | str, line: str | None = None) -> bool:
+    """A rank's exit code (`running` at its start) and its one line for the launcher (`launch`), which says
+    each distinct line once; False when there is no launcher (the caller prints the line itself)."""
+    folder = os.environ.get("BSIM_ERROR_DIR")
+    if not (folder and Path(folder).is_dir()):
+        return False
+    rank = os.environ.get("RANK", "0")
+    if line:
+        Path(folder, f"rank{rank}.txt").write_text(line + "\n")
+    Path(folder, f"rank{rank}.code").write_text(f"{code}\n")
+    return True
+
+
 def launch(argv: list) -> int:
     """torchrun `argv`; a failure is told in one line and its exit code kept: a child's user error (exit 2,
     one line handed over through BSIM_ERROR_DIR) is printed once however many ranks raised it, any other
-    failure gets one line naming the rank and code after the child's own output."""
+    failure gets one line naming the rank and code after the child's own output. A signal to the launcher
+    (SIGTERM, SIGINT, SIGHUP) is passed on to the ranks by torchrun; its exit code is then theirs (0 after a
+    SIGTERM's checkpoint, 130 after Ctrl-C) and their line is said once."""
     import logging
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    # torchrun logs every failure as an error line, then raises a ~30-line report; we say it in one line
+    # torchrun logs every failure as an error line, then raises a ~30-line report, and a signal as a warning
+    # line; we say each in one line
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    logging.getLogger("torch.distributed.elastic.agent.server.api").setLevel(logging.ERROR)
+    os.environ["BSIM_LAUNCHER_PID"] = str(os.getpid())  # the ranks' parent: `end_with_launcher`
     with tempfile.TemporaryDirectory(prefix="bsim_errors_") as errors:
         os.environ["BSIM_ERROR_DIR"] = errors
         try:
             run(parse_args(argv))
             return 0
         except ChildFailedError as e:
-            lines = sorted(p.read_text() for p in Path(errors).glob("rank*.txt"))
-            if lines:
-                for line in dict.fromkeys(lines):  # distinct lines, in order
-                    sys.stderr.write(line)
+            if say_lines(errors):
                 return 2
             rank, failure = min(e.failures.items())
             code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -9 -> 137
@@ -160,8 +212,21 @@ def launch(argv: list) -> int:
             print(f"error: rank {rank} of {e.name} exited with {how} (its output is above)", file=sys.stderr)
             return code
         except SignalException as e:
-            print(f"[launch] stopped by signal {e.sigval}", file=sys.stderr)
+            said = say_lines(errors)
+            codes = [p.read_text().strip() for p in Path(errors).glob("rank*.code")]
+            if codes and all(c.isdigit() for c in codes):  # every rank ended on its own terms (a checkpoint
+                return max(map(int, codes))  # after SIGTERM, one line after Ctrl-C), none was cut short
+            if not said:
+                print(f"[launch] stopped by signal {e.sigval} before the ranks could end cleanly", file=sys.stderr)
             return 128 + int(e.sigval)
+
+
+def say_lines(errors: str) -> bool:
+    """The distinct lines the ranks handed over, once each, in order; whether there were any."""
+    lines = sorted(p.read_text() for p in Path(errors).glob("rank*.txt"))
+    for line in dict.fromkeys(lines):
+        sys.stderr.write(line)
+    return bool(lines)
 
 
 __all__ = [
@@ -174,6 +239,8 @@ __all__ = [
     "broadcast_",
     "cpu_threads",
     "set_cpu_threads",
+    "end_with_launcher",
+    "hand_over",
     "launch",
 ]
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import sys
+import time
 from pathlib import Path
 
 from .atomic import write_text_atomic
@@ -43,12 +44,39 @@ def cut_metrics(path: Path, step: int) -> int:
     return len(body) - len(keep)
 
 
+def clock(seconds: float) -> str:
+    """0:41, 12:05, 3:02:10."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """Elapsed time and time left, for the plain progress line: the pace is measured from the first logged step
+    of this process on (the steps before it carry the start-up: filling the loader, compiling), so the first
+    line says the elapsed time only. Times in seconds of one clock (time.monotonic)."""
+
+    def __init__(self, total_steps: int, now: float):
+        self.total, self.t0, self.ref = total_steps, now, None
+
+    def line(self, step: int, now: float) -> str:
+        text = f"elapsed {clock(now - self.t0)}"
+        if self.ref is None:
+            self.ref = (now, step)
+            return text
+        t_ref, step_ref = self.ref
+        if step > step_ref:
+            text += f" left {clock((now - t_ref) / (step - step_ref) * max(0, self.total - step))}"
+        return text
+
+
 class MetricsLogger:
     """total_steps: the steps this run will reach (what the progress line shows after the slash);
     start_step: the step it resumes from (0 for a new run): later rows are removed (`cut_metrics`)."""
 
     def __init__(self, out_dir: Path, enabled: bool, total_steps: int, start_step: int = 0, tensorboard: bool = True):
         self.enabled = enabled
+        self.progress = Progress(total_steps, time.monotonic())
         self.bar = None
         self.tb = None
         self._csv_file = None
@@ -96,8 +124,10 @@ class MetricsLogger:
         shown = {k: f"{v:.4g}" for k, v in values.items() if k in ("loss", "lr", "img_s", "lam", "mem_gb")}
         if kind == "train" and self.bar is not None:
             self.bar.set_postfix(shown, refresh=False)
-        elif kind == "train":
-            print(f"step {step}/{self.total_steps} " + " ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+        elif kind == "train":  # a log file: the bar's elapsed and remaining time written out
+            values_text = " ".join(f"{k}={v}" for k, v in shown.items())
+            times = self.progress.line(step, time.monotonic())
+            print(f"step {step}/{self.total_steps} {values_text} {times}", flush=True)
         else:
             self.print(f"[{kind}] step {step}: " + json.dumps({k: round(float(v), 4) for k, v in values.items()}))
 

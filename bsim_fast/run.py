@@ -10,6 +10,8 @@ import math
 import os
 import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from .metrics import MetricsLogger
 from .models import check_arch
 from .provenance import environment
 from .records import check_wandb, read_record, record_start, start_wandb
+from .runfolder import LOCK_NAME, RunFolderError, RunLock, check_out_dir
 from .seeds import seed_everything
 from .step import TrainState, TrainStep
 
@@ -37,7 +40,8 @@ def check_config(cfg: Config, world: int, paths: bool = True) -> None:
     """What can be checked before any work, in one line each naming the file or override: the batch over
     ranks and accumulation, the names the registries hold, train.wandb (`records.check_wandb`), and (with
     `paths`) data.train and data.val (`loaders.check_datasets`; `build` leaves data.train to the loader, which
-    checks it as it opens it)."""
+    checks it as it opens it) and the run folder: writable, and not held by another training
+    (`hold_run_folder` does both for a run)."""
     per_rank, rem = divmod(cfg.data.batch_size, world * cfg.train.accum_steps)
     if rem or per_rank < 2:
         raise ConfigError(
@@ -49,6 +53,38 @@ def check_config(cfg: Config, world: int, paths: bool = True) -> None:
     check_wandb(cfg)
     if paths:
         check_datasets(cfg)
+        check_out_dir(cfg.train.out_dir, cfg.where("train.out_dir"))
+        busy = RunLock(cfg.train.out_dir).busy()
+        if busy:
+            raise RunFolderError(busy)
+
+
+@contextmanager
+def hold_run_folder(cfg: Config, rank: int, world: int) -> Iterator[None]:
+    """One training per run folder: rank 0 checks train.out_dir and takes its lock (`runfolder.RunLock`)
+    before any work, and every rank learns the outcome, so that on a refusal no rank starts (one line, the
+    same on each). The lock is let go when the block ends, however it ends."""
+    lock, refusal = None, None
+    if rank == 0:
+        try:
+            check_out_dir(cfg.train.out_dir, cfg.where("train.out_dir"))
+            lock = RunLock(cfg.train.out_dir, log=lambda line: print(line, flush=True))
+            lock.acquire()
+        except RunFolderError as e:
+            refusal = str(e)
+        except OSError as e:  # the folder passed its checks and still cannot hold the lock (a full disk, ...)
+            refusal = f"train.out_dir={cfg.train.out_dir}: cannot take its {LOCK_NAME} ({e.strerror})"
+    if world > 1:
+        outcome = [refusal]
+        dist.broadcast_object_list(outcome, src=0)
+        refusal = outcome[0]
+    if refusal:
+        raise RunFolderError(refusal)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 class Preemption:
@@ -114,7 +150,8 @@ class Run:
 
 
 def build(cfg: Config) -> Run:
-    """Process group, seeds, loader and the training step. Nothing in train.out_dir is touched."""
+    """Process group, seeds, loader and the training step. Nothing in train.out_dir is touched (`train` holds
+    the folder around it: `hold_run_folder`)."""
     rank, world, _, device = setup_distributed()
     check_config(cfg, world, paths=False)
     if cfg.data.val:

@@ -18,7 +18,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,13 +26,15 @@ from . import cli
 from .atomic import DiskFullError, write_text_atomic
 from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
+from .dist import end_with_launcher, hand_over, setup_distributed
 from .eval import export_backbone, knn_monitor
 from .loaders import build_eval_loader
 from .recipes import recipe_path
 from .records import finish_wandb
 from .resume import check_resume_flag, resume_run, save_run
-from .run import Run, TrainError, build, check_config, start
-from .step import TrainState, step_generator
+from .run import Run, TrainError, build, check_config, hold_run_folder, start
+from .runfolder import RunFolderError
+from .step import TrainState, compile_on, step_generator
 from .views import lam_draws, step_views, views_grid
 
 __all__ = ["TrainError", "TrainState", "main", "train"]
@@ -130,6 +131,8 @@ def after_step(run: Run, state: TrainState, callback: Callable | None = None) ->
 
 def monitor_knn(run: Run, state: TrainState) -> None:
     backbone = run.method.backbone
+    data = run.cfg.data  # a minute or more of features on a CPU: said before, not only after
+    run.print(f"[knn] step {state.step}: features of {data.train} (the bank) and {data.val} (the queries)")
     results = knn_monitor(backbone, run.cfg, build_eval_loader, run.rank, run.world, run.device, log=run.print)
     if results is None:  # unlabeled data: said once, not tried again
         run.knn = False
@@ -188,26 +191,51 @@ def train(
         (the torch eval loader draws one number per pass), so it belongs in the time-to-accuracy runs, not
         in runs compared bitwise.
     """
-    run = build(cfg)
-    state = resume_run(run, resume)
-    start(run, resume)
-    stop = None
-    try:
-        while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
-            stop = train_one_epoch(run, state, callback)
-            if stop is None and state.batches_read >= len(run.loader):
-                end_epoch(run, state)
-        result = finish(run, state, stop)
-    except BaseException:
+    rank, world, _, device = setup_distributed()
+    check_config(cfg, world, paths=False)
+    say = print if rank == 0 else (lambda line: None)
+    say(
+        f"[train] {cfg.method.name} ({cfg.method.mode}) into {cfg.train.out_dir}: building the {cfg.data.loader} "
+        f"loader and the {cfg.model.arch} model on {device.type} ({world} process(es))"
+    )
+    with hold_run_folder(cfg, rank, world):  # one run per folder, all ranks agreeing, before any work
+        run = build(cfg)
+        state = resume_run(run, resume)
+        start(run, resume)
+        compiling = " and compiling the networks" if compile_on(cfg, device) else ""
+        run.print(
+            f"[train] step {state.step + 1}: filling the loader's pipeline{compiling}; then a line every "
+            f"{cfg.train.log_every} step(s) with the time spent and the time left"
+        )
+        stop = None
+        try:
+            while stop is None and state.epoch < cfg.train.epochs and state.step < run.max_steps:
+                stop = train_one_epoch(run, state, callback)
+                if stop is None and state.batches_read >= len(run.loader):
+                    end_epoch(run, state)
+            result = finish(run, state, stop)
+        except BaseException:
+            if run.wandb is not None:
+                finish_wandb(run.wandb, exit_code=1)
+            raise
         if run.wandb is not None:
-            finish_wandb(run.wandb, exit_code=1)
-        raise
-    if run.wandb is not None:
-        finish_wandb(run.wandb)  # after `finish` closed the TensorBoard writer it syncs
-    return result
+            finish_wandb(run.wandb)  # after `finish` closed the TensorBoard writer it syncs
+        return result
 
 
 def main(argv=None) -> int:
+    """The command line; under `bsim_fast.dist.launch` (scripts/train_8gpu.sh) each rank hands its exit code
+    and its one line to the launcher, which says each distinct line once."""
+    end_with_launcher()  # first: a rank whose launcher is gone must not start writing the run folder
+    hand_over("running")
+    code, line = run_command(argv)
+    if not hand_over(code, line) and line:
+        print(line, file=sys.stderr)
+    return code
+
+
+def run_command(argv) -> tuple[int, str | None]:
+    """(exit code, the one line to say on stderr or None)."""
     parser = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--config", required=True, help="a recipe by name (byol_bsim, small/byol) or a .yaml file (configs/byol.yaml)"
@@ -224,37 +252,25 @@ def main(argv=None) -> int:
         action="store_true",
         help="check the config, dataset paths and --resume, then exit (WORLD_SIZE processes)",
     )
-    parser.add_argument("overrides", nargs="*", help="section.key=value")
-    args = parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", help="section.key=value (before, between or after the options)")
+    args = parser.parse_intermixed_args(argv)  # `--config R --resume none data.val=`: overrides anywhere
     try:
         config_path = str(recipe_path(args.config))
         cfg = load_config(config_path, args.overrides)
         check_resume_flag(args.resume)
         if args.check_only:
             check_config(cfg, int(os.environ.get("WORLD_SIZE", "1")))
-            return 0
+            return 0, None
         train(cfg, args.resume)
-    except (ConfigError, TrainError, CheckpointError, DiskFullError) as e:
-        report_error(f"error: {e}")
-        return 2
+    except (ConfigError, TrainError, CheckpointError, DiskFullError, RunFolderError) as e:
+        return 2, f"error: {e}"
     except KeyboardInterrupt:  # Ctrl-C: the run is resumable, a traceback would only hide that
-        if os.environ.get("RANK", "0") == "0":
-            print("interrupted; the same command resumes from the newest checkpoint", file=sys.stderr)
-        return 130
+        main_rank = os.environ.get("RANK", "0") == "0" or os.environ.get("BSIM_ERROR_DIR")
+        return 130, "interrupted; the same command resumes from the newest checkpoint" if main_rank else None
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
-
-
-def report_error(line: str) -> None:
-    """One line on stderr; under scripts/train_8gpu.sh each rank hands it to the launcher instead, which
-    prints each distinct line once (eight ranks refusing the same checkpoint say it once)."""
-    folder = os.environ.get("BSIM_ERROR_DIR")
-    if folder and Path(folder).is_dir():
-        Path(folder, f"rank{os.environ.get('RANK', '0')}.txt").write_text(line + "\n")
-    else:
-        print(line, file=sys.stderr)
+    return 0, None
 
 
 if __name__ == "__main__":

@@ -3,18 +3,30 @@
 #   bash scripts/train_8gpu.sh byol_bsim [section.key=value ...] [--resume auto|force|none|PATH]
 #   bash scripts/train_8gpu.sh small/simclr_wbsim train.epochs=100
 #   bash scripts/train_8gpu.sh ~/exp/my_byol.yaml          # a recipe file: configs/small/byol.yaml, or a copy
+#   bash scripts/train_8gpu.sh --resume none byol_bsim data.val=     # options and overrides in any order
 # A recipe is a name under configs/ or a .yaml file; a fragment (configs/_base/...) is refused.
+# The ranks end with this script's process (the launcher), whatever ends it; SIGTERM asks them for a checkpoint
+# and exits 0 once written (preemption), Ctrl-C stops them with one line (exit 130): the same command resumes.
 # Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (and MASTER_PORT) on every node; they go to torchrun's
 # c10d rendezvous. Without GPUs the same entry point runs on CPU with gloo (NPROC processes, default 1).
 # The config, dataset paths and --resume are checked before torchrun starts; a user error is one line and exit 2.
 case "${1:-}" in -h|--help) sed -n '2,/^set -/s/^# \{0,1\}//p' "$0"; exit 0 ;; esac
 set -euo pipefail
-recipe=${1:-}
+# the recipe is the first argument that is neither an option (nor an option's value) nor a key=value override
+recipe="" rest=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --resume) rest+=("$1" "${2:-}"); shift; [ $# -gt 0 ] && shift ;;
+    --config) recipe=${2:-}; shift; [ $# -gt 0 ] && shift ;;
+    -*|*=*) rest+=("$1"); shift ;;
+    *) if [ -z "$recipe" ]; then recipe=$1; else rest+=("$1"); fi; shift ;;
+  esac
+done
+set -- ${rest[@]+"${rest[@]}"}
 if [ -z "$recipe" ]; then
   echo "error: no recipe; usage: bash scripts/train_8gpu.sh RECIPE [section.key=value ...] (see --help)" >&2
   exit 2
 fi
-shift
 rdzv_name=${recipe//[^A-Za-z0-9_]/_}
 # a recipe file named relative to the caller's folder: made absolute before the script moves to the repository
 [ -f "$recipe" ] && recipe=$(cd "$(dirname "$recipe")" && pwd)/$(basename "$recipe")

@@ -241,15 +241,15 @@ def test_watch_runs_knn_at_the_marks_the_end_and_the_budget(tmp_path):
     method = SimpleNamespace(backbone=None)
     stops = []
     # steps end at these clocks; marks at 30 and 60 s; step 6 is the last (train.max_steps)
-    for step, t in enumerate([5.0, 20.0, 31.0, 50.0, 95.0, 99.0], start=1):
+    for step, t in enumerate([5.0, 20.0, 31.0, 50.0, 92.0, 99.0], start=1):
         clock.t = t
         stops.append(watch(SimpleNamespace(step=step, epoch=0, batches_read=step), method))
-    assert seen == [31.0, 95.0, 99.0] and stops == [None] * 6
+    assert seen == [31.0, 92.0, 99.0] and stops == [None] * 6
     assert [(p["why"], p["mark_min"] * 60) for p in watch.curve] == [
         ("interval", 30.0),
         ("interval", 90.0),
         ("end of schedule", 99.0),
-    ]  # 95 s passed 60 and 90: 90 counts
+    ]  # 92 s passed 60 and 90: 90 counts (2 s after it, within a tenth of the interval)
     assert watch.next_mark == 120.0 and [p["knn_top1"] for p in watch.curve] == [10.0, 20.0, 30.0]
     assert watch.curve[0]["images_s"] == pytest.approx((3 - 1) * 256 / (31.0 - 5.0))  # since the first step
     assert (tmp_path / "curve.csv").read_text().count("\n") == 4
@@ -264,6 +264,50 @@ def test_watch_runs_knn_at_the_marks_the_end_and_the_budget(tmp_path):
     clock.t = 101.0
     assert watch(SimpleNamespace(step=2, epoch=0, batches_read=2), method) == speedrun.BUDGET_STOP
     assert [(p["why"], p["mark_min"] * 60, p["minutes"] * 60) for p in watch.curve] == [("time budget", 100.0, 101.0)]
+
+
+def test_a_pass_taken_long_after_its_mark_stands_for_its_own_clock(tmp_path):
+    """k-NN every 0.5 min; the first step (start-up, compilation) ends at 0.75 min. The model of 0.75 min was never
+    the model of 0.5 min: its pass is filed under 0.75, and the curve has nothing to say at 0.5. Passes taken a
+    step after their mark (within a tenth of the interval) still stand for it."""
+    cfg = load_config(ROOT / "configs/small/byol.yaml", ["train.max_steps=0"])
+    schedule = speedrun.Schedule(epochs=1, warmup_epochs=0.05, steps_per_epoch=100, total_steps=100, how="t")
+    clock = FakeClock()
+    watch = speedrun.Watch(
+        clock,
+        lambda backbone, cfg: {"knn_top1": 10.0 * (len(watch.curve) + 1), "knn_top5": 90.0},
+        cfg,
+        schedule,
+        budget_s=300.0,
+        every_s=30.0,
+        curve_csv=tmp_path / "curve.csv",
+        log=lambda m: None,
+    )
+    method = SimpleNamespace(backbone=None)
+    # step end clocks (s): 45 passes the 30-s mark by 15 s; 61 and 92 pass 60 and 90 by 1 and 2 s (slack 3 s);
+    # 124 passes 120 by 4 s
+    for step, t in enumerate([45.0, 50.0, 61.0, 80.0, 92.0, 110.0, 124.0], start=1):
+        clock.t = t
+        watch(SimpleNamespace(step=step, epoch=0, batches_read=step), method)
+    got = [(round(p["mark_min"] * 60, 6), round(p["minutes"] * 60, 6), p["why"]) for p in watch.curve]
+    assert got == [
+        (45.0, 45.0, "interval, taken 15.0 s after its mark"),
+        (60.0, 61.0, "interval"),
+        (90.0, 92.0, "interval"),
+        (124.0, 124.0, "interval, taken 4.0 s after its mark"),
+    ]
+    assert speedrun_report.at_minutes(watch.curve, 0.5) is None  # nothing measured by 0.5 min
+    assert speedrun_report.at_minutes(watch.curve, 0.75) == 10.0 and speedrun_report.at_minutes(watch.curve, 1) == 20.0
+    # the report's side-by-side table: the 0.75-min pass in a row of its own, no "0.5" row
+    run = {"recipe": "small/byol", "mode": "sim", "curve": watch.curve, "final": watch.curve[-1]}
+    rows = [line.split(" | ")[:2] for line in speedrun_report.curves_table([run])[2:]]
+    assert [[cell.strip("| ") for cell in row] for row in rows] == [
+        ["0.75", "10.00"],
+        ["1", "20.00"],
+        ["1.5", "30.00"],
+        ["2.0667", "40.00"],
+        ["end", "40.00 at 2.07 min"],
+    ]
 
 
 # ------------------------------------------------------------------------------------------ the targets

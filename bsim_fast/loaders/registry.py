@@ -163,6 +163,11 @@ def check_dataset(kind: str, path: str, key: str = "data path") -> str:
     One line (a ConfigError: exit 2) naming the path, what it is and the `data.loader` that reads it; for the
     built-in set, the converter command when the converted copy is missing."""
     check_kind(kind)
+    if not os.fspath(path).strip():  # an empty path is the current folder: never what was meant
+        raise DatasetError(
+            f"{key} is empty: name the dataset (an image folder, a .beton, a DALI shard folder, or builtin for the "
+            f"built-in set)"
+        )
     resolved = resolve_path(kind, path, key)
     check_format(kind, resolved, key)
     return resolved

@@ -12,6 +12,8 @@ and the same crops.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from PIL import Image
@@ -107,10 +109,19 @@ class _EpochBatches(Sampler):
         return len(self.batches)
 
 
+def _leave_signals_to_the_trainer(worker_id: int) -> None:
+    """A worker ignores SIGTERM and SIGINT. They reach it with its trainer (Ctrl-C to the terminal's process
+    group, torchrun's signal to a rank's group, a scheduler's to every process), and a worker killed by one
+    turns the trainer's checkpoint-then-exit into a DataLoader traceback. The trainer ends its workers itself,
+    and a worker whose trainer is gone ends too (torch's workers watch their parent)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _dataloader_kwargs(workers: int, device: torch.device, persistent: bool) -> dict:
     kw = {"num_workers": workers, "pin_memory": device.type == "cuda"}
     if workers > 0:
-        kw.update(persistent_workers=persistent, prefetch_factor=4)
+        kw.update(persistent_workers=persistent, prefetch_factor=4, worker_init_fn=_leave_signals_to_the_trainer)
     return kw
 
 

@@ -67,6 +67,9 @@ MARGIN = 0.97  # of the usable budget: the trainer's log lines and host syncs, w
 EVAL_BATCH = {"cuda": 1024, "cpu": 256}
 CALIBRATION = {"cuda": (15, 60), "cpu": (1, 2)}  # (warm-up steps, timed steps) of the calibration
 BUDGET_STOP = "time budget reached"
+# A pass stands for the interval mark it passed only when taken within this fraction of --eval-every after it;
+# one taken later (the first step's compilation, a slow step) stands for its own clock
+MARK_SLACK = 0.1
 
 
 # ------------------------------------------------------------------------------------------- the config
@@ -238,15 +241,18 @@ class Watch:
         t = self.clock.now(sync=True)
         self.last = (t, state.step)
         over = t >= self.budget_s
-        # The mark a pass stands for: the latest interval mark or budget it passed (a pass is taken at the
-        # first step boundary the host sees after it, so it credits the model of clock t to a mark a few steps
-        # earlier at most: the host decides on its unsynchronised clock and runs a few steps ahead of the GPU),
-        # or its own clock when the schedule ended between marks.
+        # The mark a pass stands for: the latest interval mark it passed, when the pass was taken close after
+        # it (at the first step boundary the host sees, a few steps later at most: the host decides on its
+        # unsynchronised clock and runs ahead of the GPU); its own clock when it was taken more than MARK_SLACK
+        # of an interval after it (a long first step: a model of clock t is never filed under an earlier mark
+        # it had not reached) or when the schedule ended between marks; the budget when it ends the run.
         mark, why = t, "end of schedule"
         if due:
             while self.next_mark <= t:  # a step longer than the interval passes several marks: the last counts
                 mark, why = self.next_mark, "interval"
                 self.next_mark += self.every_s
+            if t - mark > MARK_SLACK * self.every_s:
+                mark, why = t, f"interval, taken {t - mark:.1f} s after its mark"
         if over:  # the budget ends the curve (marks past it mean nothing)
             mark, why = self.budget_s, "time budget"
         if end and why != "end of schedule":
