@@ -28,7 +28,7 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError, load_config
 from .dist import end_with_launcher, hand_over, setup_distributed
 from .eval import export_backbone, knn_monitor
-from .loaders import build_eval_loader
+from .loaders import build_eval_loader, check_datasets
 from .recipes import recipe_path
 from .records import finish_wandb
 from .resume import check_resume_flag, resume_run, save_run
@@ -193,6 +193,7 @@ def train(
     """
     rank, world, _, device = setup_distributed()
     check_config(cfg, world, paths=False)
+    check_datasets(cfg)  # before the run folder is made: a dataset refused leaves no folder behind
     say = print if rank == 0 else (lambda line: None)
     say(
         f"[train] {cfg.method.name} ({cfg.method.mode}) into {cfg.train.out_dir}: building the {cfg.data.loader} "

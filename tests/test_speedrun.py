@@ -19,18 +19,11 @@ from PIL import Image
 
 from bsim_fast.config import load_config
 from bsim_fast.datasets import builtin_root
-from bsim_fast.tools import cifar10, speedrun, speedrun_report
+from bsim_fast.tools import cifar10, gpu_check, speedrun, speedrun_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-TINY_MODEL = [
-    "data.image_size=16",
-    "data.batch_size=8",
-    "model.proj_hidden=32",
-    "model.proj_dim=16",
-    "model.pred_hidden=16",
-    "train.tensorboard=false",
-]
+TINY_MODEL = list(gpu_check.TTA_TINY_SET)  # the speedrun at tiny sizes, as gpu_check runs it on a CPU
 
 
 class Py2Array:

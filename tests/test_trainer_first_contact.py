@@ -287,7 +287,7 @@ def test_options_and_overrides_in_any_order(train_dir, tmp_path):
     )
     assert r.returncode == 0 and "step 1/1" in r.stdout, r.stderr
     args = overrides(train_dir, tmp_path / "b", "train.max_steps=1")
-    r = run(script("--resume", "none", "small/byol_bsim", *args[:4], "--check-only"))
+    r = run(script("--resume", "none", "small/byol_bsim", *args[:4], "--check-only", *args[4:]))
     assert r.returncode == 0, r.stderr
     r = run(script(*args[:4], "--resume", "none", "small/byol_bsim", *args[4:]))
     assert r.returncode == 0 and "step 1/1" in r.stdout, r.stderr
